@@ -1,0 +1,8 @@
+"""The one exception type users see. Messages name the file, tensor or token, and say what to do."""
+
+
+class VocabdriftError(Exception):
+    """A problem with the user's input: bad file, mismatched models, unknown token.
+
+    The CLI prints it as one line and exits 2; anything else is a bug and keeps its traceback.
+    """

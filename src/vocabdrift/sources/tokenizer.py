@@ -1,0 +1,189 @@
+"""Tokenizers, read-only: a model folder, a tokenizer-only folder, a `tokenizer.json`, a GGUF's embedded
+vocabulary, or a hub id. Everything is returned as a `transformers` fast tokenizer so that chat templates,
+special tokens and the raw `tokenizers` backend are all at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import VocabdriftError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import tokenizers
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a model folder, a tokenizer folder, a `tokenizer.json`, a `.gguf` file or a hub id.
+
+    Example:
+        >>> tok = load_tokenizer("runs/lab/models/base")
+    """
+    _quiet_transformers()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(spec)
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        if p.is_file() and p.name.endswith(".json"):
+            return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            p = p.parent
+        if p.is_dir():
+            if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() \
+                    or (p / "tokenizer.model").exists() or (p / "vocab.json").exists():
+                return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return AutoTokenizer.from_pretrained(str(p), gguf_file=ggufs[0].name)
+            raise VocabdriftError(f"{p}: no tokenizer here (no tokenizer.json, tokenizer_config.json or .gguf); "
+                                  "pass the model folder or its tokenizer.json")
+        if p.exists():
+            raise VocabdriftError(f"{p}: not a tokenizer; pass a model folder, a tokenizer.json or a .gguf file")
+        if os.path.isabs(str(spec)) or str(spec).startswith((".", "~")) or str(spec).count("/") > 1:
+            raise VocabdriftError(f"{spec}: no such file or folder")
+        return AutoTokenizer.from_pretrained(str(spec), trust_remote_code=trust_remote_code)
+    except VocabdriftError:
+        raise
+    except (OSError, ValueError, json.JSONDecodeError, KeyError) as e:
+        raise VocabdriftError(f"{spec}: could not load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "check the path, or that the hub is reachable for a hub id") from e
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode map (`Ġ` -> 0x20, `Ċ` -> 0x0A)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _piece_style(backend: tokenizers.Tokenizer) -> str:
+    """'bytelevel', 'sentencepiece' or 'plain', read from the decoder's serialised form."""
+    dec = backend.decoder
+    state = json.dumps(json.loads(dec.__getstate__())) if dec is not None else ""
+    if "ByteLevel" in state:
+        return "bytelevel"
+    if "ByteFallback" in state or "Metaspace" in state or "\u2581" in state:
+        return "sentencepiece"
+    return "plain"
+
+
+def piece_bytes(piece: str, style: str) -> bytes | None:
+    """The raw bytes a vocabulary piece stands for, or None when the piece is not in that style's alphabet."""
+    if style == "bytelevel":
+        bd = _byte_decoder()
+        try:
+            return bytes(bd[c] for c in piece)
+        except KeyError:
+            return None
+    if style == "sentencepiece":
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return None
+        return piece.replace("\u2581", " ").encode("utf-8")
+    return None
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Everything the vocabulary table needs, read from a tokenizer. Lists are indexed by token id."""
+
+    pieces: list[str]
+    texts: list[str]
+    raw: list[bytes | None]
+    is_special: np.ndarray  # bool (V,)
+    reachable: np.ndarray  # bool (V,)
+
+
+def read_vocabulary(tok: PreTrainedTokenizerBase, *, size: int | None = None) -> Vocabulary:
+    """Read every token's piece, bytes, text, special flag and reachability.
+
+    `size` pads to a model's row count: ids the tokenizer does not know (padding rows in lm_head) get an
+    empty piece and are marked special and unreachable.
+    """
+    import numpy as np
+
+    backend: tokenizers.Tokenizer = tok.backend_tokenizer
+    n_tok = backend.get_vocab_size(with_added_tokens=True)
+    n = max(n_tok, size or 0)
+    style = _piece_style(backend)
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken
+    special_ids = {i for i, t in added.items() if t.special} | set(getattr(tok, "all_special_ids", []) or [])
+
+    pieces: list[str] = []
+    raw: list[bytes | None] = []
+    for i in range(n):
+        piece = backend.id_to_token(i) if i < n_tok else None
+        if piece is None:
+            pieces.append("")
+            raw.append(None)
+            special_ids.add(i)
+            continue
+        pieces.append(piece)
+        if i in special_ids:
+            raw.append(None)
+        elif i in added:
+            raw.append(piece.encode("utf-8"))
+        else:
+            raw.append(piece_bytes(piece, style))
+    decoded = backend.decode_batch([[i] for i in range(n_tok)], skip_special_tokens=False) + [""] * (n - n_tok)
+    texts = [b.decode("utf-8", errors="replace") if b is not None else d for b, d in zip(raw, decoded, strict=True)]
+    is_special = np.zeros(n, dtype=bool)
+    is_special[sorted(special_ids)] = True
+
+    # Reachable: the token's text, encoded alone, gives back exactly this id.
+    reachable = np.zeros(n, dtype=bool)
+    idx = [i for i in range(n_tok) if texts[i] and "\ufffd" not in texts[i]]
+    encs = backend.encode_batch([texts[i] for i in idx], add_special_tokens=False)
+    retry = []
+    for i, e in zip(idx, encs, strict=True):
+        if e.ids == [i]:
+            reachable[i] = True
+        elif texts[i].startswith(" ") and style == "sentencepiece":
+            retry.append(i)  # SentencePiece prepends "▁" itself: " the" is reached by encoding "the"
+    if retry:
+        for i, e in zip(retry, backend.encode_batch([texts[i][1:] for i in retry], add_special_tokens=False),
+                        strict=True):
+            reachable[i] = e.ids == [i]
+    return Vocabulary(pieces, texts, raw, is_special, reachable)
+
+
+def tokenizer_from_tiktoken(path: str | os.PathLike, *, pattern: str,
+                            special_tokens: dict[str, int] | None = None) -> tokenizers.Tokenizer:
+    """Build a byte-level BPE `tokenizers.Tokenizer` from a tiktoken rank file (base64 token, rank per line).
+
+    tiktoken vocabularies (Qwen, OpenAI) ship ranks, not merges; the merges are recovered from the ranks the
+    way `transformers` does it. Takes about a minute for 150K ranks; cache the result with `.save()`.
+    """
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    conv = TikTokenConverter(vocab_file=str(path), pattern=pattern,
+                             extra_special_tokens=list((special_tokens or {}).keys()))
+    tok = conv.converted()
+    return tok

