@@ -1,0 +1,133 @@
+"""Drift of vocabulary rows between two checkpoints: pure functions over tensors and tables.
+
+The row of token t in lm_head is the direction the model pushes its hidden state toward to say t. Its cosine to
+the pre-trained row is the headline (as in the published investigation); L2 and both norms say whether it shrank
+(weight decay) or turned (push-down gradients). A mean-centred cosine removes the shared direction that rows of
+never-targeted tokens drift toward together (LAB_NOTES.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+DRIFT_COLUMNS = ("lm_head_cos", "lm_head_l2", "lm_head_norm_base", "lm_head_norm_post",
+                 "embed_cos", "embed_l2", "embed_norm_base", "embed_norm_post")
+_EPS = 1e-12
+
+
+def row_stats(base: torch.Tensor, post: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row cosine, L2 distance and norms of two blocks of rows.
+
+    Args:
+        base, post: float32 (n, H) on any device.
+    Returns:
+        {"cos", "l2", "norm_base", "norm_post"}: float32 (n,) on the same device. A row with a zero norm has
+        cosine NaN (undefined), not 0, so it is never mistaken for a drifted row.
+    """
+    import torch
+
+    dot = (base * post).sum(dim=1)
+    nb = torch.linalg.vector_norm(base, dim=1)
+    npo = torch.linalg.vector_norm(post, dim=1)
+    denom = nb * npo
+    cos = torch.where(denom > _EPS, dot / denom.clamp_min(_EPS), torch.full_like(dot, float("nan")))
+    l2 = torch.linalg.vector_norm(post - base, dim=1)
+    return {"cos": cos.clamp(-1.0, 1.0), "l2": l2, "norm_base": nb, "norm_post": npo}
+
+
+def nonfinite_rows(block: torch.Tensor) -> torch.Tensor:
+    """bool (n,): rows holding a NaN or Inf (a broken checkpoint row is reported, not crashed on)."""
+    import torch
+
+    return ~torch.isfinite(block).all(dim=1)
+
+
+def centered_cos(base: torch.Tensor, post: torch.Tensor, mean_base: torch.Tensor,
+                 mean_post: torch.Tensor) -> torch.Tensor:
+    """Cosine of the rows after subtracting each matrix's mean row (H,): float32 (n,)."""
+    return row_stats(base - mean_base, post - mean_post)["cos"]
+
+
+def topk_cosine(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], k: int,
+                *, exclude_self: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest rows by cosine, streaming over a matrix in blocks.
+
+    Args:
+        queries: float32 (q, H). blocks: (start, rows (n, H)) covering the matrix.
+        exclude_self: for each query, its own row id, left out of its neighbours.
+    Returns:
+        ids int64 (q, k) and cosines float32 (q, k), best first.
+    """
+    import torch
+
+    qn = queries / torch.linalg.vector_norm(queries, dim=1, keepdim=True).clamp_min(_EPS)
+    best_v = torch.full((queries.shape[0], k), -2.0, device=queries.device)
+    best_i = torch.full((queries.shape[0], k), -1, dtype=torch.long, device=queries.device)
+    self_ids = None if exclude_self is None else torch.as_tensor(list(exclude_self), device=queries.device)
+    for start, rows in blocks:
+        rn = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(_EPS)
+        sims = torch.nan_to_num(qn @ rn.T, nan=-2.0)  # (q, n)
+        ids = torch.arange(start, start + rows.shape[0], device=queries.device)
+        if self_ids is not None:
+            sims = sims.masked_fill(ids[None, :] == self_ids[:, None], -2.0)
+        v = torch.cat([best_v, sims], dim=1)
+        i = torch.cat([best_i, ids.expand(queries.shape[0], -1)], dim=1)
+        top = v.topk(min(k, v.shape[1]), dim=1)
+        best_v, best_i = top.values, torch.gather(i, 1, top.indices)
+    return best_i.cpu().numpy(), best_v.float().cpu().numpy()
+
+
+# ---- summaries over the drift table ---------------------------------------------------------------------------
+
+def _stats(cos: np.ndarray, threshold: float) -> dict[str, Any]:
+    cos = cos[np.isfinite(cos)]
+    if cos.size == 0:
+        return {"tokens": 0, "mean_cos": None, "min_cos": None, "below_0.95": 0, "below_0.90": 0,
+                "below_threshold": 0}
+    return {"tokens": int(cos.size), "mean_cos": round(float(cos.mean()), 6), "min_cos": round(float(cos.min()), 6),
+            "below_0.95": int((cos < 0.95).sum()), "below_0.90": int((cos < 0.90).sum()),
+            "below_threshold": int((cos < threshold).sum())}
+
+
+def summarize(drift: pa.Table, vocab: pa.Table, *, threshold: float = 0.95) -> dict[str, Any]:
+    """summary.json's drift keys: overall and per category, for lm_head and embed.
+
+    "overall" counts every non-special token (special and padding rows are often untrained and would only add
+    noise); "reachable" counts the tokens a text can produce, the set a coverage repair is judged on. Category
+    "special" is reported on its own.
+    """
+    d = {c: drift.column(c).to_numpy(zero_copy_only=False) for c in ("lm_head_cos", "embed_cos")}
+    ids = drift.column("token_id").to_numpy()
+    special = vocab.column("is_special").to_numpy(zero_copy_only=False)[ids]
+    reachable = vocab.column("reachable").to_numpy(zero_copy_only=False)[ids]
+    cats = np.asarray(vocab.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)[ids]
+
+    def block(mask: np.ndarray) -> dict[str, Any]:
+        return {space: _stats(d[f"{space}_cos"][mask], threshold) for space in ("lm_head", "embed")}
+
+    out: dict[str, Any] = {"threshold": threshold, "overall": block(~special), "reachable": block(reachable & ~special)}
+    out["categories"] = {c: block(cats == c) for c in dict.fromkeys(cats.tolist())}
+    if "nonfinite" in drift.column_names:
+        out["nonfinite_rows"] = ids[drift.column("nonfinite").to_numpy(zero_copy_only=False)].tolist()
+    return out
+
+
+def most_drifted(drift: pa.Table, vocab: pa.Table, n: int, *, space: str = "lm_head",
+                 include_special: bool = False) -> pa.Table:
+    """The n rows with the lowest cosine in `space`, joined with their text and category."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = drift.join(vocab.select(["token_id", "text", "category", "is_special", "reachable"]), "token_id")
+    if not include_special:
+        t = t.filter(pc.invert(t.column("is_special")))
+    t = t.filter(pc.is_finite(t.column(f"{space}_cos")))
+    t = t.sort_by([(f"{space}_cos", "ascending"), ("token_id", "ascending")])
+    return t.slice(0, n).combine_chunks() if t.num_rows else pa.table({c: [] for c in t.column_names})

@@ -1,0 +1,361 @@
+"""`diff`, `vocab`, `neighbors`: the drift between two checkpoints, and the tables that explain it.
+
+I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come from `analyses.drift`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..analyses import drift as D
+from ..analyses.vocab import build_vocab_table
+from ..device import best_device
+from ..errors import VocabdriftError
+from ..outputs.run import Timer, open_run
+from ..sources.checkpoint import Checkpoint, Kind, open_checkpoint
+from ..sources.tokenizer import load_tokenizer, read_vocabulary
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class Measurement:
+    """What `measure` found: the vocabulary and drift tables and facts about the two checkpoints."""
+
+    vocab: pa.Table
+    drift: pa.Table
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, *, threshold: float = 0.95) -> dict[str, Any]:
+        s = D.summarize(self.drift, self.vocab, threshold=threshold)
+        s["added_tokens"] = self.info.get("added_tokens", [])
+        s["tied"] = {"base": self.info["base"]["tied"], "post": self.info["post"]["tied"]}
+        return s
+
+
+# ---- the vocabulary table -------------------------------------------------------------------------------------
+
+def _tokenizer_spec(ck: Checkpoint) -> Path:
+    return ck.path if ck.path.is_dir() or ck.format == "gguf" else ck.path.parent
+
+
+def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False) -> pa.Table:
+    """The vocabulary table of a model folder, tokenizer folder, `tokenizer.json`, GGUF file or hub id."""
+    tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    n_tok = len(tok)
+    if size is not None and n_tok > size:
+        raise VocabdriftError(f"{model}: the tokenizer has {n_tok} tokens but the model has only {size} rows; "
+                              "this tokenizer belongs to another model — pass the right one with --tokenizer")
+    v = read_vocabulary(tok, size=size)
+    return build_vocab_table(v.pieces, v.texts, v.raw, v.is_special, v.reachable)
+
+
+def vocab(model: PathLike, *, out: PathLike | None = None, trust_remote_code: bool = False) -> pa.Table:
+    """Build the vocabulary table; with `out`, write RUN/vocab.parquet.
+
+    Example:
+        >>> t = vocab("HuggingFaceTB/SmolLM2-135M-Instruct", out="runs/smol")
+        >>> t.num_rows
+        49152
+    """
+    table = vocab_table(model, trust_remote_code=trust_remote_code)
+    if out is not None:
+        with open_run(out) as run:
+            run.write_table("vocab.parquet", table)
+            run.record("vocab", arguments={"model": str(model)}, inputs={"model": str(model)})
+    return table
+
+
+# ---- drift ----------------------------------------------------------------------------------------------------
+
+def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
+    """Read the next block on a thread while this one is computed: disk and arithmetic overlap."""
+    sentinel = object()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(next, it, sentinel)
+        while True:
+            item = fut.result()
+            if item is sentinel:
+                return
+            fut = pool.submit(next, it, sentinel)
+            yield item
+
+
+def _paired_blocks(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int,
+                   device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def gen() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for s in range(0, n, block_rows):
+            e = min(n, s + block_rows)
+            yield s, base.rows(kind, s, e, device=device), post.rows(kind, s, e, device=device)
+
+    return _prefetched(gen())
+
+
+def _check_pair(base: Checkpoint, post: Checkpoint) -> None:
+    if base.hidden_size != post.hidden_size:
+        raise VocabdriftError(f"hidden sizes differ: {base.path} has {base.hidden_size}, {post.path} has "
+                              f"{post.hidden_size}; diff compares two checkpoints of the same model")
+    a, b = base.config.get("model_type"), post.config.get("model_type")
+    if a and b and a != b:
+        raise VocabdriftError(f"architectures differ: {base.path} is {a}, {post.path} is {b}; "
+                              "diff compares two checkpoints of the same model")
+
+
+def _progress(enabled: bool):  # -> rich Progress or a no-op
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
+            fold_norm: bool = False, center: bool = False, device: str | None = None,
+            block_rows: int | None = None, allow_pickle: bool = False, progress: bool = False) -> Measurement:
+    """Compute the drift of every lm_head and embedding row from BASE to POST, without writing anything.
+
+    Args:
+        base, post: checkpoints (anything `open_checkpoint` takes), or opened `Checkpoint`s.
+        tokenizer: where to read the vocabulary (default: POST's, else BASE's).
+        fold_norm: multiply lm_head columns by each model's final-norm weight g first (logits are W·(g⊙x̂)).
+        center: also give cosines after subtracting each matrix's mean row (one more pass over the rows).
+        device: "cpu", "cuda", ... (default: the best present).
+        block_rows: rows per block (default: ~64 MiB of float32 per matrix).
+
+    Returns:
+        A `Measurement` with the vocabulary table, the drift table (columns of `DRIFT_COLUMNS`, plus
+        `nonfinite`, and `*_cos_centered` with `center`) and facts about the pair.
+    """
+    import pyarrow as pa
+    import torch
+
+    timer = Timer()
+    with timer("open"):
+        b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
+        p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
+        _check_pair(b, p)
+    dev = best_device(device)
+    rows = {k: (b.rows_of(k), p.rows_of(k)) for k in ("lm_head", "embed")}
+    n = min(min(v) for v in rows.values())
+    added = list(range(n, max(p.rows_of("lm_head"), p.rows_of("embed"))))
+    if b.rows_of("embed") != p.rows_of("embed"):
+        log.warning("vocabularies differ: BASE has %d rows, POST %d; comparing the first %d ids",
+                    b.rows_of("embed"), p.rows_of("embed"), n)
+    step = block_rows or max(1024, (64 << 20) // (4 * b.hidden_size))
+
+    with timer("vocab"):
+        # POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count.
+        candidates = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
+        for spec, ck in candidates:
+            try:
+                vt = vocab_table(spec, size=max(ck.rows_of("lm_head"), ck.rows_of("embed")))
+                break
+            except VocabdriftError as e:
+                err = e
+        else:
+            raise err
+        vt = vt.slice(0, n)
+
+    g = {"base": None, "post": None}
+    if fold_norm:
+        for name, ck in (("base", b), ("post", p)):
+            w = ck.final_norm()
+            if w is None:
+                raise VocabdriftError(f"{ck.path}: --fold-norm needs the final norm weight, and none was found")
+            g[name] = torch.as_tensor(w, dtype=torch.float32, device=dev)
+
+    cols: dict[str, np.ndarray] = {}
+    nonfinite = np.zeros(n, dtype=bool)
+    sums: dict[str, list[torch.Tensor]] = {}
+    kinds: list[Kind] = ["lm_head", "embed"]
+    with timer("drift"), _progress(progress) as bar:
+        for kind in kinds:
+            out = {k: np.empty(n, dtype=np.float32) for k in ("cos", "l2", "norm_base", "norm_post")}
+            task = bar.add_task(f"{kind} rows", total=n)
+            sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
+            sp = torch.zeros_like(sb)
+            for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev):
+                if kind == "lm_head" and fold_norm:
+                    rb, rp = rb * g["base"], rp * g["post"]
+                bad = D.nonfinite_rows(rb) | D.nonfinite_rows(rp)
+                if bool(bad.any()):
+                    nonfinite[s:s + len(rb)] |= bad.cpu().numpy()
+                    rb, rp = torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0), torch.nan_to_num(rp, 0.0, 0.0, 0.0)
+                st = D.row_stats(rb, rp)
+                for k, v in st.items():
+                    out[k][s:s + len(rb)] = v.cpu().numpy()
+                if bool(bad.any()):
+                    out["cos"][s:s + len(rb)][bad.cpu().numpy()] = np.nan
+                if center:
+                    sb += rb.sum(0, dtype=torch.float64)
+                    sp += rp.sum(0, dtype=torch.float64)
+                bar.advance(task, len(rb))
+            for k, v in out.items():
+                cols[f"{kind}_{k}"] = v
+            sums[kind] = [sb / max(n, 1), sp / max(n, 1)]
+        if center:
+            for kind in kinds:
+                mb, mp = (x.float() for x in sums[kind])
+                cc = np.empty(n, dtype=np.float32)
+                task = bar.add_task(f"{kind} rows (centred)", total=n)
+                for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev):
+                    if kind == "lm_head" and fold_norm:
+                        rb, rp = rb * g["base"], rp * g["post"]
+                    cc[s:s + len(rb)] = D.centered_cos(torch.nan_to_num(rb), torch.nan_to_num(rp), mb, mp).cpu().numpy()
+                    bar.advance(task, len(rb))
+                cc[nonfinite] = np.nan
+                cols[f"{kind}_cos_centered"] = cc
+
+    bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
+    if bias_b is not None and bias_p is not None:
+        cols["lm_head_bias_delta"] = (bias_p[:n] - bias_b[:n]).astype(np.float32)
+
+    table = pa.table({"token_id": np.arange(n, dtype=np.int64),
+                      **{c: cols[c] for c in D.DRIFT_COLUMNS},
+                      **{c: v for c, v in cols.items() if c not in D.DRIFT_COLUMNS},
+                      "nonfinite": nonfinite})
+    if nonfinite.any():
+        log.warning("%d rows hold NaN or Inf (first: %s); they are left out of the summary",
+                    int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())
+    info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
+            "fold_norm": fold_norm, "center": center, "device": str(dev), "block_rows": step}
+    return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)
+
+
+# ---- neighbours -----------------------------------------------------------------------------------------------
+
+def _neighbor_rows(ck: Checkpoint, space: Kind, ids: Sequence[int], k: int, device: torch.device,
+                   stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    q = torch.cat([ck.rows(space, i, i + 1, device=device) for i in ids]) if ids else \
+        torch.zeros(0, ck.hidden_size, device=device)
+    return D.topk_cosine(q, ck.iter_blocks(space, stop=stop, device=device), k, exclude_self=list(ids))
+
+
+def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, space: Kind = "lm_head", k: int = 10,
+                   device: str | None = None, stop: int | None = None) -> pa.Table:
+    """neighbors.parquet rows: for each model and query id, its k nearest rows by cosine (itself excluded)."""
+    import pyarrow as pa
+
+    dev = best_device(device)
+    cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
+    for name, ck in checkpoints.items():
+        nid, ncos = _neighbor_rows(ck, space, list(ids), k, dev, stop)
+        for qi, tid in enumerate(ids):
+            for r in range(nid.shape[1]):
+                cols["token_id"].append(int(tid))
+                cols["space"].append(space)
+                cols["model"].append(name)
+                cols["rank"].append(r + 1)
+                cols["neighbor_id"].append(int(nid[qi, r]))
+                cols["cos"].append(float(ncos[qi, r]))
+    return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": cols["space"],
+                     "model": cols["model"], "rank": pa.array(cols["rank"], pa.int32()),
+                     "neighbor_id": pa.array(cols["neighbor_id"], pa.int64()),
+                     "cos": pa.array(cols["cos"], pa.float32())})
+
+
+def resolve_token(token: str | int, vocab: pa.Table, tokenizer: Any | None = None) -> int:
+    """A token given as an id ("1234"), as its exact text (" the", "嘉祺") or as its raw piece ("Ġthe")."""
+    n = vocab.num_rows
+    if isinstance(token, int) or (isinstance(token, str) and token.lstrip("-").isdigit()):
+        i = int(token)
+        if not 0 <= i < n:
+            raise VocabdriftError(f"token id {i} is out of range: the vocabulary has {n} ids")
+        return i
+    for col in ("text", "piece"):
+        vals = vocab.column(col).to_pylist()
+        if token in vals:
+            return vals.index(token)
+    if tokenizer is not None:
+        ids = tokenizer.backend_tokenizer.encode(token, add_special_tokens=False).ids
+        if len(ids) == 1:
+            return ids[0]
+        raise VocabdriftError(f"{token!r} is not one token: it encodes to {len(ids)} ids {ids[:8]}; "
+                              "name a single token (its text, raw piece or id)")
+    raise VocabdriftError(f"{token!r} is not a token of this vocabulary; give its exact text, raw piece or id")
+
+
+def neighbors(model: PathLike, token: str | int, *, base: PathLike | None = None, space: Kind = "lm_head",
+              k: int = 10, tokenizer: PathLike | None = None, device: str | None = None) -> pa.Table:
+    """The k nearest neighbours of a token by cosine in `space`; with `base`, before and after.
+
+    Returns a table: model, rank, neighbor_id, text, is_special, cos.
+    """
+    import pyarrow as pa
+
+    post = open_checkpoint(model)
+    cks = {"post": post} if base is None else {"base": open_checkpoint(base), "post": post}
+    if base is not None:
+        _check_pair(cks["base"], post)
+    tok = load_tokenizer(tokenizer or _tokenizer_spec(post))
+    vt = vocab_table(tokenizer or _tokenizer_spec(post), size=post.rows_of(space))
+    tid = resolve_token(token, vt, tok)
+    stop = min(ck.rows_of(space) for ck in cks.values())
+    nt = neighbor_table(cks, [tid], space=space, k=k, device=device, stop=stop)
+    ids = nt.column("neighbor_id").to_numpy()
+    texts = vt.column("text").to_numpy(zero_copy_only=False)
+    special = vt.column("is_special").to_numpy(zero_copy_only=False)
+    return nt.append_column("text", pa.array(texts[ids].tolist(), pa.string())) \
+             .append_column("is_special", pa.array(special[ids]))
+
+
+# ---- diff: everything above, into a run folder ----------------------------------------------------------------
+
+def diff(base: PathLike, post: PathLike, *, out: PathLike, tokenizer: PathLike | None = None,
+         threshold: float = 0.95, fold_norm: bool = False, center: bool = False, neighbors_top: int = 20,
+         neighbors_of: Sequence[str | int] = (), k: int = 10, device: str | None = None,
+         block_rows: int | None = None, allow_pickle: bool = False, progress: bool = False) -> Path:
+    """Measure drift from BASE to POST and write the run folder `out`.
+
+    Writes vocab.parquet, drift.parquet, neighbors.parquet (lm_head neighbours, before and after, of the
+    `neighbors_top` most drifted tokens and of `neighbors_of`), summary.json and manifest.json.
+
+    Example:
+        >>> run = diff("Qwen/Qwen2.5-7B", "my-sft/", out="runs/sft1")
+    """
+    base_ck = open_checkpoint(base, allow_pickle=allow_pickle)
+    post_ck = open_checkpoint(post, allow_pickle=allow_pickle)
+    m = measure(base_ck, post_ck, tokenizer=tokenizer, fold_norm=fold_norm, center=center, device=device,
+                block_rows=block_rows, progress=progress)
+    timer = Timer()
+    timer.timings.update(m.timings)
+    summary = m.summary(threshold=threshold)
+    tok = None
+    if neighbors_of:
+        tok = load_tokenizer(tokenizer or _tokenizer_spec(post_ck))
+    query = [resolve_token(t, m.vocab, tok) for t in neighbors_of]
+    top = D.most_drifted(m.drift, m.vocab, neighbors_top).column("token_id").to_pylist() if neighbors_top else []
+    query = list(dict.fromkeys(query + top))
+    with timer("neighbors"):
+        nt = neighbor_table({"base": base_ck, "post": post_ck}, query, k=k, device=device,
+                            stop=m.info["common_rows"]) if query else None
+    with open_run(out) as run:
+        run.write_table("vocab.parquet", m.vocab)
+        run.write_table("drift.parquet", m.drift)
+        if nt is not None:
+            run.write_table("neighbors.parquet", nt)
+        run.update_summary(**summary)
+        run.record("diff", arguments={"base": str(base), "post": str(post), "tokenizer": str(tokenizer or ""),
+                                      "threshold": threshold, "fold_norm": fold_norm, "center": center,
+                                      "neighbors_top": neighbors_top, "neighbors_of": [str(t) for t in neighbors_of],
+                                      "k": k},
+                   inputs={"base": str(base), "post": str(post), "checkpoints": {"base": m.info["base"],
+                                                                                  "post": m.info["post"]}},
+                   timings=timer.timings)
+    return Path(out)

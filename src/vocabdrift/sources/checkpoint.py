@@ -1,0 +1,422 @@
+"""Checkpoints, read-only and lazy: only the vocabulary matrices are read, a block of rows at a time.
+
+Like `safetensors.safe_open`, `open_checkpoint` only parses headers; `rows()` and `iter_blocks()` read the bytes of
+the rows asked for, in the stored dtype, and hand back float32. Peak memory is a block of rows, whatever the size
+of the rest of the checkpoint.
+
+Formats: a Hugging Face folder (`model.safetensors`, or shards with `model.safetensors.index.json`), a single
+`.safetensors` file, a `.gguf` file (dequantized block by block with the `gguf` package), a hub id (only the
+shards that hold the vocabulary matrices are fetched), and pickle `.bin`/`.pt` files when the user opts in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ..errors import VocabdriftError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["lm_head", "embed"]
+KINDS: tuple[Kind, ...] = ("lm_head", "embed")
+
+# Tensor names by role, most specific first. Prefixes (`model.`, `transformer.`, `language_model.`) are matched
+# by suffix, so wrappers such as multimodal models resolve too.
+_EMBED = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "token_embd.weight",
+          "tok_embeddings.weight", "embeddings.weight")
+_LM_HEAD = ("lm_head.weight", "embed_out.weight", "output.weight")
+_LM_BIAS = ("lm_head.bias", "embed_out.bias", "output.bias")
+_FINAL_NORM = ("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "output_norm.weight", "norm.weight",
+               "final_layernorm.weight")
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DEFAULT_BLOCK_BYTES = 64 << 20  # float32 bytes of one block of one matrix
+
+
+def _pick(names: list[str], suffixes: tuple[str, ...], *, exclude: tuple[str, ...] = ()) -> str | None:
+    """The tensor name that plays a role: an exact match first, else the shortest name with a known suffix."""
+    for s in suffixes:
+        if s in names:
+            return s
+    for s in suffixes:
+        hits = sorted((n for n in names if n.endswith("." + s) and not any(e in n for e in exclude)), key=len)
+        if hits:
+            return hits[0]
+    return None
+
+
+@dataclass
+class _Tensor:
+    """Where one 2-D tensor lives and how to read rows of it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    read: Any  # callable (start, stop) -> torch.Tensor | np.ndarray in the stored dtype
+
+
+@dataclass
+class Checkpoint:
+    """The vocabulary matrices of one checkpoint, opened lazily.
+
+    Attributes:
+        path: what was opened. format: "safetensors", "gguf" or "pickle".
+        vocab_size / hidden_size: rows and columns of the embedding matrix.
+        tied: no separate output matrix (lm_head reads the embedding rows), detected from the stored tensors.
+        config: config.json (or GGUF metadata) as a dict, when there is one.
+    """
+
+    path: Path
+    format: str
+    tensors: dict[str, _Tensor]  # role ("embed", "lm_head", "lm_head_bias", "final_norm") -> tensor
+    config: dict[str, Any] = field(default_factory=dict)
+    tied: bool = False
+
+    # ---- shape --------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tensors["embed"].shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tensors["embed"].shape[1]
+
+    def rows_of(self, kind: Kind) -> int:
+        """Row count of a matrix (lm_head may be padded beyond the embedding, or the other way round)."""
+        return self._tensor(kind).shape[0]
+
+    def dtype(self, kind: Kind) -> str:
+        return self._tensor(kind).dtype
+
+    def tensor_name(self, kind: str) -> str | None:
+        t = self.tensors.get(kind)
+        return t.name if t is not None else None
+
+    def _tensor(self, kind: Kind) -> _Tensor:
+        if kind == "lm_head" and self.tied:
+            return self.tensors["embed"]
+        if kind not in KINDS:
+            raise ValueError(f"kind must be 'lm_head' or 'embed', not {kind!r}")
+        return self.tensors[kind]
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def rows(self, kind: Kind, start: int, stop: int, *, device: str | torch.device | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a matrix as float32, on `device` (default CPU). Shape (stop - start, H)."""
+        import torch
+
+        t = self._tensor(kind)
+        stop = min(stop, t.shape[0])
+        try:
+            block = t.read(start, stop)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise VocabdriftError(f"{self.path}: could not read rows {start}:{stop} of {t.name} ({e}); "
+                                  "the file may be truncated or corrupt") from e
+        if isinstance(block, np.ndarray):
+            block = torch.from_numpy(np.ascontiguousarray(block))
+        return block.to(device=device or "cpu", dtype=torch.float32, non_blocking=True)
+
+    def iter_blocks(self, kind: Kind, *, block_rows: int | None = None, stop: int | None = None,
+                    device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start, rows) blocks covering the matrix; `block_rows` defaults to ~64 MiB of float32."""
+        n = min(self.rows_of(kind), stop) if stop is not None else self.rows_of(kind)
+        step = block_rows or max(1, DEFAULT_BLOCK_BYTES // (4 * self.hidden_size))
+        for s in range(0, n, step):
+            yield s, self.rows(kind, s, min(n, s + step), device=device)
+
+    def lm_head_bias(self) -> np.ndarray | None:
+        t = self.tensors.get("lm_head_bias")
+        return None if t is None else _to_numpy(t.read(0, t.shape[0]))
+
+    def final_norm(self) -> np.ndarray | None:
+        """The final norm's weight g (H,): logits are W·(g⊙x̂), so g scales every lm_head row's columns alike."""
+        t = self.tensors.get("final_norm")
+        return None if t is None else _to_numpy(t.read(0, t.shape[0]))
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about this checkpoint."""
+        return {"path": str(self.path), "format": self.format, "tied": self.tied, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "tensors": {k: {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+                            for k, t in self.tensors.items()}}
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float32)
+    return x.float().cpu().numpy()
+
+
+# ---- safetensors ----------------------------------------------------------------------------------------------
+
+def _check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header ourselves, so a truncated file or a lying header gets a clear
+    error instead of a crash deep inside a read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VocabdriftError(f"{path}: too short to be a safetensors file ({size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 << 20:
+            raise VocabdriftError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
+                                  "the file is truncated or not safetensors — re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VocabdriftError(f"{path}: safetensors header is not valid JSON ({e}); re-download the file") from e
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info.get("data_offsets", (0, 0))
+        if end > data_len or begin > end:
+            raise VocabdriftError(f"{path}: tensor {name} lies at bytes {begin}:{end} but the data section has "
+                                  f"{data_len} bytes; the file is truncated — re-download it")
+    return header
+
+
+def _safetensors_tensor(path: Path, name: str, info: dict[str, Any]) -> _Tensor:
+    from safetensors import safe_open
+
+    handle: dict[str, Any] = {}
+
+    def read(start: int, stop: int) -> Any:
+        if "f" not in handle:  # opened on first read, kept open: safe_open memory-maps the file
+            handle["f"] = safe_open(str(path), framework="pt")
+        sl = handle["f"].get_slice(name)
+        return sl[start:stop] if len(info["shape"]) > 1 else sl[:]
+
+    return _Tensor(name=name, shape=tuple(info["shape"]), dtype=info["dtype"], read=read)
+
+
+def _open_safetensors(files: list[Path], *, where: Path, config: dict[str, Any]) -> Checkpoint:
+    located: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for f in files:
+        for name, info in _check_safetensors_header(f).items():
+            if name != "__metadata__":
+                located[name] = (f, info)
+    return _assemble(where, "safetensors", located, _safetensors_tensor, config)
+
+
+def _assemble(where: Path, fmt: str, located: dict[str, tuple[Any, dict[str, Any]]], make: Any,
+              config: dict[str, Any]) -> Checkpoint:
+    names = list(located)
+    embed = _pick(names, _EMBED, exclude=("position", "vision", "visual", "audio"))
+    if embed is None:
+        raise VocabdriftError(f"{where}: no token embedding among {len(names)} tensors (looked for names ending in "
+                              f"{', '.join(_EMBED[:4])}, ...); is this a language model checkpoint?")
+    lm_head = _pick(names, _LM_HEAD)
+    tensors = {"embed": make(*located[embed][:1], embed, located[embed][1])}
+    for role, name in (("lm_head", lm_head), ("lm_head_bias", _pick(names, _LM_BIAS)),
+                       ("final_norm", _pick(names, _FINAL_NORM))):
+        if name is not None:
+            tensors[role] = make(located[name][0], name, located[name][1])
+    if len(tensors["embed"].shape) != 2:
+        raise VocabdriftError(f"{where}: {embed} has shape {tensors['embed'].shape}, expected (vocab, hidden)")
+    tied = "lm_head" not in tensors
+    if not tied and tensors["lm_head"].shape[1] != tensors["embed"].shape[1]:
+        raise VocabdriftError(f"{where}: {lm_head} has {tensors['lm_head'].shape[1]} columns but {embed} has "
+                              f"{tensors['embed'].shape[1]}; the checkpoint is inconsistent")
+    if tied and config.get("tie_word_embeddings") is False:
+        raise VocabdriftError(f"{where}: config.json says tie_word_embeddings=false but no lm_head tensor is "
+                              "stored; the checkpoint is incomplete")
+    return Checkpoint(path=where, format=fmt, tensors=tensors, config=config, tied=tied)
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------------------
+
+def _open_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except (ValueError, OSError, struct.error, IndexError) as e:
+        raise VocabdriftError(f"{path}: not a readable GGUF file ({e}); re-download or re-convert it") from e
+    config = {}
+    for k in ("general.architecture", "general.name"):
+        if k in reader.fields:
+            f = reader.fields[k]
+            config[k] = bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+    by_name = {t.name: t for t in reader.tensors}
+
+    def make(_where: Any, name: str, _info: dict[str, Any]) -> _Tensor:
+        t = by_name[name]
+        qtype = t.tensor_type
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists ne0 (columns) first
+
+        def read(start: int, stop: int) -> np.ndarray:
+            data = t.data[start:stop] if len(shape) > 1 else t.data
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                return np.array(data)  # a copy: the memory map is read-only
+            return gguf.quants.dequantize(np.asarray(data), qtype)  # dequantized for these rows only
+
+        return _Tensor(name=name, shape=shape, dtype=qtype.name, read=read)
+
+    return _assemble(path, "gguf", {n: (path, {}) for n in by_name}, make, config)
+
+
+# ---- pickle ---------------------------------------------------------------------------------------------------
+
+def _open_pickle(files: list[Path], *, where: Path, config: dict[str, Any]) -> Checkpoint:
+    """Loaded with `torch.load(weights_only=True, mmap=True)`: no code runs, and tensors stay on disk until read."""
+    import torch
+
+    located: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for f in files:
+        try:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise VocabdriftError(f"{f}: could not be loaded safely ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); convert it to safetensors") from e
+        for name, t in sd.items():
+            if isinstance(t, torch.Tensor):
+                located[name] = (t, {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")})
+
+    def make(t: Any, name: str, info: dict[str, Any]) -> _Tensor:
+        return _Tensor(name=name, shape=tuple(info["shape"]), dtype=info["dtype"],
+                       read=lambda a, b: t[a:b] if t.dim() > 1 else t)
+
+    return _assemble(where, "pickle", located, make, config)
+
+
+# ---- resolving what the user named ----------------------------------------------------------------------------
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    p = folder / "config.json"
+    if not p.exists():
+        return {}
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise VocabdriftError(f"{p}: not valid JSON ({e})") from e
+    text = cfg.get("text_config")  # multimodal wrappers keep the language model's settings here
+    if isinstance(text, dict) and "tie_word_embeddings" not in cfg and "tie_word_embeddings" in text:
+        cfg["tie_word_embeddings"] = text["tie_word_embeddings"]
+    return cfg
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise VocabdriftError(f"{index}: not a valid shard index ({e})") from e
+    names = list(weight_map)
+    wanted = {n for n in (_pick(names, _EMBED, exclude=("position", "vision", "visual", "audio")),
+                          _pick(names, _LM_HEAD), _pick(names, _LM_BIAS), _pick(names, _FINAL_NORM)) if n}
+    files = sorted({weight_map[n] for n in wanted})
+    missing = [f for f in files if not (index.parent / f).exists()]
+    if missing:
+        raise VocabdriftError(f"{index.parent}: shard {missing[0]} named in {index.name} is missing; "
+                              "download the whole checkpoint")
+    return [index.parent / f for f in files]
+
+
+def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
+    config = _read_config(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.safetensors.index.json"):
+        if (folder / index_name).exists():
+            return _open_safetensors(_shards_from_index(folder / index_name), where=folder, config=config)
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        return _open_safetensors(st, where=folder, config=config)
+    gg = sorted(folder.glob("*.gguf"))
+    if len(gg) == 1:
+        return _open_gguf(gg[0])
+    if len(gg) > 1:
+        raise VocabdriftError(f"{folder}: holds {len(gg)} .gguf files; name the one to read")
+    pk = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if (folder / "pytorch_model.bin.index.json").exists():
+        pk = [folder / f for f in sorted(set(json.loads(
+            (folder / "pytorch_model.bin.index.json").read_text())["weight_map"].values()))]
+    if pk:
+        if not allow_pickle:
+            raise VocabdriftError(f"{folder}: only pickle weights ({pk[0].name}); pickle can run code, so it is "
+                                  "refused — convert to safetensors, or pass --allow-pickle (weights_only=True)")
+        return _open_pickle(pk, where=folder, config=config)
+    raise VocabdriftError(f"{folder}: no weights found (no .safetensors, .gguf or shard index); "
+                          "pass a model folder or a weights file")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec)) and not spec.startswith(".")
+
+
+def _open_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Checkpoint:
+    """Fetch only config, index and the shards holding the vocabulary matrices, then open the local copy."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        files = list_repo_files(repo_id, revision=revision)
+        local = None
+        for small in ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"):
+            if small in files:
+                local = Path(hf_hub_download(repo_id, small, revision=revision)).parent
+        if "model.safetensors.index.json" in files:
+            weight_map = json.loads((local / "model.safetensors.index.json").read_text())["weight_map"]
+            names = list(weight_map)
+            wanted = {n for n in (_pick(names, _EMBED), _pick(names, _LM_HEAD), _pick(names, _FINAL_NORM)) if n}
+            for shard in sorted({weight_map[n] for n in wanted}):
+                hf_hub_download(repo_id, shard, revision=revision)
+        else:
+            for f in files:
+                if f.endswith((".safetensors", ".gguf")) and "/" not in f:
+                    local = Path(hf_hub_download(repo_id, f, revision=revision)).parent
+                    break
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise VocabdriftError(f"{repo_id}: not a local path, and the hub could not be reached or has no such "
+                              f"model ({type(e).__name__}); check the name or the network") from e
+    if local is None:
+        raise VocabdriftError(f"{repo_id}: the hub repository has no config or weights")
+    return _open_folder(local, allow_pickle=allow_pickle)
+
+
+def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False, revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint's vocabulary matrices lazily.
+
+    Args:
+        spec: a model folder, a `.safetensors`/`.gguf` file, a shard index, or a hub id.
+        allow_pickle: accept `.bin`/`.pt` pickles (loaded with `torch.load(weights_only=True)`).
+        revision: hub revision for a hub id.
+
+    Returns:
+        A `Checkpoint`; read rows with `.rows(kind, start, stop)` or `.iter_blocks(kind)`.
+
+    Example:
+        >>> ck = open_checkpoint("Qwen/Qwen2.5-7B")
+        >>> for start, block in ck.iter_blocks("lm_head"): ...
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return _open_folder(p, allow_pickle=allow_pickle)
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            return _open_safetensors([p], where=p, config=_read_config(p.parent))
+        if p.suffix == ".gguf":
+            return _open_gguf(p)
+        if p.name.endswith(".index.json"):
+            return _open_safetensors(_shards_from_index(p), where=p.parent, config=_read_config(p.parent))
+        if p.suffix in _PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise VocabdriftError(f"{p}: pickle checkpoints can run code when loaded, so they are refused; "
+                                      "convert to safetensors, or pass --allow-pickle (loaded with weights_only=True)")
+            return _open_pickle([p], where=p, config=_read_config(p.parent))
+        raise VocabdriftError(f"{p}: unknown checkpoint format; expected .safetensors, .gguf, a shard index or a "
+                              "model folder")
+    if (_looks_like_hub_id(str(spec)) and str(spec).count("/") == 1
+            and p.suffix not in (".safetensors", ".gguf", ".json", *_PICKLE_SUFFIXES)):
+        return _open_hub(str(spec), revision=revision, allow_pickle=allow_pickle)
+    raise VocabdriftError(f"{spec}: no such file or folder")

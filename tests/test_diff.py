@@ -1,0 +1,229 @@
+"""diff on tiny real checkpoints with drift planted on known rows, checked against an independent numpy computation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from factory import cosine_rows, make_gpt2, make_llama, plant_drift, read_matrix
+
+import vocabdrift
+from vocabdrift.sources.checkpoint import open_checkpoint
+
+PLANTED = {7: 0.9, 42: 0.7, 101: 0.8}
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("llama")
+    base = make_llama(root / "base", shard=True, dtype="bfloat16")
+    post = plant_drift(base, root / "post", rows=PLANTED, tensor_suffix="lm_head.weight", noise=0.01)
+    return base, post
+
+
+def _drift(run: Path) -> dict[str, np.ndarray]:
+    t = pq.read_table(run / "drift.parquet")
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
+
+
+def test_llama_sharded_bf16_matches_numpy(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, post = llama_pair
+    assert (base / "model.safetensors.index.json").exists() and len(list(base.glob("*.safetensors"))) > 1
+    run = vocabdrift.diff(base, post, out=tmp_path / "run", block_rows=37)  # odd block size: blocks cross shards
+    d = _drift(run)
+    for kind, name in (("lm_head", "lm_head.weight"), ("embed", "model.embed_tokens.weight")):
+        a, b = read_matrix(base, name), read_matrix(post, name)
+        np.testing.assert_allclose(d[f"{kind}_cos"], cosine_rows(a, b), atol=1e-5)
+        np.testing.assert_allclose(d[f"{kind}_l2"], np.linalg.norm(b - a, axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d[f"{kind}_norm_base"], np.linalg.norm(a, axis=1), rtol=1e-5)
+        np.testing.assert_allclose(d[f"{kind}_norm_post"], np.linalg.norm(b, axis=1), rtol=1e-5)
+    worst = np.argsort(d["lm_head_cos"])[: len(PLANTED)]
+    assert set(worst.tolist()) == set(PLANTED)
+    assert d["embed_cos"][list(PLANTED)].min() > 0.99  # the input rows were only lightly noised
+    summary = json.loads((run / "summary.json").read_text())
+    lm = summary["overall"]["lm_head"]
+    assert lm["below_0.95"] >= len(PLANTED) and lm["min_cos"] == pytest.approx(d["lm_head_cos"].min(), abs=1e-6)
+    assert {"lm_head", "embed"} <= set(summary["categories"]["latin"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["commands"][0]["command"] == "diff"
+    assert manifest["commands"][0]["inputs"]["base"]["quick_sha256"]
+    vocab = pq.read_table(run / "vocab.parquet")
+    assert vocab.num_rows == len(d["token_id"])
+    nb = pq.read_table(run / "neighbors.parquet").to_pylist()
+    assert {r["token_id"] for r in nb} >= set(PLANTED)
+
+
+def test_fold_norm_and_center_match_numpy(llama_pair: tuple[Path, Path]) -> None:
+    from vocabdrift.api.diff import measure
+
+    base, post = llama_pair
+    m = measure(base, post, fold_norm=True, center=True)
+    a, b = read_matrix(base, "lm_head.weight"), read_matrix(post, "lm_head.weight")
+    ga, gb = read_matrix(base, "model.norm.weight"), read_matrix(post, "model.norm.weight")
+    got = m.drift.column("lm_head_cos").to_numpy()
+    np.testing.assert_allclose(got, cosine_rows(a * ga, b * gb), atol=1e-5)
+    centered = m.drift.column("lm_head_cos_centered").to_numpy()
+    np.testing.assert_allclose(centered, cosine_rows(a * ga - (a * ga).mean(0), b * gb - (b * gb).mean(0)), atol=1e-5)
+
+
+def test_gpt2_tied(tmp_path: Path) -> None:
+    base = make_gpt2(tmp_path / "base")
+    post = plant_drift(base, tmp_path / "post", rows={11: 0.9, 12: 0.6}, tensor_suffix="wte.weight")
+    ck = open_checkpoint(base)
+    assert ck.tied and ck.tensor_name("embed").endswith("wte.weight")
+    run = vocabdrift.diff(base, post, out=tmp_path / "run")
+    d = _drift(run)
+    a, b = read_matrix(base, ck.tensor_name("embed")), read_matrix(post, ck.tensor_name("embed"))
+    np.testing.assert_allclose(d["lm_head_cos"], cosine_rows(a, b), atol=1e-5)
+    np.testing.assert_allclose(d["lm_head_cos"], d["embed_cos"])  # tied: one matrix plays both roles
+    assert set(np.argsort(d["lm_head_cos"])[:2].tolist()) == {11, 12}
+
+
+def _write_gguf(path: Path, embed: np.ndarray, output: np.ndarray, qtype: str) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    for name, arr in (("token_embd.weight", embed), ("output.weight", output)):
+        t = getattr(gguf.GGMLQuantizationType, qtype)
+        if qtype in ("F32",):
+            w.add_tensor(name, arr.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), t), raw_dtype=t)
+    w.add_tensor("output_norm.weight", np.ones(embed.shape[1], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_matches_numpy(tmp_path: Path, qtype: str) -> None:
+    import gguf
+
+    rng = np.random.default_rng(0)
+    tok = make_llama(tmp_path / "tok")  # only for its tokenizer
+    v = open_checkpoint(tok).vocab_size
+    e = rng.standard_normal((v, 64)).astype(np.float32)
+    o = rng.standard_normal((v, 64)).astype(np.float32)
+    o2 = o.copy()
+    o2[[5, 77]] = rng.standard_normal((2, 64))
+    _write_gguf(tmp_path / "base.gguf", e, o, qtype)
+    _write_gguf(tmp_path / "post.gguf", e, o2, qtype)
+    run = vocabdrift.diff(tmp_path / "base.gguf", tmp_path / "post.gguf", out=tmp_path / "run",
+                          tokenizer=tok / "tokenizer.json", block_rows=50)
+    d = _drift(run)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+
+    def deq(x: np.ndarray) -> np.ndarray:
+        return x if qtype == "F32" else gguf.quants.dequantize(gguf.quants.quantize(x, t), t).astype(np.float64)
+
+    np.testing.assert_allclose(d["lm_head_cos"], cosine_rows(deq(o), deq(o2)), atol=1e-5)
+    assert set(np.argsort(d["lm_head_cos"])[:2].tolist()) == {5, 77}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_gguf_k_quants_read_by_rows(tmp_path: Path, qtype: str) -> None:
+    """k-quants (which gguf cannot quantize): random blocks with sane scales, read in row blocks, equal the
+    whole-tensor dequantization."""
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    rows, cols = 30, 512
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    half = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if qtype == "Q4_K":
+        raw[..., 0:2] = half  # d
+        raw[..., 2:4] = half  # dmin
+    else:
+        raw[..., size - 2:size] = half  # d is the last field
+    raw = raw.reshape(rows, -1)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("token_embd.weight", raw, raw_shape=(rows, raw.shape[1]), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = open_checkpoint(tmp_path / "k.gguf")
+    assert ck.tied and ck.vocab_size == rows and ck.hidden_size == cols
+    whole = gguf.quants.dequantize(raw, t)
+    got = np.concatenate([b.numpy() for _, b in ck.iter_blocks("embed", block_rows=7)])
+    np.testing.assert_allclose(got, whole, rtol=1e-6)
+    assert np.isfinite(got).all()
+
+
+def test_added_tokens_and_nan_rows(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = make_llama(tmp_path / "base", dtype="float32")
+    v = open_checkpoint(base).vocab_size
+    post = make_llama(tmp_path / "post", dtype="float32", vocab=v + 3, tokenizer_from=base)
+    sd_b = load_file(str(base / "model.safetensors"))
+    sd = load_file(str(post / "model.safetensors"))
+    for k in sd_b:  # same weights, plus 3 new rows; one row broken
+        if sd[k].shape == sd_b[k].shape:
+            sd[k] = sd_b[k].clone()
+        else:
+            sd[k] = torch.cat([sd_b[k], torch.randn(3, sd_b[k].shape[1])])
+    sd["lm_head.weight"][9, 3] = float("nan")
+    sd["lm_head.weight"][21] *= -1
+    save_file(sd, str(post / "model.safetensors"), metadata={"format": "pt"})
+    run = vocabdrift.diff(base, post, out=tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["added_tokens"] == [v, v + 1, v + 2]
+    assert summary["nonfinite_rows"] == [9]
+    d = _drift(run)
+    assert np.isnan(d["lm_head_cos"][9]) and d["nonfinite"][9]
+    assert summary["overall"]["lm_head"]["min_cos"] == pytest.approx(-1.0, abs=1e-5)
+    assert summary["overall"]["lm_head"]["tokens"] == int((~pq.read_table(run / "vocab.parquet")
+                                                            .column("is_special").to_numpy()).sum()) - 1
+
+
+def test_neighbors_before_and_after(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from vocabdrift.api.diff import neighbors
+
+    base = make_llama(tmp_path / "base", dtype="float32")
+    post = Path(str(tmp_path / "post"))
+    import shutil
+
+    shutil.copytree(base, post)
+    sd = load_file(str(post / "model.safetensors"))
+    sd["lm_head.weight"][50] = sd["lm_head.weight"][2] * 3  # token 50 now points where the special token 2 points
+    save_file(sd, str(post / "model.safetensors"), metadata={"format": "pt"})
+    nt = neighbors(post, "50", base=base, k=3).to_pylist()
+    after = [r for r in nt if r["model"] == "post"]
+    assert after[0]["neighbor_id"] == 2 and after[0]["cos"] == pytest.approx(1.0, abs=1e-5)
+    assert after[0]["is_special"]
+    before = [r for r in nt if r["model"] == "base"]
+    assert before[0]["neighbor_id"] != 2 or before[0]["cos"] < 0.9
+
+
+def test_smollm2_gguf_reads(smollm2_gguf: Path) -> None:
+    ck = open_checkpoint(smollm2_gguf)
+    assert ck.tied and ck.vocab_size == 49152 and ck.hidden_size == 576
+    rows = ck.rows("embed", 100, 110)
+    assert rows.shape == (10, 576) and bool(rows.isfinite().all())
+    table = vocabdrift.vocab(smollm2_gguf)
+    assert table.num_rows == 49152
+    hello = table.column("text").to_pylist().index("hello")
+    assert table.column("category")[hello].as_py() == "latin"
+
+
+def test_help_does_not_import_torch() -> None:
+    code = ("import sys\nfrom vocabdrift.cli import app\nimport typer.testing\n"
+            "r = typer.testing.CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "for c in ['diff', 'vocab']:\n    assert typer.testing.CliRunner().invoke(app, [c, '--help']).exit_code == 0\n"
+            "bad = [m for m in ('torch', 'transformers', 'pyarrow') if m in sys.modules]\nprint(bad)\n"
+            "sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

