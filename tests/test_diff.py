@@ -220,10 +220,65 @@ def test_smollm2_gguf_reads(smollm2_gguf: Path) -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    code = ("import sys\nfrom vocabdrift.cli import app\nimport typer.testing\n"
-            "r = typer.testing.CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0, r.output\n"
-            "for c in ['diff', 'vocab']:\n    assert typer.testing.CliRunner().invoke(app, [c, '--help']).exit_code == 0\n"
-            "bad = [m for m in ('torch', 'transformers', 'pyarrow') if m in sys.modules]\nprint(bad)\n"
-            "sys.exit(1 if bad else 0)")
+    """`vocabdrift --help` and every command's --help stay instant: no torch, transformers or pyarrow import."""
+    code = """
+import sys, typer.main, typer.testing
+from vocabdrift.cli import app
+runner = typer.testing.CliRunner()
+assert runner.invoke(app, ["--help"]).exit_code == 0
+names = sorted(typer.main.get_command(app).commands)
+for name in names:
+    r = runner.invoke(app, [name, "--help"])
+    assert r.exit_code == 0, (name, r.output)
+bad = [m for m in ("torch", "transformers", "pyarrow") if m in sys.modules]
+print(names, bad)
+sys.exit(1 if bad or "diff" not in names else 0)
+"""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gpt_neox_names(tmp_path: Path) -> None:
+    import torch
+    from factory import train_bpe
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    train_bpe(tmp_path / "base")
+    v = len(json.loads((tmp_path / "base" / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=v, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, tie_word_embeddings=False)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    post = plant_drift(tmp_path / "base", tmp_path / "post", rows={3: 0.9}, tensor_suffix="embed_out.weight")
+    ck = open_checkpoint(post)
+    assert ck.tensor_name("embed").endswith("embed_in.weight") and ck.tensor_name("lm_head") == "embed_out.weight"
+    d = _drift(vocabdrift.diff(tmp_path / "base", post, out=tmp_path / "run"))
+    assert int(np.argmin(d["lm_head_cos"])) == 3 and d["embed_cos"].min() > 0.999
+
+
+def test_fp8_and_lm_head_bias(tmp_path: Path) -> None:
+    """A bare .safetensors file in float8 with an lm_head bias, next to a tokenizer."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    tok = make_llama(tmp_path / "tok")
+    v = open_checkpoint(tok).vocab_size
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(v, 16, generator=g)
+    w2 = w.clone()
+    w2[4] = -w2[4]
+    for name, lm in (("base", w), ("post", w2)):
+        (tmp_path / name).mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok / f, tmp_path / name / f)
+        save_file({"model.embed_tokens.weight": w.to(torch.float8_e4m3fn), "lm_head.weight": lm.to(torch.float8_e4m3fn),
+                   "lm_head.bias": torch.full((v,), 1.0 if name == "base" else 1.5)},
+                  str(tmp_path / name / "weights.safetensors"))
+    d = _drift(vocabdrift.diff(tmp_path / "base" / "weights.safetensors", tmp_path / "post" / "weights.safetensors",
+                               out=tmp_path / "run"))
+    ref = cosine_rows(w.to(torch.float8_e4m3fn).double().numpy(), w2.to(torch.float8_e4m3fn).double().numpy())
+    np.testing.assert_allclose(d["lm_head_cos"], ref, atol=1e-5)
+    assert d["lm_head_cos"][4] == pytest.approx(-1.0, abs=1e-5)
+    np.testing.assert_allclose(d["lm_head_bias_delta"], 0.5)

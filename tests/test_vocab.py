@@ -52,7 +52,7 @@ def test_qwen_table_shape_and_reachability(qwen_vocab) -> None:
 
     texts, cats = qwen_vocab.column("text").to_pylist(), qwen_vocab.column("category").to_pylist()
     latex = [c for t, c in zip(texts, cats, strict=True) if re.fullmatch(r"\\[a-z]{4,}", t)]
-    assert len(latex) > 20 and set(latex) == {"latex"}  # \frac, \alpha, \begin ... are LaTeX commands
+    assert len(latex) >= 10 and set(latex) == {"latex"}  # \frac, \alpha, \begin ... are LaTeX commands
 
 
 @pytest.mark.parametrize(("text", "raw", "want"), [

@@ -97,11 +97,27 @@ def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
 
 
 def _paired_blocks(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int,
-                   device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                   device: torch.device, scale: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, base rows, post rows) float32 blocks, read ahead on a thread into two reused buffer pairs.
+
+    A yielded block stays valid until the next one is requested. `scale` multiplies each side's columns
+    (the final-norm fold), in place.
+    """
+    import torch
+
+    bufs = [(torch.empty(block_rows, base.hidden_size, device=device),
+             torch.empty(block_rows, post.hidden_size, device=device)) for _ in range(2)]
+
     def gen() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        for s in range(0, n, block_rows):
+        for i, s in enumerate(range(0, n, block_rows)):
             e = min(n, s + block_rows)
-            yield s, base.rows(kind, s, e, device=device), post.rows(kind, s, e, device=device)
+            ob, op = bufs[i % 2]
+            rb, rp = base.rows(kind, s, e, out=ob), post.rows(kind, s, e, out=op)
+            if scale is not None:
+                rb.mul_(scale[0])
+                rp.mul_(scale[1])
+            yield s, rb, rp
 
     return _prefetched(gen())
 
@@ -121,6 +137,19 @@ def _progress(enabled: bool):  # -> rich Progress or a no-op
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=True)
+
+
+def _vocab_for_pair(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> pa.Table:
+    """POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count."""
+    candidates = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
+    err: VocabdriftError | None = None
+    for spec, ck in candidates:
+        try:
+            return vocab_table(spec, size=max(ck.rows_of("lm_head"), ck.rows_of("embed")))
+        except VocabdriftError as e:
+            err = e
+    assert err is not None
+    raise err
 
 
 def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
@@ -157,18 +186,10 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
                     b.rows_of("embed"), p.rows_of("embed"), n)
     step = block_rows or max(1024, (64 << 20) // (4 * b.hidden_size))
 
-    with timer("vocab"):
-        # POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count.
-        candidates = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
-        for spec, ck in candidates:
-            try:
-                vt = vocab_table(spec, size=max(ck.rows_of("lm_head"), ck.rows_of("embed")))
-                break
-            except VocabdriftError as e:
-                err = e
-        else:
-            raise err
-        vt = vt.slice(0, n)
+    # The vocabulary table (tokenizer work, mostly outside the GIL) is built on a thread while the rows stream.
+    pool = ThreadPoolExecutor(max_workers=1)
+    vocab_future = pool.submit(_vocab_for_pair, b, p, tokenizer)
+    pool.shutdown(wait=False)
 
     g = {"base": None, "post": None}
     if fold_norm:
@@ -180,46 +201,52 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
 
     cols: dict[str, np.ndarray] = {}
     nonfinite = np.zeros(n, dtype=bool)
-    sums: dict[str, list[torch.Tensor]] = {}
+    means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scratch = torch.empty(step, b.hidden_size, device=dev)
     kinds: list[Kind] = ["lm_head", "embed"]
+
+    def scale(kind: Kind) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (g["base"], g["post"]) if kind == "lm_head" and fold_norm else None
+
     with timer("drift"), _progress(progress) as bar:
         for kind in kinds:
             out = {k: np.empty(n, dtype=np.float32) for k in ("cos", "l2", "norm_base", "norm_post")}
             task = bar.add_task(f"{kind} rows", total=n)
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
-            for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev):
-                if kind == "lm_head" and fold_norm:
-                    rb, rp = rb * g["base"], rp * g["post"]
-                bad = D.nonfinite_rows(rb) | D.nonfinite_rows(rp)
-                if bool(bad.any()):
-                    nonfinite[s:s + len(rb)] |= bad.cpu().numpy()
-                    rb, rp = torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0), torch.nan_to_num(rp, 0.0, 0.0, 0.0)
-                st = D.row_stats(rb, rp)
+            for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev, scale(kind)):
+                e = s + len(rb)
+                st = D.row_stats(rb, rp, scratch=scratch)
+                # A NaN or Inf anywhere in a row makes its norm non-finite: free detection of broken rows.
+                bad = ~(torch.isfinite(st["norm_base"]) & torch.isfinite(st["norm_post"])).cpu().numpy()
+                if bad.any():  # reported, and zeroed so they cannot poison the sums
+                    nonfinite[s:e] |= bad
+                    torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
+                    torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
                 for k, v in st.items():
-                    out[k][s:s + len(rb)] = v.cpu().numpy()
-                if bool(bad.any()):
-                    out["cos"][s:s + len(rb)][bad.cpu().numpy()] = np.nan
+                    out[k][s:e] = v.cpu().numpy()
                 if center:
                     sb += rb.sum(0, dtype=torch.float64)
                     sp += rp.sum(0, dtype=torch.float64)
                 bar.advance(task, len(rb))
-            for k, v in out.items():
-                cols[f"{kind}_{k}"] = v
-            sums[kind] = [sb / max(n, 1), sp / max(n, 1)]
-        if center:
+            out["cos"][nonfinite] = np.nan
+            cols.update({f"{kind}_{k}": v for k, v in out.items()})
+            means[kind] = ((sb / max(n, 1)).float(), (sp / max(n, 1)).float())
+        if center:  # a second pass: the mean row is known only after the first
             for kind in kinds:
-                mb, mp = (x.float() for x in sums[kind])
+                mb, mp = means[kind]
                 cc = np.empty(n, dtype=np.float32)
                 task = bar.add_task(f"{kind} rows (centred)", total=n)
-                for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev):
-                    if kind == "lm_head" and fold_norm:
-                        rb, rp = rb * g["base"], rp * g["post"]
-                    cc[s:s + len(rb)] = D.centered_cos(torch.nan_to_num(rb), torch.nan_to_num(rp), mb, mp).cpu().numpy()
+                for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev, scale(kind)):
+                    torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
+                    torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
+                    cc[s:s + len(rb)] = D.centered_cos(rb, rp, mb, mp).cpu().numpy()
                     bar.advance(task, len(rb))
                 cc[nonfinite] = np.nan
                 cols[f"{kind}_cos_centered"] = cc
 
+    with timer("vocab (not overlapped)"):
+        vt = vocab_future.result().slice(0, n)
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
     if bias_b is not None and bias_p is not None:
         cols["lm_head_bias_delta"] = (bias_p[:n] - bias_b[:n]).astype(np.float32)

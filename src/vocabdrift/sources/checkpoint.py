@@ -65,7 +65,7 @@ class _Tensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    read: Any  # callable (start, stop) -> torch.Tensor | np.ndarray in the stored dtype
+    read: Any  # callable (start, stop) -> torch.Tensor | np.ndarray in the stored dtype, valid until the next read
 
 
 @dataclass
@@ -113,8 +113,13 @@ class Checkpoint:
         return self.tensors[kind]
 
     # ---- reading ------------------------------------------------------------------------------------------
-    def rows(self, kind: Kind, start: int, stop: int, *, device: str | torch.device | None = None) -> torch.Tensor:
-        """Rows [start, stop) of a matrix as float32, on `device` (default CPU). Shape (stop - start, H)."""
+    def rows(self, kind: Kind, start: int, stop: int, *, device: str | torch.device | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a matrix as float32 (stop - start, H), on `device` (default CPU).
+
+        `out`, a float32 tensor of at least that many rows, is filled and a view of it returned: reusing one
+        buffer per stream of blocks keeps memory flat and saves the page faults of a fresh allocation.
+        """
         import torch
 
         t = self._tensor(kind)
@@ -126,7 +131,11 @@ class Checkpoint:
                                   "the file may be truncated or corrupt") from e
         if isinstance(block, np.ndarray):
             block = torch.from_numpy(np.ascontiguousarray(block))
-        return block.to(device=device or "cpu", dtype=torch.float32, non_blocking=True)
+        if out is not None:
+            dst = out[: stop - start]
+            dst.copy_(block, non_blocking=True)
+            return dst
+        return block.to(device=device or "cpu", dtype=torch.float32, copy=True)
 
     def iter_blocks(self, kind: Kind, *, block_rows: int | None = None, stop: int | None = None,
                     device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -161,7 +170,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 # ---- safetensors ----------------------------------------------------------------------------------------------
 
-def _check_safetensors_header(path: Path) -> dict[str, Any]:
+def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and validate a safetensors header ourselves, so a truncated file or a lying header gets a clear
     error instead of a crash deep inside a read."""
     size = path.stat().st_size
@@ -185,30 +194,61 @@ def _check_safetensors_header(path: Path) -> dict[str, Any]:
         if end > data_len or begin > end:
             raise VocabdriftError(f"{path}: tensor {name} lies at bytes {begin}:{end} but the data section has "
                                   f"{data_len} bytes; the file is truncated — re-download it")
-    return header
+    return header, 8 + n
 
 
-def _safetensors_tensor(path: Path, name: str, info: dict[str, Any]) -> _Tensor:
-    from safetensors import safe_open
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-    handle: dict[str, Any] = {}
+
+def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start: int) -> _Tensor:
+    """Rows are read with `os.pread` of exactly their bytes, not through a memory map: a map would leave every
+    page it touched resident, so reading two 1 GB matrices would show as 2 GB of process memory."""
+    import torch
+
+    dtype_name = _ST_DTYPES.get(info["dtype"])
+    dtype = getattr(torch, dtype_name, None) if dtype_name else None  # float8 only where this torch has it
+    if dtype is None:
+        raise VocabdriftError(f"{path}: tensor {name} has dtype {info['dtype']}, which this torch cannot read; "
+                              "upgrade torch or convert the checkpoint")
+    shape = tuple(info["shape"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = itemsize * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    begin = data_start + info["data_offsets"][0]
+
+    scratch = bytearray()  # reused between reads: a fresh buffer per block costs more in page faults than the copy
 
     def read(start: int, stop: int) -> Any:
-        if "f" not in handle:  # opened on first read, kept open: safe_open memory-maps the file
-            handle["f"] = safe_open(str(path), framework="pt")
-        sl = handle["f"].get_slice(name)
-        return sl[start:stop] if len(info["shape"]) > 1 else sl[:]
+        nonlocal scratch
+        if len(shape) == 1:
+            start, stop, rb = 0, 1, row_bytes * shape[0]
+        else:
+            rb = row_bytes
+        need = rb * (stop - start)
+        if len(scratch) < need:
+            scratch = bytearray(need)
+        view = memoryview(scratch)[:need]
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [view], begin + start * rb)
+        if got != need:
+            raise VocabdriftError(f"{path}: tensor {name} ends early (got {got} of {need} bytes); "
+                                  "the file is truncated — re-download it")
+        t = torch.frombuffer(view, dtype=dtype)
+        return t.reshape(stop - start, *shape[1:]) if len(shape) > 1 else t.clone()
 
-    return _Tensor(name=name, shape=tuple(info["shape"]), dtype=info["dtype"], read=read)
+    return _Tensor(name=name, shape=shape, dtype=info["dtype"], read=read)
 
 
 def _open_safetensors(files: list[Path], *, where: Path, config: dict[str, Any]) -> Checkpoint:
     located: dict[str, tuple[Path, dict[str, Any]]] = {}
     for f in files:
-        for name, info in _check_safetensors_header(f).items():
+        header, data_start = _check_safetensors_header(f)
+        for name, info in header.items():
             if name != "__metadata__":
-                located[name] = (f, info)
-    return _assemble(where, "safetensors", located, _safetensors_tensor, config)
+                located[name] = (f, {**info, "data_start": data_start})
+    return _assemble(where, "safetensors", located,
+                     lambda f, name, info: _safetensors_tensor(f, name, info, info["data_start"]), config)
 
 
 def _assemble(where: Path, fmt: str, located: dict[str, tuple[Any, dict[str, Any]]], make: Any,

