@@ -129,7 +129,9 @@ def ours_drift() -> None:
     dev = best_device()
     import torch
 
-    step = (64 << 20) // (4 * H)
+    from vocabdrift.sources.checkpoint import DEFAULT_BLOCK_BYTES
+
+    step = DEFAULT_BLOCK_BYTES // (4 * H)
     scratch = torch.empty(step, H, device=dev)
     for kind in ("lm_head", "embed"):
         for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
@@ -156,7 +158,19 @@ def child(name: str) -> None:
     print(json.dumps({"variant": name, "seconds": dt, "peak_rss_mb": hwm / 1024}))
 
 
-def run(name: str) -> dict:
+def drop_caches() -> bool:
+    """Empty the page cache (root on Linux) so the next variant reads from disk: a cold read."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run(name: str, *, cold: bool = False) -> dict:
+    if cold and not drop_caches():
+        raise SystemExit("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
     r = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -166,6 +180,7 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every variant (root)")
     args = ap.parse_args()
     if args.child:
         child(args.child)
@@ -176,21 +191,23 @@ def main() -> None:
     tokenizer(ROOT / "post")
     tokenizer(ROOT / "base")
     print(f"checkpoints ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    run("floor")  # warm the page cache so every variant reads from the same place
+    if not args.cold:
+        run("floor")  # warm the page cache so every variant reads from the same place
     results: dict[str, list[dict]] = {}
     order = ["floor", "ours_drift", "ours_measure"] + ([] if args.skip_naive else ["naive"])
     for _ in range(args.repeat):
         for name in order:
-            results.setdefault(name, []).append(run(name))
+            results.setdefault(name, []).append(run(name, cold=args.cold))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
     fl = best["floor"]["seconds"]
+    print(f"page cache: {'dropped before each variant (cold)' if args.cold else 'warm'}")
     print(f"{'variant':<14}{'seconds':>10}{'x floor':>10}{'peak RSS MB':>14}")
     for k, r in best.items():
         print(f"{k:<14}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{r['peak_rss_mb']:>14.0f}")
     if "naive" in best:
         print(f"naive / ours_drift = {best['naive']['seconds'] / best['ours_drift']['seconds']:.1f}x; "
               f"naive / ours_measure = {best['naive']['seconds'] / best['ours_measure']['seconds']:.1f}x")
-    (ROOT.parent / "diff_bench.json").write_text(json.dumps(best, indent=2))
+    (ROOT.parent / f"diff_bench{'_cold' if args.cold else ''}.json").write_text(json.dumps(best, indent=2))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,15 @@ def category_counts(vocab: pa.Table) -> dict[str, int]:
 
 
 def printable(text: str) -> str:
-    """Show a token so that whitespace and stray bytes are visible: ' ' -> '␣', '\\n' -> '\\n', U+FFFD kept."""
-    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-            .replace(" ", "␣"))
+    """Show a token so that whitespace and control characters are visible: ' ' -> '␣', newline -> '\\n'."""
+    out = []
+    for ch in text.replace("\\", "\\\\"):
+        if ch == " ":
+            out.append("␣")
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in "\u200d":
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) > 0xFF else f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -20,8 +20,8 @@ from ..analyses.vocab import build_vocab_table
 from ..device import best_device
 from ..errors import VocabdriftError
 from ..outputs.run import Timer, open_run
-from ..sources.checkpoint import Checkpoint, Kind, open_checkpoint
-from ..sources.tokenizer import load_tokenizer, read_vocabulary
+from ..sources.checkpoint import DEFAULT_BLOCK_BYTES, Checkpoint, Kind, open_checkpoint
+from ..sources.tokenizer import load_tokenizer, load_vocabulary_tokenizer, read_vocabulary
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -56,8 +56,8 @@ def _tokenizer_spec(ck: Checkpoint) -> Path:
 
 def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False) -> pa.Table:
     """The vocabulary table of a model folder, tokenizer folder, `tokenizer.json`, GGUF file or hub id."""
-    tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    n_tok = len(tok)
+    tok = load_vocabulary_tokenizer(model, trust_remote_code=trust_remote_code)
+    n_tok = tok.get_vocab_size(with_added_tokens=True) if hasattr(tok, "get_vocab_size") else len(tok)
     if size is not None and n_tok > size:
         raise VocabdriftError(f"{model}: the tokenizer has {n_tok} tokens but the model has only {size} rows; "
                               "this tokenizer belongs to another model — pass the right one with --tokenizer")
@@ -163,7 +163,7 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         fold_norm: multiply lm_head columns by each model's final-norm weight g first (logits are W·(g⊙x̂)).
         center: also give cosines after subtracting each matrix's mean row (one more pass over the rows).
         device: "cpu", "cuda", ... (default: the best present).
-        block_rows: rows per block (default: ~64 MiB of float32 per matrix).
+        block_rows: rows per block (default: 32 MiB of float32 per matrix).
 
     Returns:
         A `Measurement` with the vocabulary table, the drift table (columns of `DRIFT_COLUMNS`, plus
@@ -184,7 +184,7 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
     if b.rows_of("embed") != p.rows_of("embed"):
         log.warning("vocabularies differ: BASE has %d rows, POST %d; comparing the first %d ids",
                     b.rows_of("embed"), p.rows_of("embed"), n)
-    step = block_rows or max(1024, (64 << 20) // (4 * b.hidden_size))
+    step = block_rows or max(256, DEFAULT_BLOCK_BYTES // (4 * b.hidden_size))
 
     # The vocabulary table (tokenizer work, mostly outside the GIL) is built on a thread while the rows stream.
     pool = ThreadPoolExecutor(max_workers=1)

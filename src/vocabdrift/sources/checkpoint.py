@@ -43,7 +43,7 @@ _FINAL_NORM = ("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "o
                "final_layernorm.weight")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-DEFAULT_BLOCK_BYTES = 64 << 20  # float32 bytes of one block of one matrix
+DEFAULT_BLOCK_BYTES = 32 << 20  # float32 bytes of one block of one matrix: ~10 such buffers are live in a diff
 
 
 def _pick(names: list[str], suffixes: tuple[str, ...], *, exclude: tuple[str, ...] = ()) -> str | None:
@@ -139,7 +139,7 @@ class Checkpoint:
 
     def iter_blocks(self, kind: Kind, *, block_rows: int | None = None, stop: int | None = None,
                     device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start, rows) blocks covering the matrix; `block_rows` defaults to ~64 MiB of float32."""
+        """Yield (start, rows) blocks covering the matrix; `block_rows` defaults to DEFAULT_BLOCK_BYTES of float32."""
         n = min(self.rows_of(kind), stop) if stop is not None else self.rows_of(kind)
         step = block_rows or max(1, DEFAULT_BLOCK_BYTES // (4 * self.hidden_size))
         for s in range(0, n, step):

@@ -110,6 +110,28 @@ def piece_bytes(piece: str, style: str) -> bytes | None:
     return None
 
 
+def _partial_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def _show_bytes(b: bytes) -> str:
+    """Decode, writing bytes that are not UTF-8 on their own as `<0xE5>` (a partial character stays visible)."""
+    out, i = [], 0
+    while i < len(b):
+        try:
+            out.append(b[i:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:
+            out.append(b[i:i + e.start].decode("utf-8"))
+            out.extend(f"<0x{x:02X}>" for x in b[i + e.start:i + e.end])
+            i += e.end
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Everything the vocabulary table needs, read from a tokenizer. Lists are indexed by token id."""
@@ -121,15 +143,32 @@ class Vocabulary:
     reachable: np.ndarray  # bool (V,)
 
 
-def read_vocabulary(tok: PreTrainedTokenizerBase, *, size: int | None = None) -> Vocabulary:
+def load_vocabulary_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False
+                               ) -> tokenizers.Tokenizer | PreTrainedTokenizerBase:
+    """The quickest tokenizer that can list a vocabulary: a `tokenizer.json` read by `tokenizers` directly (about
+    five times faster than `transformers` on a 150K vocabulary), else `load_tokenizer`."""
+    from tokenizers import Tokenizer
+
+    p = Path(spec)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if f.is_file() and f.name.endswith(".json"):
+        try:
+            return Tokenizer.from_file(str(f))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise VocabdriftError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from e
+    return load_tokenizer(spec, trust_remote_code=trust_remote_code)
+
+
+def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size: int | None = None) -> Vocabulary:
     """Read every token's piece, bytes, text, special flag and reachability.
 
-    `size` pads to a model's row count: ids the tokenizer does not know (padding rows in lm_head) get an
-    empty piece and are marked special and unreachable.
+    `tok` is a `transformers` tokenizer or a raw `tokenizers.Tokenizer` (special tokens are then the added tokens
+    marked special). `size` pads to a model's row count: ids the tokenizer does not know (padding rows in lm_head)
+    get an empty piece and are marked special and unreachable.
     """
     import numpy as np
 
-    backend: tokenizers.Tokenizer = tok.backend_tokenizer
+    backend: tokenizers.Tokenizer = getattr(tok, "backend_tokenizer", tok)
     n_tok = backend.get_vocab_size(with_added_tokens=True)
     n = max(n_tok, size or 0)
     style = _piece_style(backend)
@@ -153,13 +192,13 @@ def read_vocabulary(tok: PreTrainedTokenizerBase, *, size: int | None = None) ->
         else:
             raw.append(piece_bytes(piece, style))
     decoded = backend.decode_batch([[i] for i in range(n_tok)], skip_special_tokens=False) + [""] * (n - n_tok)
-    texts = [b.decode("utf-8", errors="replace") if b is not None else d for b, d in zip(raw, decoded, strict=True)]
+    texts = [_show_bytes(b) if b is not None else d for b, d in zip(raw, decoded, strict=True)]
     is_special = np.zeros(n, dtype=bool)
     is_special[sorted(special_ids)] = True
 
     # Reachable: the token's text, encoded alone, gives back exactly this id.
     reachable = np.zeros(n, dtype=bool)
-    idx = [i for i in range(n_tok) if texts[i] and "\ufffd" not in texts[i]]
+    idx = [i for i in range(n_tok) if texts[i] and not (raw[i] is not None and _partial_utf8(raw[i]))]
     encs = backend.encode_batch([texts[i] for i in idx], add_special_tokens=False)
     retry = []
     for i, e in zip(idx, encs, strict=True):
