@@ -163,7 +163,7 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         fold_norm: multiply lm_head columns by each model's final-norm weight g first (logits are W·(g⊙x̂)).
         center: also give cosines after subtracting each matrix's mean row (one more pass over the rows).
         device: "cpu", "cuda", ... (default: the best present).
-        block_rows: rows per block (default: 32 MiB of float32 per matrix).
+        block_rows: rows per block (default: 8 MiB of float32 per matrix).
 
     Returns:
         A `Measurement` with the vocabulary table, the drift table (columns of `DRIFT_COLUMNS`, plus

@@ -43,7 +43,7 @@ _FINAL_NORM = ("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "o
                "final_layernorm.weight")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-DEFAULT_BLOCK_BYTES = 32 << 20  # float32 bytes of one block of one matrix: ~10 such buffers are live in a diff
+DEFAULT_BLOCK_BYTES = 8 << 20  # float32 bytes of one block of one matrix: small enough that the passes over it hit cache
 
 
 def _pick(names: list[str], suffixes: tuple[str, ...], *, exclude: tuple[str, ...] = ()) -> str | None:
