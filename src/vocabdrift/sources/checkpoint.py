@@ -43,7 +43,8 @@ _FINAL_NORM = ("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "o
                "final_layernorm.weight")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-DEFAULT_BLOCK_BYTES = 8 << 20  # float32 bytes of one block of one matrix: small enough that the passes over it hit cache
+# float32 bytes of one block of one matrix: small enough that the several passes over a block hit the cache
+DEFAULT_BLOCK_BYTES = 8 << 20
 
 
 def _pick(names: list[str], suffixes: tuple[str, ...], *, exclude: tuple[str, ...] = ()) -> str | None:
