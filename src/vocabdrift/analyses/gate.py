@@ -1,0 +1,226 @@
+"""The pass/fail rules of `vocabdrift check`: parsed from short specs, judged over the drift and vocabulary tables.
+
+Pure: tables in, a frozen `CheckResult` out. A rule is one of
+
+- `min_cos`: the lowest cosine must be at least X (`--min-cos 0.9`);
+- `max_below`: at most a share (or count) of tokens below cosine T (`--max-below 0.95:1%`);
+- the same per category (`--category japanese:0.95:5%`).
+
+Rules are judged over the reachable, non-special tokens by default: special and padding rows are often untrained,
+and unreachable tokens (partial UTF-8 pieces) are never a generation target, so no data can repair them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import VocabdriftError
+from .vocab import CATEGORIES, LANGUAGE_NAMES, printable
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Everyday names for the categories, so `--category russian:0.95:5%` works.
+ALIASES = {"russian": "cyrillic", "chinese": "han", "korean": "hangul", "english": "latin", "kana": "japanese",
+           **{v.lower(): k for k, v in LANGUAGE_NAMES.items()}}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One limit. `category` None means all tokens in the population; `kind` is "min_cos" or "max_below"."""
+
+    kind: str
+    threshold: float  # min_cos: the minimum allowed; max_below: the cosine a token must not fall below
+    share: float | None = None  # max_below: the largest allowed share of tokens below threshold (0..1)
+    count: int | None = None  # max_below: or the largest allowed number of tokens
+    category: str | None = None
+
+    def describe(self) -> str:
+        where = f"{self.category} " if self.category else ""
+        if self.kind == "min_cos":
+            return f"{where}min cos >= {self.threshold:g}"
+        limit = f"{self.share * 100:g}%" if self.share is not None else f"{self.count} tokens"
+        return f"{where}below {self.threshold:g} <= {limit}"
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """How one rule fared: the measured `value` (min cosine, or share below), the tokens judged, the worst ids."""
+
+    rule: Rule
+    passed: bool
+    value: float | None
+    tokens: int
+    below: int = 0
+    worst: tuple[int, ...] = ()
+    worst_text: str | None = None  # the worst token's text, for the verdict
+
+    def describe(self) -> str:
+        r = self.rule
+        where = f"{r.category} " if r.category else ""
+        if self.tokens == 0:
+            return f"{where}no tokens to judge"
+        if r.kind == "min_cos":
+            op = ">=" if self.passed else "<"
+            who = ""
+            if not self.passed and self.worst:
+                who = f" (token {self.worst[0]}" + (f" '{printable(self.worst_text)}')" if self.worst_text is not None
+                                                    else ")")
+            return f"{where}min cos {self.value:.4f} {op} {r.threshold:g}{who}"
+        limit = f"{r.share * 100:g}%" if r.share is not None else f"{r.count}"
+        op = "<=" if self.passed else ">"
+        return (f"{where}{self.below:,}/{self.tokens:,} ({(self.value or 0) * 100:.2f}%) below {r.threshold:g} "
+                f"{op} {limit}")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of `check`: `passed`, a one-line `verdict`, and each rule's result."""
+
+    passed: bool
+    verdict: str
+    results: tuple[RuleResult, ...]
+    space: str = "lm_head"
+    population: str = "reachable"
+    nonfinite: tuple[int, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json's "check" key."""
+        return {"passed": self.passed, "verdict": self.verdict, "space": self.space, "population": self.population,
+                "nonfinite_rows": list(self.nonfinite),
+                "rules": [{"rule": r.rule.describe(), "kind": r.rule.kind, "category": r.rule.category,
+                           "threshold": r.rule.threshold, "share": r.rule.share, "count": r.rule.count,
+                           "passed": r.passed, "value": r.value, "tokens": r.tokens, "below": r.below,
+                           "worst": list(r.worst)} for r in self.results]}
+
+
+# ---- parsing --------------------------------------------------------------------------------------------------
+
+def _cosine(text: str, spec: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise VocabdriftError(f"{spec!r}: {text!r} is not a cosine (a number such as 0.95)") from None
+    if not -1.0 <= v <= 1.0:
+        raise VocabdriftError(f"{spec!r}: cosine {v:g} is outside [-1, 1]")
+    return v
+
+
+def _limit(text: str, spec: str) -> tuple[float | None, int | None]:
+    """"1%" -> share 0.01; "0.01" -> share 0.01; "25" -> at most 25 tokens."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            share = float(t[:-1]) / 100.0
+        elif re.fullmatch(r"\d+", t):
+            return None, int(t)
+        else:
+            share = float(t)
+    except ValueError:
+        raise VocabdriftError(f"{spec!r}: {text!r} is not a limit; write a share (1%, 0.01) or a count (25)") \
+            from None
+    if not 0.0 <= share <= 1.0:
+        raise VocabdriftError(f"{spec!r}: share {text} is outside 0%..100%")
+    return share, None
+
+
+def category_name(name: str, spec: str = "") -> str:
+    """A category of DESIGN.md, from its name or an everyday alias (russian, chinese, korean, english)."""
+    n = name.strip().lower()
+    n = ALIASES.get(n, n)
+    if n not in CATEGORIES:
+        raise VocabdriftError(f"{spec or name!r}: unknown category {name!r}; use one of {', '.join(CATEGORIES)} "
+                              "(or russian, chinese, korean, english)")
+    return n
+
+
+def parse_min_cos(value: float | str) -> Rule:
+    return Rule("min_cos", _cosine(str(value), f"--min-cos {value}"))
+
+
+def parse_max_below(spec: str, *, category: str | None = None) -> Rule:
+    """"0.95:1%" -> at most 1% of tokens below cosine 0.95."""
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise VocabdriftError(f"--max-below {spec!r}: expected COSINE:LIMIT, e.g. 0.95:1%")
+    share, count = _limit(parts[1], spec)
+    return Rule("max_below", _cosine(parts[0], spec), share=share, count=count, category=category)
+
+
+def parse_category(spec: str) -> Rule:
+    """"japanese:0.95:5%" -> at most 5% of Japanese tokens below 0.95; "japanese:0.9" -> their min cos >= 0.9."""
+    parts = spec.split(":")
+    if len(parts) == 2:
+        return Rule("min_cos", _cosine(parts[1], spec), category=category_name(parts[0], spec))
+    if len(parts) != 3:
+        raise VocabdriftError(f"--category {spec!r}: expected NAME:COSINE:LIMIT (japanese:0.95:5%) "
+                              "or NAME:MIN_COS (japanese:0.9)")
+    return parse_max_below(f"{parts[1]}:{parts[2]}", category=category_name(parts[0], spec))
+
+
+# ---- judging --------------------------------------------------------------------------------------------------
+
+def _judge(rule: Rule, cos: np.ndarray, ids: np.ndarray, worst_n: int) -> RuleResult:
+    n = int(cos.size)
+    if n == 0:  # nothing of that kind in this vocabulary: nothing can have drifted
+        return RuleResult(rule, True, None, 0)
+    order = np.argsort(cos, kind="stable")[:worst_n]
+    worst = tuple(int(i) for i in ids[order])
+    if rule.kind == "min_cos":
+        m = float(cos.min())
+        return RuleResult(rule, m >= rule.threshold, m, n, int((cos < rule.threshold).sum()), worst)
+    below = int((cos < rule.threshold).sum())
+    share = below / n
+    ok = below <= rule.count if rule.count is not None else share <= (rule.share or 0.0) + 1e-12
+    return RuleResult(rule, ok, share, n, below, worst)
+
+
+def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...], *, space: str = "lm_head",
+          population: str = "reachable", worst_n: int = 5) -> CheckResult:
+    """Judge `rules` over the drift of one space ("lm_head" or "embed").
+
+    Args:
+        drift: drift.parquet's table (token_id, {space}_cos, optional nonfinite).
+        vocab: vocab.parquet's table (token_id, category, is_special, reachable).
+        population: "reachable" (reachable, non-special tokens) or "all" (every non-special token).
+    Returns:
+        A `CheckResult`. Rows holding NaN or Inf in POST fail the check whatever the rules; rows whose cosine
+        is undefined (a zero row in both) are left out.
+    """
+    if space not in ("lm_head", "embed"):
+        raise VocabdriftError(f"space must be lm_head or embed, not {space!r}")
+    if population not in ("reachable", "all"):
+        raise VocabdriftError(f"population must be 'reachable' or 'all', not {population!r}")
+    if not rules:
+        raise VocabdriftError("no rule to check; give --min-cos, --max-below or --category")
+    ids = drift.column("token_id").to_numpy()
+    cos = drift.column(f"{space}_cos").to_numpy(zero_copy_only=False).astype(np.float64)
+    special = vocab.column("is_special").to_numpy(zero_copy_only=False)[ids]
+    keep = ~special
+    if population == "reachable":
+        keep &= vocab.column("reachable").to_numpy(zero_copy_only=False)[ids]
+    cats = np.asarray(vocab.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)[ids]
+    nonfinite = (drift.column("nonfinite").to_numpy(zero_copy_only=False) if "nonfinite" in drift.column_names
+                 else np.zeros(len(ids), dtype=bool))
+    bad = tuple(int(i) for i in ids[nonfinite & keep])
+    keep &= np.isfinite(cos)
+
+    texts = vocab.column("text").to_pylist() if "text" in vocab.column_names else None
+    results = []
+    for rule in rules:
+        m = keep if rule.category is None else keep & (cats == rule.category)
+        r = _judge(rule, cos[m], ids[m], worst_n)
+        if texts is not None and r.worst:
+            r = replace(r, worst_text=texts[r.worst[0]])
+        results.append(r)
+    passed = all(r.passed for r in results) and not bad
+    shown = [r for r in results if not r.passed] if not passed else results
+    parts = [r.describe() for r in shown]
+    if bad:
+        parts.insert(0, f"{len(bad)} rows hold NaN/Inf (first id {bad[0]})")
+    verdict = f"{'PASS' if passed else 'FAIL'} {space}: " + "; ".join(parts)
+    return CheckResult(passed, verdict, tuple(results), space, population, bad)

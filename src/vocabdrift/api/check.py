@@ -1,0 +1,86 @@
+"""`check`: a pass/fail gate on vocabulary drift, for the CI of post-training pipelines.
+
+It measures BASE -> POST (or reads a run folder `diff` wrote) and judges the rules of `analyses.gate`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from ..analyses.gate import CheckResult, Rule, judge, parse_category, parse_max_below, parse_min_cos
+from ..errors import VocabdriftError
+
+PathLike = str | os.PathLike
+
+DEFAULT_MAX_BELOW = "0.95:1%"
+
+
+def rules_from(*, min_cos: float | str | None = None, max_below: str | Sequence[str] | None = None,
+               categories: Sequence[str] = ()) -> list[Rule]:
+    """Parse the CLI's specs into rules; with none at all, the default `--max-below 0.95:1%`."""
+    rules: list[Rule] = []
+    if min_cos is not None:
+        rules.append(parse_min_cos(min_cos))
+    for spec in [max_below] if isinstance(max_below, str) else (max_below or ()):
+        rules.append(parse_max_below(spec))
+    rules += [parse_category(s) for s in categories]
+    return rules or [parse_max_below(DEFAULT_MAX_BELOW)]
+
+
+def check(base: PathLike | None = None, post: PathLike | None = None, *, run: PathLike | None = None,
+          min_cos: float | str | None = None, max_below: str | Sequence[str] | None = None,
+          categories: Sequence[str] = (), space: str = "lm_head", population: str = "reachable",
+          out: PathLike | None = None, tokenizer: PathLike | None = None, device: str | None = None,
+          allow_pickle: bool = False, progress: bool = False) -> CheckResult:
+    """Judge the drift from BASE to POST against limits; the result has a one-line `verdict`.
+
+    Args:
+        base, post: the two checkpoints (anything `diff` takes). Or `run`: a run folder `diff` already wrote.
+        min_cos: the lowest cosine allowed.
+        max_below: "COS:LIMIT", e.g. "0.95:1%" (at most 1% of tokens below 0.95) or "0.9:0" (none below 0.9).
+        categories: "NAME:COS:LIMIT" ("japanese:0.95:5%") or "NAME:MIN_COS" ("japanese:0.9").
+        space: "lm_head" (what the model says) or "embed" (what it reads).
+        population: "reachable" (reachable, non-special tokens; the default) or "all" (every non-special one).
+        out: also write the run folder (diff's tables, and summary.json's "check" key).
+    Returns:
+        A `CheckResult`: `.passed`, `.verdict`, per-rule `.results`.
+
+    Example:
+        >>> r = check("base/", "sft/", min_cos=0.9, max_below="0.95:1%", categories=["japanese:0.95:5%"])
+        >>> print(r.verdict)
+        PASS lm_head: min cos 0.9712 >= 0.9; 0/140,112 (0.00%) below 0.95 <= 1%; japanese ...
+    """
+    from ..outputs.run import Run, open_run
+
+    rules = rules_from(min_cos=min_cos, max_below=max_below, categories=categories)
+    if run is not None:
+        if base is not None or post is not None:
+            raise VocabdriftError("give either BASE and POST, or --run RUN, not both")
+        r = Run(run)
+        for name in ("drift.parquet", "vocab.parquet"):
+            if not r.has(name):
+                raise VocabdriftError(f"{run}: no {name}; run `vocabdrift diff BASE POST -o {run}` first")
+        result = judge(r.read_table("drift.parquet"), r.read_table("vocab.parquet"), rules, space=space,
+                       population=population)
+        with open_run(run, create=False) as w:
+            w.update_summary(check=result.to_json())
+            w.record("check", arguments=_arguments(rules, space, population), inputs={"run": str(run)})
+        return result
+    if base is None or post is None:
+        raise VocabdriftError("check needs BASE and POST checkpoints (or --run RUN)")
+    if out is not None:
+        from .diff import diff
+
+        diff(base, post, out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
+        return check(run=out, min_cos=min_cos, max_below=max_below, categories=categories, space=space,
+                     population=population)
+    from .diff import measure
+
+    m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
+    return judge(m.drift, m.vocab, rules, space=space, population=population)
+
+
+def _arguments(rules: list[Rule], space: str, population: str) -> dict[str, object]:
+    return {"rules": [r.describe() for r in rules], "space": space, "population": population}
+

@@ -1,0 +1,227 @@
+"""`repair`: fine-tune BASE on DATA with drift remedies on and the drift callback watching, then diff the result.
+
+The remedies, alone or together: the full-vocabulary coverage set (`synth`, the published fix), replay of plain
+pre-training text, an L2-SP anchor on lm_head, rare-row gradient gating, and freezing. The run folder OUT holds
+the trained model (OUT/model), the coverage set it used, and diff's tables against BASE, with a "repair" key in
+summary.json saying what was done, what it cost in extra training tokens and what the callback saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import VocabdriftError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+# ---- records --------------------------------------------------------------------------------------------------
+
+def _sample_record(s: Any) -> dict[str, Any]:
+    """A `sources.data.Sample` as sft's record: {"messages": [...]} or {"text": ...}."""
+    if s.messages is not None:
+        return {"messages": s.messages}
+    if s.text is not None:
+        return {"text": s.text}
+    return {"messages": [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]}
+
+
+def read_records(paths: PathLike | Sequence[PathLike], *, what: str) -> list[dict[str, Any]]:
+    """Every usable record of a data set; malformed ones are counted and logged, none at all is an error."""
+    from ..sources.data import DataReader
+
+    reader = DataReader([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
+    records = [_sample_record(s) for s in reader]
+    if reader.n_malformed:
+        first = reader.malformed[0]
+        log.warning("%s: skipped %d malformed records (first: %s: %s)", what, reader.n_malformed, first.source,
+                    first.reason)
+    if not records:
+        raise VocabdriftError(f"{paths}: no usable {what} records (messages, conversations, prompt/completion or "
+                              "text)")
+    return records
+
+
+def _as_text(r: dict[str, Any]) -> dict[str, Any]:
+    """Replay is plain text: a conversation is flattened to its contents."""
+    if "text" in r:
+        return r
+    return {"text": "\n".join(m["content"] for m in r["messages"])}
+
+
+def count_tokens(records: Sequence[dict[str, Any]], tok: Any) -> int:
+    """Tokens of the records' contents (what they add to training, template tokens left out)."""
+    texts = [r["text"] if "text" in r else m["content"] for r in records
+             for m in ([None] if "text" in r else r["messages"])]
+    backend = tok.backend_tokenizer
+    return sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+
+
+# ---- repair ---------------------------------------------------------------------------------------------------
+
+def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike,
+           coverage: str | PathLike | None = "auto", min_per_token: int = 2, replay: PathLike | None = None,
+           replay_ratio: float = 0.05, anchor: float = 0.0, anchor_rarity: bool = False, gate: bool = False,
+           freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, batch_size: int = 8,
+           max_length: int = 256, seed: int = 0, every: int | None = None, stop_below: float | None = None,
+           threshold: float = 0.95, device: str | None = None, progress: bool = True) -> Path:
+    """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
+
+    Args:
+        base: a Hugging Face model folder (or hub id) to start from; it is only read.
+        data: the SFT data (files or folders: JSONL, JSON, Parquet, saved data sets).
+        coverage: "auto" (write the full-vocabulary coverage set with `synth` and add it), a coverage JSONL
+            to add, or None (no coverage set).
+        min_per_token: with coverage="auto", how many times each token is placed as a target.
+        replay: plain pre-training text to blend in at `replay_ratio` (language-modelling loss).
+        anchor: λ of the L2-SP anchor on lm_head (0: off); `anchor_rarity` weights rows by how rarely the run
+            has seen each token as a target.
+        gate: rare-row gradient gating (rows of tokens absent from a batch's targets get no gradient).
+        freeze: "lm_head" and/or "embed".
+        steps, lr, batch_size, max_length, seed: the SFT's settings.
+        every: the drift callback's interval (default: steps / 20); `stop_below` stops training when the
+            minimum lm_head cosine falls below it.
+
+    Returns:
+        `out`: OUT/model is the trained checkpoint; vocab.parquet, drift.parquet, neighbors.parquet,
+        summary.json (with "repair") and manifest.json sit beside it.
+
+    Example:
+        >>> repair("base/", "sft.jsonl", out="runs/fixed", coverage="auto", anchor=1e-2)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..analyses import drift as D
+    from ..api.diff import measure, neighbor_table
+    from ..outputs.run import Timer, open_run
+    from ..sources.checkpoint import open_checkpoint
+    from ..sources.tokenizer import load_tokenizer
+    from . import remedies
+    from .callback import VocabDriftCallback
+
+    try:
+        from .train import sft
+    except ImportError as e:  # the lab's trainer ships with vocabdrift; its absence is a broken install
+        raise VocabdriftError(f"vocabdrift.composites.train is missing ({e}); reinstall vocabdrift") from e
+
+    out = Path(out)
+    if (out / "model").exists():
+        raise VocabdriftError(f"{out}/model already exists; pick another -o (repair never overwrites a model)")
+    if steps < 1:
+        raise VocabdriftError(f"--steps must be at least 1, not {steps}")
+    if not 0.0 <= replay_ratio < 1.0:
+        raise VocabdriftError(f"--replay-ratio must be in [0, 1), not {replay_ratio}")
+    if anchor < 0:
+        raise VocabdriftError(f"--anchor must be >= 0, not {anchor}")
+    bad = [f for f in freeze if f not in remedies.FREEZABLE]
+    if bad:
+        raise VocabdriftError(f"--freeze {bad[0]!r}: choose from {', '.join(remedies.FREEZABLE)}")
+    if coverage is not None and str(coverage) != "auto" and not Path(coverage).exists():
+        raise VocabdriftError(f"--coverage {coverage}: no such file; pass a coverage JSONL, 'auto' or nothing")
+
+    timer = Timer()
+    base_ck = open_checkpoint(base)  # fails early, with a clear message, on a bad BASE
+    tok = load_tokenizer(base)
+    with timer("read data"):
+        records = read_records(data, what="SFT")
+        replay_records = [_as_text(r) for r in read_records(replay, what="replay")] if replay else None
+    if replay_records is None:
+        replay_ratio = 0.0
+    if not getattr(tok, "chat_template", None) and any("messages" in r for r in records):
+        raise VocabdriftError(f"{base}: its tokenizer has no chat template, so the assistant tokens of the chats "
+                              "cannot be found; save a tokenizer_config.json with a chat_template beside the model")
+    if tok.pad_token_id is None:
+        raise VocabdriftError(f"{base}: its tokenizer has no pad token; set pad_token in tokenizer_config.json "
+                              "(e.g. to the eos token) so batches can be padded")
+
+    with open_run(out) as run:
+        cov_records: list[dict[str, Any]] = []
+        cov_info: dict[str, Any] | None = None
+        if coverage is not None:
+            with timer("coverage set"):
+                if str(coverage) == "auto":
+                    from ..api.coverage import synth
+
+                    res = synth(base, out=run.path / "coverage.jsonl", min_per_token=min_per_token, seed=seed,
+                                progress=progress)
+                    st = res.stats  # the full stats (with id lists) stay in coverage.stats.json
+                    cov_path, cov_info = res.path, {
+                        "source": "auto", "file": "coverage.jsonl", "targets": st.get("targets"),
+                        "covered": st.get("covered"), "samples": st.get("samples"),
+                        "skipped": len(st.get("skipped", [])),
+                        "unreachable": (st.get("unreachable") or {}).get("count")}
+                else:
+                    cov_path = Path(coverage)
+                    cov_info = {"source": str(coverage)}
+                cov_records = read_records(cov_path, what="coverage")
+
+        with timer("train"):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise VocabdriftError(f"{base}: transformers cannot load it as a causal LM ({e}); repair needs a "
+                                      "Hugging Face model folder") from e
+            if device:
+                model = model.to(device)
+            cb = VocabDriftCallback(base_ck, every=every or max(1, steps // 20), tokenizer=tok,
+                                    stop_below=stop_below, threshold=threshold)
+            terms: list[Any] = []
+            if anchor > 0:
+                terms.append(remedies.LmHeadAnchor(weight=anchor, rarity="online" if anchor_rarity else None))
+            if gate:
+                terms.append(remedies.RowGate())
+            model_dir = run.path / "model"
+            sft(model, records + cov_records, out=model_dir, steps=steps, lr=lr, batch_size=batch_size,
+                max_length=max_length, seed=seed, callbacks=[cb], loss_terms=terms, freeze=tuple(freeze),
+                replay=replay_records, replay_ratio=replay_ratio, progress=progress)
+            if not (model_dir / "tokenizer.json").exists():
+                tok.save_pretrained(model_dir)
+            del model
+
+        with timer("diff"):
+            m = measure(base_ck, model_dir, device=device, progress=progress)
+            summary = m.summary(threshold=threshold)
+            top = D.most_drifted(m.drift, m.vocab, 20).column("token_id").to_pylist()
+            nt = neighbor_table({"base": base_ck, "post": open_checkpoint(model_dir)}, top, device=device,
+                                stop=m.info["common_rows"]) if top else None
+
+        sft_tokens = count_tokens(records, tok)
+        cov_tokens = count_tokens(cov_records, tok) if cov_records else 0
+        summary["repair"] = {
+            "base": str(base), "data": [str(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)],
+            "remedies": {"coverage": cov_info, "replay": {"source": str(replay), "ratio": replay_ratio}
+                         if replay_records else None, "anchor": anchor, "anchor_rarity": anchor_rarity,
+                         "gate": gate, "freeze": list(freeze)},
+            "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+                         "seed": seed, "stopped": cb.stop_reason},
+            "cost": {"sft_records": len(records), "coverage_records": len(cov_records),
+                     "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens,
+                     "extra_token_share": round(cov_tokens / max(sft_tokens, 1), 6),
+                     "replay_share_of_samples": replay_ratio},
+            "callback": {"every": cb.every, "seconds": round(cb.seconds, 3),
+                         "history": [{k: v for k, v in h.items() if k == "step" or k.count("/") == 2}
+                                     for h in cb.history]},
+            "model": "model",
+        }
+        run.write_table("vocab.parquet", m.vocab)
+        run.write_table("drift.parquet", m.drift)
+        if nt is not None:
+            run.write_table("neighbors.parquet", nt)
+        run.update_summary(**summary)
+        run.record("repair", arguments={"coverage": str(coverage), "min_per_token": min_per_token,
+                                        "replay": str(replay or ""), "replay_ratio": replay_ratio, "anchor": anchor,
+                                        "anchor_rarity": anchor_rarity, "gate": gate, "freeze": list(freeze),
+                                        "steps": steps, "lr": lr, "batch_size": batch_size,
+                                        "max_length": max_length, "every": cb.every, "stop_below": stop_below},
+                   inputs={"base": str(base), "data": summary["repair"]["data"][0],
+                           "checkpoints": {"base": m.info["base"]}},
+                   seed=seed, timings={**timer.timings, **m.timings})
+    return out
+
