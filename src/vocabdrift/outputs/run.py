@@ -29,11 +29,20 @@ if TYPE_CHECKING:
 _PACKAGES = ("vocabdrift", "numpy", "torch", "safetensors", "tokenizers", "transformers", "gguf", "pyarrow")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file under a temporary name in its folder, then rename it into place (readers never see half)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -94,7 +103,7 @@ class Run:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         out = self.path / name
-        _atomic_write_bytes(out, sink.getvalue().to_pybytes())
+        write_bytes_atomic(out, sink.getvalue().to_pybytes())
         return out
 
     def read_table(self, name: str) -> pa.Table:
@@ -108,7 +117,7 @@ class Run:
     # ---- json ---------------------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:
         out = self.path / name
-        _atomic_write_bytes(out, (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode())
+        write_bytes_atomic(out, (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode())
         return out
 
     def read_json(self, name: str, default: Any = None) -> Any:
