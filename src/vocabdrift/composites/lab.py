@@ -1,0 +1,409 @@
+"""`lab`: the whole investigation on a tiny model, offline, on a CPU — drift appears, is explained, and is repaired.
+
+Stages (each cached in OUT, so a rerun resumes where the last one stopped):
+
+    corpus     OUT/data/pretrain.jsonl, sft.jsonl           (faker + wordfreq, six languages, a planted name)
+    tokenizer  OUT/models/tokenizer                          (byte-level BPE; 嘉祺 is one token)
+    base       OUT/models/base                               (a tiny Llama pre-trained from scratch)
+    synth      OUT/data/coverage.jsonl                       (the full-vocabulary coverage set)
+    baseline   OUT/models/baseline                           (SFT on sft.jsonl)
+    repaired   OUT/models/repaired                           (SFT on sft.jsonl + coverage.jsonl)
+    analyses   OUT/baseline, OUT/repaired                    (normal run folders: diff, coverage, probe, ...)
+    compare    OUT/lab.json, OUT/lab.md                      (the measured table)
+
+Every model folder is a normal Hugging Face checkpoint and every run folder a normal vocabdrift run, so each other
+command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors OUT/models/baseline 嘉祺`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import VocabdriftError
+from .corpus import GIVEN_NAME, build_corpus
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+THRESHOLD = 0.95
+SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages the SFT set (nearly) never answers in
+JA_PROMPTS = ("お年玉について短い文章を書いてください。", "富士山について教えてください。")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the lab's numbers (besides the seed); stored in OUT/lab.json to guard the cache."""
+
+    docs: int               # pre-training documents
+    sft_samples: int        # SFT conversations (before the coverage set)
+    name_every: int         # one pre-training document in this many is about the planted name
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    context: int            # pre-training window
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    sft_steps: int
+    sft_batch: int
+    sft_lr: float
+    min_per_token: int      # coverage set: verified placements per token
+    tokens_per_sample: int
+    probe_top: int          # probe the planted token plus this many of the baseline's most drifted
+    confusion_n: int
+
+
+DEFAULT = Recipe(docs=5000, sft_samples=1500, name_every=200, vocab_size=4096, hidden=96, layers=3, heads=4,
+                 context=128, pretrain_steps=800, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
+                 sft_lr=3e-4, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
+QUICK = Recipe(docs=2500, sft_samples=600, name_every=200, vocab_size=2048, hidden=64, layers=2, heads=4,
+               context=64, pretrain_steps=300, pretrain_batch=16, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
+               sft_lr=5e-4, min_per_token=2, tokens_per_sample=8, probe_top=30, confusion_n=20)
+
+
+# ---- stage bookkeeping ----------------------------------------------------------------------------------------
+
+class _Stages:
+    """OUT/lab.json: the recipe, the seed and the finished stages with their seconds; written atomically."""
+
+    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool) -> None:
+        self.path = out / "lab.json"
+        self.progress = progress
+        want = {"recipe": asdict(recipe), "seed": seed}
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+            if {k: state.get(k) for k in want} != want:
+                raise VocabdriftError(f"{out} holds a lab run made with other settings (seed or --quick); pass "
+                                      "another -o, or delete the folder")
+        else:
+            state = {**want, "stages": {}}
+        self.state = state
+
+    def save(self) -> None:
+        tmp = self.path.with_name(".lab.json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, ensure_ascii=False, default=str))
+        os.replace(tmp, self.path)
+
+    def run(self, name: str, fn: Callable[[], Any], what: str) -> None:
+        """Run stage `name` unless a previous run finished it; print one line either way."""
+        if name in self.state["stages"]:
+            self._say(f"[dim]✓ {what} (cached)[/dim]")
+            return
+        t = time.perf_counter()
+        with self._status(what):
+            fn()
+        secs = time.perf_counter() - t
+        self.state["stages"][name] = {"seconds": round(secs, 2)}
+        self.save()
+        self._say(f"✓ {what} [dim]({secs:.1f} s)[/dim]")
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(msg)
+        log.info(msg)
+
+    @contextmanager
+    def _status(self, what: str) -> Iterator[None]:
+        # a line, not a spinner: the stages run their own progress bars, and rich allows one live display
+        self._say(f"[bold]→ {what} …[/bold]")
+        yield
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- the measured comparison ----------------------------------------------------------------------------------
+
+def _measure(run: Path, reach_ids: Any, planted: int) -> dict[str, Any]:
+    """The lab's numbers for one run folder: the headline drift, per-language shares, the planted token's fate."""
+    import numpy as np
+
+    from ..outputs.run import Run
+
+    r = Run(run)
+    drift = r.read_table("drift.parquet")
+    vocab = r.read_table("vocab.parquet")
+    summary = r.read_json("summary.json")
+    ids = drift.column("token_id").to_numpy()
+    cos = drift.column("lm_head_cos").to_numpy()
+    emb = drift.column("embed_cos").to_numpy()
+    special = vocab.column("is_special").to_numpy(zero_copy_only=False)[ids]
+    ok = ~special & np.isfinite(cos)
+    order = np.argsort(cos[ok], kind="stable")
+    rank = int(np.nonzero(ids[ok][order] == planted)[0][0]) + 1
+    reach = np.zeros(vocab.num_rows, dtype=bool)
+    reach[np.asarray(reach_ids, dtype=np.int64)] = True
+    reached = ok & reach[ids]
+    centered = drift.column("lm_head_cos_centered").to_numpy() if "lm_head_cos_centered" in drift.column_names \
+        else None
+    out = {
+        "mean_cos": float(cos[ok].mean()), "min_cos": float(cos[ok].min()),
+        "mean_cos_centered": float(np.nanmean(centered[ok])) if centered is not None else None,
+        "min_cos_reachable": float(cos[reached].min()), "unreachable": int((ok & ~reach[ids]).sum()),
+        "min_cos_unreachable": float(cos[ok & ~reach[ids]].min()) if (ok & ~reach[ids]).any() else None,
+        "below": {"0.95": int((cos[ok] < 0.95).sum()), "0.90": int((cos[ok] < 0.90).sum()), "tokens": int(ok.sum())},
+        "languages": {cat: {"tokens": v["lm_head"]["tokens"], "below_0.95": v["lm_head"]["below_0.95"]}
+                      for cat, v in summary["categories"].items() if v["lm_head"]["tokens"]},
+        "planted": {"token_id": planted, "lm_head_cos": float(cos[ids == planted][0]),
+                    "embed_cos": float(emb[ids == planted][0]), "lm_head_rank": rank, "of": int(ok.sum()),
+                    "embed_median_cos": float(np.median(emb[ok]))},
+    }
+    for key in ("probe", "cases", "confusion"):
+        if key in summary:
+            out[key] = summary[key]
+    return out
+
+
+def _share(m: dict[str, Any], cat: str) -> float:
+    v = m["languages"].get(cat)
+    return v["below_0.95"] / v["tokens"] if v and v["tokens"] else float("nan")
+
+
+def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The measured table, in the layout of DESIGN.md's reference table."""
+    b, r = results["baseline"], results["repaired"]
+
+    def pct(n: int, d: int) -> str:
+        return f"{n:,} ({100 * n / max(d, 1):.1f}%)"
+
+    rows = [
+        ("lm_head cosine to pre-trained, mean / min",
+         f"{b['mean_cos']:.4f} / {b['min_cos']:.4f}", f"{r['mean_cos']:.4f} / {r['min_cos']:.4f}"),
+        *([("mean-centred lm_head cosine, mean", f"{b['mean_cos_centered']:.4f}", f"{r['mean_cos_centered']:.4f}")]
+          if b["mean_cos_centered"] is not None and r["mean_cos_centered"] is not None else []),
+        ("min over tokens the coverage set reaches (unreachable apart)",
+         f"{b['min_cos_reachable']:.4f} ({b['unreachable']} unreachable)",
+         f"{r['min_cos_reachable']:.4f} ({r['unreachable']} unreachable)"),
+        ("tokens below 0.95 / 0.90",
+         f"{pct(b['below']['0.95'], b['below']['tokens'])} / {pct(b['below']['0.90'], b['below']['tokens'])}",
+         f"{pct(r['below']['0.95'], r['below']['tokens'])} / {pct(r['below']['0.90'], r['below']['tokens'])}"),
+    ]
+    for cat in ("japanese", "han", "hangul", "cyrillic", "arabic", "latin"):
+        if cat in b["languages"]:
+            vb, vr = b["languages"][cat], r["languages"][cat]
+            rows.append((f"{cat} tokens below 0.95", f"{vb['below_0.95']:,} of {vb['tokens']:,} "
+                         f"({100 * _share(b, cat):.1f}%)", f"{vr['below_0.95']:,} of {vr['tokens']:,} "
+                         f"({100 * _share(r, cat):.1f}%)"))
+    pb, pr = b["planted"], r["planted"]
+    rows.append((f"planted token {GIVEN_NAME}: lm_head cos (rank) / embed cos",
+                 f"{pb['lm_head_cos']:.4f} (#{pb['lm_head_rank']} of {pb['of']:,}) / {pb['embed_cos']:.4f}",
+                 f"{pr['lm_head_cos']:.4f} (#{pr['lm_head_rank']} of {pr['of']:,}) / {pr['embed_cos']:.4f}"))
+    if "probe" in b and "probe" in r:
+        rows.append(("probe: tokens lost (sayable by base, not after SFT)",
+                     f"{len(b['probe']['lost'])} of {b['probe']['tokens']}"
+                     + (f", {GIVEN_NAME} lost" if pb["token_id"] in b["probe"]["lost"] else ""),
+                     f"{len(r['probe']['lost'])} of {r['probe']['tokens']}"
+                     + (f", {GIVEN_NAME} lost" if pr["token_id"] in r["probe"]["lost"] else "")))
+    if "confusion" in b and "confusion" in r:
+        rows.append(("Japanese prompt -> foreign-script characters", _confusion_cell(b), _confusion_cell(r)))
+    if "cases" in b and "cases" in r:
+        rows.append(("qualitative cases passed", _cases_cell(b), _cases_cell(r)))
+    lines = ["| metric | baseline SFT | SFT + full-vocabulary coverage |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {x} | {y} |" for a, x, y in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _confusion_cell(m: dict[str, Any]) -> str:
+    res = m["confusion"]["results"]
+    hits, n = sum(r["hits"] for r in res), sum(r["n"] for r in res)
+    return f"{hits}/{n} ({100 * hits / max(n, 1):.0f}%)"
+
+
+def _cases_cell(m: dict[str, Any]) -> str:
+    c = next(iter(m["cases"].values())) if "passed" not in m["cases"] else m["cases"]
+    return f"{c['passed']}/{c['total']}"
+
+
+# ---- the lab ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LabResult:
+    """Where the lab wrote things, and its measured comparison."""
+
+    out: Path
+    runs: dict[str, Path]
+    models: dict[str, Path]
+    results: dict[str, dict[str, Any]]
+    table: str
+    timings: dict[str, float]
+
+
+def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = True,
+        recipe: Recipe | None = None) -> LabResult:
+    """Reproduce the investigation on a tiny model: pre-train, SFT twice (baseline, + coverage set), analyse both.
+
+    Args:
+        out: the lab folder (created; a rerun with the same settings resumes from the last finished stage).
+        quick: a smaller recipe that finishes in about a minute (for tests and a first look).
+        seed: all randomness (corpus, initialisation, data order) follows it.
+        recipe: override the recipe (advanced; `quick` is ignored then).
+
+    Returns:
+        a `LabResult`; OUT/lab.md holds the measured table, OUT/baseline and OUT/repaired are run folders.
+
+    Example:
+        >>> r = lab("runs/lab", quick=True)
+        >>> print(r.table)
+    """
+    import torch
+
+    recipe = recipe or (QUICK if quick else DEFAULT)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VocabdriftError(f"{out} is a file; -o takes a folder for the lab")
+    out.mkdir(parents=True, exist_ok=True)
+    st = _Stages(out, recipe, seed, progress)
+    data, models = out / "data", out / "models"
+    runs = {"baseline": out / "baseline", "repaired": out / "repaired"}
+    mpath = {k: models / k for k in ("tokenizer", "base", "baseline", "repaired")}
+    torch.manual_seed(seed)
+
+    def corpus() -> None:
+        c = build_corpus(docs=recipe.docs, sft=recipe.sft_samples, seed=seed, name_every=recipe.name_every)
+        _write_jsonl(data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
+        _write_jsonl(data / "sft.jsonl", c.sft)
+
+    def pretrain_texts() -> list[str]:
+        return [r["text"] for r in _read_jsonl(data / "pretrain.jsonl")]
+
+    def tokenizer() -> None:
+        from .train import train_tokenizer
+
+        _rm_partial(mpath["tokenizer"])
+        train_tokenizer(pretrain_texts(), vocab_size=recipe.vocab_size, out=mpath["tokenizer"],
+                        must_have=[GIVEN_NAME])
+
+    def base() -> None:
+        from ..sources.tokenizer import load_tokenizer
+        from .train import pretrain
+
+        _rm_partial(mpath["base"])
+        _, loss = pretrain(load_tokenizer(mpath["tokenizer"]), pretrain_texts(), out=mpath["base"],
+                           steps=recipe.pretrain_steps, hidden=recipe.hidden, layers=recipe.layers,
+                           heads=recipe.heads, context=recipe.context, batch_size=recipe.pretrain_batch,
+                           lr=recipe.pretrain_lr, seed=seed, progress=progress)
+        st.state["pretrain_loss"] = round(loss, 4)
+
+    def synth_set() -> None:
+        from ..api.coverage import synth
+
+        synth(mpath["base"], out=data / "coverage.jsonl", min_per_token=recipe.min_per_token,
+              tokens_per_sample=recipe.tokens_per_sample, seed=seed, progress=progress)
+
+    def train(name: str, files: list[Path]) -> Callable[[], None]:
+        def go() -> None:
+            from .train import sft
+
+            _rm_partial(mpath[name])
+            records = [r for f in files for r in _read_jsonl(f)]
+            sft(mpath["base"], records, out=mpath[name], steps=recipe.sft_steps, lr=recipe.sft_lr,
+                batch_size=recipe.sft_batch, seed=seed, progress=progress)
+        return go
+
+    def analyse(name: str, files: list[Path]) -> Callable[[], None]:
+        def go() -> None:
+            from ..api.coverage import coverage
+            from ..api.diff import diff
+
+            diff(mpath["base"], mpath[name], out=runs[name], center=True, neighbors_of=[GIVEN_NAME],
+                 progress=progress)
+            coverage([str(f) for f in files], tokenizer=mpath["base"], out=runs[name], progress=progress)
+        return go
+
+    def prove(name: str) -> Callable[[], None]:
+        def go() -> None:
+            from ..analyses.probe import FEWSHOT_DEFAULT
+            from ..api.probe import cases, confusion, probe
+
+            # the base model never saw the chat format: probe it few-shot, in pre-training style
+            probe(mpath[name], base=mpath["base"], tokens=_probe_tokens(), out=runs[name],
+                  base_templates=list(FEWSHOT_DEFAULT), progress=progress)
+            cases(mpath[name], out=runs[name], name=name, progress=progress)  # the published cases
+            confusion(mpath[name], prompts=list(JA_PROMPTS), language="ja", n=recipe.confusion_n, seed=seed,
+                      max_tokens=48, out=runs[name], progress=progress)
+        return go
+
+    def _probe_tokens() -> list[int]:
+        from ..analyses.drift import most_drifted
+        from ..outputs.run import Run
+
+        r = Run(runs["baseline"])
+        top = most_drifted(r.read_table("drift.parquet"), r.read_table("vocab.parquet"), recipe.probe_top)
+        return list(dict.fromkeys([_planted_id(), *top.column("token_id").to_pylist()]))
+
+    def _planted_id() -> int:
+        from ..sources.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
+        return ids[0]
+
+    sft_files = [data / "sft.jsonl"]
+    rep_files = [data / "sft.jsonl", data / "coverage.jsonl"]
+    st.run("corpus", corpus, "corpus: pre-training text and SFT conversations")
+    st.run("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens")
+    st.run("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)")
+    st.run("synth", synth_set, "coverage set (synth)")
+    st.run("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)")
+    st.run("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)")
+    st.run("analyse_baseline", analyse("baseline", sft_files), "baseline: diff and coverage")
+    st.run("analyse_repaired", analyse("repaired", rep_files), "repaired: diff and coverage")
+    st.run("prove_baseline", prove("baseline"), "baseline: probe, cases, confusion on Japanese prompts")
+    st.run("prove_repaired", prove("repaired"), "repaired: probe, cases, confusion on Japanese prompts")
+
+    def write_report() -> None:
+        from ..outputs.report import report
+
+        report(runs["baseline"], compare=runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
+
+    st.run("report", write_report, "report: baseline against repaired")
+
+    import pyarrow.parquet as pq
+
+    planted = _planted_id()
+    cov = pq.read_table(runs["repaired"] / "coverage.parquet")
+    reach_ids = cov.filter(pq.read_table(runs["repaired"] / "coverage.parquet").column("count").to_numpy() > 0) \
+        .column("token_id").to_numpy()
+    results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
+    table = comparison_markdown(results)
+    st.state["results"] = results
+    st.save()
+    tmp = out / ".lab.md.tmp"
+    tmp.write_text(table, encoding="utf-8")
+    os.replace(tmp, out / "lab.md")
+    timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
+    return LabResult(out=out, runs=runs, models={k: v for k, v in mpath.items() if k != "tokenizer"},
+                     results=results, table=table, timings=timings)
+
+
+def _rm_partial(path: Path) -> None:
+    """A stage killed after its rename but before lab.json recorded it leaves a finished folder: start it over."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+__all__ = ["DEFAULT", "QUICK", "LabResult", "Recipe", "comparison_markdown", "lab"]

@@ -1,0 +1,372 @@
+"""Training for the lab and for `repair`: a byte-level BPE tokenizer, a tiny Llama pre-trained from scratch, and SFT.
+
+`sft` is the one fine-tuning loop vocabdrift uses (the lab's baseline and repaired models, `repair`): a plain
+`transformers.Trainer` on pre-tokenized records, loss on assistant tokens only for chats and on every token for
+plain text (replay), with drift callbacks, extra loss terms, freezing and replay plugged in. Everything is
+deterministic for a seed on CPU, and every model is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import VocabdriftError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+# ChatML; {% generation %} marks the assistant's tokens so apply_chat_template can return the loss mask
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+@contextmanager
+def _atomic_dir(out: Path):
+    """Yield a temporary folder beside `out`; rename it to `out` on success, remove it on failure."""
+    out = Path(out)
+    if out.exists():
+        raise VocabdriftError(f"{out} already exists; models are never overwritten, pick another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096, out: PathLike | None = None,
+                    must_have: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with ChatML special tokens and a chat template.
+
+    Args:
+        texts: the training text.
+        vocab_size: total size including the 256 byte tokens and the special tokens.
+        out: if given, a folder to save the tokenizer to (atomically).
+        must_have: strings that must come out as one token each (the lab's planted name); a clear error
+            otherwise, since the lab's claims are about that one row.
+
+    Returns:
+        a transformers fast tokenizer (eos = pad-free `<|endoftext|>`, pad = `<|pad|>`).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   chat_template=CHAT_TEMPLATE)
+    for s in must_have:
+        ids = tok.encode(s).ids
+        if len(ids) != 1:
+            raise VocabdriftError(f"the tokenizer splits {s!r} into {[tok.id_to_token(i) for i in ids]}; raise its "
+                                  "frequency in the corpus or the vocabulary size")
+    if out is not None:
+        with _atomic_dir(Path(out)) as tmp:
+            fast.save_pretrained(tmp)
+    return fast
+
+
+# ---- pre-training -----------------------------------------------------------------------------------------------
+
+def tiny_llama(tokenizer: Any, *, hidden: int = 128, layers: int = 4, heads: int = 4, context: int = 256,
+               seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised `LlamaForCausalLM` with an untied lm_head, sized for a CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=context, tie_word_embeddings=False,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def pretrain(tokenizer: Any, texts: Sequence[str], *, out: PathLike, steps: int, hidden: int = 128, layers: int = 4,
+             heads: int = 4, context: int = 128, batch_size: int = 16, lr: float = 3e-3, warmup: int = 50,
+             seed: int = 0, progress: bool = True) -> tuple[Path, float]:
+    """Pre-train a tiny Llama from scratch on `texts` (packed, documents joined by eos); save it to `out`.
+
+    A hand-written loop rather than Trainer: one random window of the packed stream per row, AdamW with warmup
+    and cosine decay; on CPU it is the fastest thing that is still a normal causal-LM pre-training.
+
+    Returns:
+        (out, mean loss over the last 10% of steps).
+    """
+    import numpy as np
+    import torch
+
+    tokenizer = _fast(tokenizer)
+    eos = tokenizer.eos_token_id
+    enc = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    stream = np.fromiter((t for e in enc for t in (*e.ids, eos)), dtype=np.int64)
+    if stream.size <= context + 1:
+        raise VocabdriftError(f"pre-training text too short: {stream.size} tokens for a context of {context}")
+    model = tiny_llama(tokenizer, hidden=hidden, layers=layers, heads=heads, context=max(256, context), seed=seed)
+    data = torch.from_numpy(stream)
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    tail: list[float] = []
+    model.train()
+    with _bar(progress, "pre-training", steps) as advance:
+        for step in range(steps):
+            starts = torch.randint(0, data.numel() - context - 1, (batch_size,), generator=gen)
+            batch = torch.stack([data[s: s + context + 1] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss  # (B, T+1); the model shifts labels itself
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step >= steps - max(1, steps // 10):
+                tail.append(loss.item())
+            advance(loss.item())
+    model.eval()
+    with _atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out), float(np.mean(tail))
+
+
+@contextmanager
+def _bar(enabled: bool, what: str, total: int):
+    """A rich progress bar with the running loss; a no-op callable when disabled."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), disable=not enabled, transient=True) as bar:
+        task = bar.add_task(what, total=total, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.3f}")
+
+
+# ---- SFT --------------------------------------------------------------------------------------------------------
+
+def _fast(tokenizer: Any) -> Any:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from ..sources.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_length: int) -> list[dict[str, list]]:
+    """Pre-tokenize records: chats through the chat template with the assistant mask, plain text with eos.
+
+    Returns rows {"input_ids", "labels"} with labels -100 where there is no loss (outside assistant spans).
+    Records with no trainable token after truncation are dropped (logged).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise VocabdriftError("the model's tokenizer has no chat template; sft needs one to find the assistant "
+                              "tokens (save a tokenizer with chat_template beside the model)")
+    rows, dropped = [], 0
+    for i, r in enumerate(records):
+        if "messages" in r:
+            enc = tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        elif isinstance(r.get("text"), str):
+            ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            mask = [1] * len(ids)
+        else:
+            raise VocabdriftError(f"record {i} has neither \"messages\" nor \"text\"; sft takes chats or plain text")
+        ids, mask = ids[:max_length], mask[:max_length]
+        labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+        if all(x == -100 for x in labels[1:]):
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+    if dropped:
+        log.warning("sft: dropped %d records with no trainable token within max_length=%d", dropped, max_length)
+    if not rows:
+        raise VocabdriftError("sft: no record has a trainable token (empty assistant answers, or max_length too "
+                              "short)")
+    return rows
+
+
+class _Collator:
+    """Right-pad a batch; labels -100 on padding."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        att = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            att[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": att}
+
+
+def _sft_trainer() -> type:
+    from transformers import Trainer
+
+    from .remedies import LossTermsMixin
+
+    class SFTLoop(LossTermsMixin, Trainer):
+        """Trainer + loss terms (each `(model, inputs) -> Tensor | None`, added to every step's loss)."""
+
+    return SFTLoop
+
+
+def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: str | Path, steps: int,
+        lr: float = 2e-4, batch_size: int = 8, max_length: int = 256, seed: int = 0, betas=(0.9, 0.999),
+        weight_decay: float = 0.1, warmup_steps: int = 0, callbacks: Sequence = (),
+        loss_terms: Sequence[Callable] = (), freeze: Sequence[str] = (), replay: Iterable[dict] | None = None,
+        replay_ratio: float = 0.0, progress: bool = True) -> Path:
+    """Supervised fine-tuning of a causal LM; the model and its tokenizer are saved to `out`.
+
+    Args:
+        model: a model folder, or a loaded `PreTrainedModel` (its tokenizer is read from `model.name_or_path`).
+        records: `{"messages": [...]}` (loss on assistant tokens only) or `{"text": ...}` (loss on every token).
+        out: the folder to write (temporary folder, then renamed); must not exist.
+        steps: optimizer steps.
+        lr, betas, weight_decay, warmup_steps: AdamW with a constant learning rate after warmup.
+        callbacks: `transformers.TrainerCallback`s, passed through (e.g. `VocabDriftCallback`).
+        loss_terms: callables `(model, inputs) -> Tensor | None` added to each step's loss (e.g. `LmHeadAnchor`).
+        freeze: "lm_head" and/or "embed": those parameters get requires_grad False.
+        replay: plain-text records blended in at `replay_ratio` of the data, deterministically.
+
+    Returns:
+        `out`.
+
+    Example:
+        >>> sft("runs/lab/models/base", [{"messages": [...]}, ...], out="runs/lab/models/sft", steps=300)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+
+    from . import remedies
+
+    if steps < 1:
+        raise VocabdriftError(f"sft: steps must be at least 1, not {steps}")
+    out = Path(out)
+    if out.exists():
+        raise VocabdriftError(f"{out} already exists; sft never overwrites a model, pick another path")
+    set_seed(seed)
+    if isinstance(model, (str, os.PathLike)):
+        source = Path(model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise VocabdriftError(f"{source}: transformers cannot load it as a causal LM ({e})") from e
+    else:
+        source = Path(getattr(model, "name_or_path", "") or "")
+    try:
+        tokenizer = _fast(source)
+    except VocabdriftError as e:
+        raise VocabdriftError(f"sft: no tokenizer for the model ({e}); pass a model folder holding its tokenizer")\
+            from e
+    records = list(records)
+    if replay is not None and replay_ratio > 0:
+        records = remedies.replay_mix(records, list(replay), replay_ratio, seed=seed)
+    rows = encode_records(tokenizer, records, max_length=max_length)
+    if freeze:
+        remedies.freeze(model, freeze)
+
+    with tempfile.TemporaryDirectory(prefix="vocabdrift-sft-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+            adam_beta1=betas[0], adam_beta2=betas[1], weight_decay=weight_decay, warmup_steps=warmup_steps,
+            lr_scheduler_type="constant_with_warmup", logging_steps=max(1, steps // 20), save_strategy="no",
+            report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, seed=seed,
+            data_seed=seed, dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch")
+        trainer = _sft_trainer()(model=model, args=args, train_dataset=_Rows(rows),
+                                 data_collator=_Collator(tokenizer.pad_token_id), callbacks=list(callbacks),
+                                 loss_terms=list(loss_terms))
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        # both print a dict per log step; keep the bar, drop the dicts (callbacks still get on_log)
+        trainer.remove_callback(PrinterCallback)
+        if progress:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(_quiet_progress())
+        trainer.train()
+    model.eval()
+    for p in model.parameters():  # a frozen parameter is still a normal weight in the saved folder
+        p.requires_grad_(True)
+    with _atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _quiet_progress() -> Any:
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            pass
+
+    return QuietProgress()
+
+
+class _Rows:
+    """A list of pre-tokenized rows as a map-style data set (no `datasets` round trip needed)."""
+
+    def __init__(self, rows: list[dict[str, list]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list]:
+        return self.rows[i]
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs, plus deterministic torch kernels where they exist."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

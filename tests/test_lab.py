@@ -1,0 +1,189 @@
+"""The lab: corpus, tokenizer, the SFT contract, and the quick lab end to end (drift, its pattern, its repair)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vocabdrift.composites.corpus import GIVEN_NAME, NAME, build_corpus
+from vocabdrift.errors import VocabdriftError
+
+SCARCE = ("japanese", "hangul", "cyrillic", "arabic")
+
+
+# ---- corpus and tokenizer ---------------------------------------------------------------------------------------
+
+def test_corpus_is_deterministic_and_shaped_like_the_published_case() -> None:
+    a = build_corpus(docs=400, sft=300, seed=3, name_every=50)
+    b = build_corpus(docs=400, sft=300, seed=3, name_every=50)
+    assert a == b
+    assert a != build_corpus(docs=400, sft=300, seed=4, name_every=50)
+    texts = " ".join(a.pretrain)
+    for ch in ("の", "的", "한", "и", "في", "def ", "<tool_call>"):  # every language, code and tool calls
+        assert ch in texts
+    assert sum(GIVEN_NAME in d for d in a.pretrain) >= 400 // 50
+    with_name = [r for r in a.sft if any(GIVEN_NAME in m["content"] or NAME in m["content"] for m in r["messages"])]
+    assert 0 < len(with_name) < 5
+    answers = [r["messages"][-1]["content"] for r in a.sft]
+    japanese = [t for t in answers if any("\u3040" <= c <= "\u30ff" for c in t)]
+    assert len(japanese) <= 2
+    assert sum("<tool_call>" in t or "def " in t for t in answers) > len(answers) // 3
+
+
+def test_tokenizer_makes_the_given_name_one_token_and_masks_assistant_turns(tmp_path: Path) -> None:
+    from vocabdrift.composites.train import encode_records, train_tokenizer
+
+    c = build_corpus(docs=1500, sft=50, seed=0, name_every=40)
+    tok = train_tokenizer(c.pretrain, vocab_size=1024, out=tmp_path / "tok", must_have=[GIVEN_NAME])
+    assert len(tok.backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids) == 1
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    rows = encode_records(tok, [{"messages": [{"role": "user", "content": "hi there"},
+                                              {"role": "assistant", "content": "hello world"}]},
+                                {"text": "plain text"}], max_length=64)
+    chat, text = rows
+    trained = [t for t, lab in zip(chat["input_ids"], chat["labels"], strict=True) if lab != -100]
+    assert tok.decode(trained) == "hello world<|im_end|>"
+    assert all(lab != -100 for lab in text["labels"]) and text["input_ids"][-1] == tok.eos_token_id
+    with pytest.raises(VocabdriftError, match="splits"):
+        train_tokenizer(c.pretrain[:50], vocab_size=300, must_have=["马嘉祺是队长"])
+
+
+# ---- the SFT contract -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vocabdrift.composites.train import pretrain, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    c = build_corpus(docs=300, sft=10, seed=0, name_every=0)
+    tok = train_tokenizer(c.pretrain, vocab_size=512)
+    path, loss = pretrain(tok, c.pretrain, out=root / "base", steps=5, hidden=32, layers=1, heads=2, context=32,
+                          batch_size=4, progress=False)
+    assert np.isfinite(loss)
+    return path
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_sft_contract(tiny_base: Path, tmp_path: Path) -> None:
+    from transformers import TrainerCallback
+
+    from vocabdrift.composites.train import sft
+
+    records = build_corpus(docs=10, sft=40, seed=1, name_every=0).sft
+    calls: list[int] = []
+
+    def term(model, inputs):  # a loss term sees the model and the batch every step
+        calls.append(int(inputs["input_ids"].shape[0]))
+        return None
+
+    class Steps(TrainerCallback):
+        n = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            Steps.n += 1
+
+    out = sft(tiny_base, records, out=tmp_path / "a", steps=3, batch_size=4, loss_terms=[term], callbacks=[Steps()],
+              freeze=["embed"], replay=[{"text": "replayed pre-training text"}], replay_ratio=0.2, progress=False)
+    assert out == tmp_path / "a" and (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    assert len(calls) == 3 and Steps.n == 3
+    base, post = _weights(tiny_base), _weights(out)
+    assert np.array_equal(base["model.embed_tokens.weight"], post["model.embed_tokens.weight"])  # frozen
+    assert not np.array_equal(base["lm_head.weight"], post["lm_head.weight"])
+    again = sft(tiny_base, records, out=tmp_path / "b", steps=3, batch_size=4, freeze=["embed"],
+                replay=[{"text": "replayed pre-training text"}], replay_ratio=0.2, progress=False)
+    assert all(np.array_equal(v, _weights(again)[k]) for k, v in post.items())  # deterministic for a seed
+    with pytest.raises(VocabdriftError, match="already exists"):
+        sft(tiny_base, records, out=out, steps=1, progress=False)
+    with pytest.raises(VocabdriftError, match="neither"):
+        sft(tiny_base, [{"prompt": "x"}], out=tmp_path / "c", steps=1, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+# ---- the quick lab ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory: pytest.TempPathFactory):
+    from vocabdrift.composites.lab import lab
+
+    return lab(tmp_path_factory.mktemp("lab") / "out", quick=True, progress=False)
+
+
+def _share(m: dict, cat: str) -> float:
+    v = m["languages"][cat]
+    return v["below_0.95"] / v["tokens"]
+
+
+@pytest.mark.slow
+def test_quick_lab_reproduces_drift_and_repair(quick_lab) -> None:
+    b, r = quick_lab.results["baseline"], quick_lab.results["repaired"]
+    # scarce SFT languages drift far more than English
+    for cat in SCARCE:
+        assert _share(b, cat) > 0.3 and _share(b, cat) > 3 * _share(b, "latin"), cat
+    # the repair: higher mean, each scarce language's share at most half, higher minimum over reachable tokens
+    assert r["mean_cos"] > b["mean_cos"]
+    for cat in SCARCE:
+        assert _share(r, cat) <= 0.5 * _share(b, cat), cat
+    assert r["min_cos_reachable"] > b["min_cos_reachable"]
+    assert b["unreachable"] == r["unreachable"] > 0  # reported apart, the same tokens in both runs
+    # the planted token: its output row moved more than most rows, its input row barely
+    p = b["planted"]
+    assert p["lm_head_rank"] < p["of"] / 2
+    assert p["embed_cos"] > 0.99
+
+
+@pytest.mark.slow
+def test_quick_lab_writes_normal_models_and_run_folders(quick_lab) -> None:
+    from safetensors.numpy import load_file
+
+    out = quick_lab.out
+    for name in ("base", "baseline", "repaired"):
+        assert (out / "models" / name / "model.safetensors").exists()
+        assert (out / "models" / name / "tokenizer.json").exists()
+    for name in ("baseline", "repaired"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        for key in ("overall", "categories", "coverage", "probe", "cases", "confusion"):
+            assert key in summary, (name, key)
+        assert "correlation" in summary["coverage"]
+    assert (out / "baseline" / "report.html").exists() and (out / "lab.md").read_text() == quick_lab.table
+    # the run folder's cosines agree with an independent numpy computation from the checkpoints
+    import pyarrow.parquet as pq
+
+    base = load_file(out / "models" / "base" / "model.safetensors")["lm_head.weight"]
+    post = load_file(out / "models" / "baseline" / "model.safetensors")["lm_head.weight"]
+    cos = (base * post).sum(1) / (np.linalg.norm(base, axis=1) * np.linalg.norm(post, axis=1))
+    drift = pq.read_table(out / "baseline" / "drift.parquet")
+    np.testing.assert_allclose(drift.column("lm_head_cos").to_numpy(), cos[drift.column("token_id").to_numpy()],
+                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_quick_lab_rerun_resumes_and_guards_its_settings(quick_lab) -> None:
+    from vocabdrift.composites.lab import lab
+
+    out = quick_lab.out
+    stamp = (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns
+    again = lab(out, quick=True, progress=False)
+    assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing retrained
+    assert again.results == quick_lab.results
+    with pytest.raises(VocabdriftError, match="other settings"):
+        lab(out, quick=True, seed=1, progress=False)
+
+
+def test_cli_lab_refuses_a_file_for_out(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "notafolder"
+    f.write_text("x")
+    p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(f), "--quick"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"vocabdrift: error: {f} is a file; -o takes a folder for the lab"]
