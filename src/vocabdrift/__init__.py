@@ -24,6 +24,19 @@ _LAZY = {
     "diff": "vocabdrift.api.diff",
     "vocab": "vocabdrift.api.diff",
     "neighbors": "vocabdrift.api.diff",
+    "coverage": "vocabdrift.api.coverage",
+    "synth": "vocabdrift.api.coverage",
+    "mix": "vocabdrift.api.coverage",
+    "prune_suggest": "vocabdrift.api.coverage",
+    "check": "vocabdrift.api.check",
+    "probe": "vocabdrift.api.probe",
+    "cases": "vocabdrift.api.probe",
+    "undertrained": "vocabdrift.api.probe",
+    "confusion": "vocabdrift.api.probe",
+    "repair": "vocabdrift.composites.repair",
+    "VocabDriftCallback": "vocabdrift.composites.callback",
+    "lab": "vocabdrift.composites.lab",
+    "report": "vocabdrift.outputs.report",
 }
 
 __all__ = ["VocabdriftError", "__version__", *_LAZY]

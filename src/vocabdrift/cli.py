@@ -124,6 +124,513 @@ def neighbors(
 
 # ---- commands from other modules are added below this line, one section per module -------------------------
 
+# ---- repair and guard: check, repair ------------------------------------------------------------------------
+
+@app.command(epilog="Examples:\n\n    vocabdrift check ./base ./sft --min-cos 0.9 --max-below 0.95:1%\n\n"
+                    "    vocabdrift check ./base ./sft --category japanese:0.95:5% --category russian:0.9\n\n"
+                    "    vocabdrift check --run runs/sft1 --max-below 0.9:0\n\n"
+                    "Exit codes: 0 pass, 1 fail, 2 bad input.")
+def check(
+    base: Annotated[str | None, typer.Argument(help="The pre-trained checkpoint (folder, .safetensors, .gguf, "
+                                                    "hub id).")] = None,
+    post: Annotated[str | None, typer.Argument(help="The post-trained checkpoint to judge.")] = None,
+    min_cos: Annotated[float | None, typer.Option("--min-cos", help="Fail if any token's cosine is below "
+                                                                     "this.")] = None,
+    max_below: Annotated[list[str] | None, typer.Option("--max-below", help="COS:LIMIT — fail if more than LIMIT "
+                                                        "(1%, 0.01, or a count) of tokens are below COS. Default "
+                                                        "0.95:1% when no rule is given.")] = None,
+    category: Annotated[list[str] | None, typer.Option("--category", help="NAME:COS:LIMIT (japanese:0.95:5%) or "
+                                                       "NAME:MIN_COS (japanese:0.9), per category; repeatable.")]
+    = None,
+    space: Annotated[str, typer.Option(help="lm_head (what the model says) or embed (what it reads).")] = "lm_head",
+    all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Judge every non-special token, unreachable "
+                                                                  "ones (partial UTF-8 pieces) too.")] = False,
+    run: Annotated[Path | None, typer.Option("--run", help="Judge a run folder `diff` wrote instead of two "
+                                                           "checkpoints.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the run folder (diff's tables and "
+                                                                 "summary.json's \"check\" key).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (default: POST's, else BASE's).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle .bin/.pt checkpoints.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON after the verdict.")]
+    = False,
+) -> None:
+    """A CI gate: exit 0 if POST's vocabulary rows stayed within the limits, 1 if not, with a one-line verdict.
+
+    Rules are judged over reachable, non-special tokens (special and padding rows are often untrained, and
+    unreachable pieces are never a generation target).
+    """
+    import json
+
+    from .api.check import check as run_check
+
+    result = run_check(base, post, run=run, min_cos=min_cos, max_below=max_below or None,
+                       categories=category or (), space=space, population="all" if all_tokens else "reachable",
+                       out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle,
+                       progress=sys.stderr.isatty())
+    _echo(result.verdict)
+    if as_json:
+        _echo(json.dumps(result.to_json(), indent=2))
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift repair ./base sft.jsonl -o runs/fixed\n\n"
+                    "    vocabdrift repair ./base sft.jsonl -o runs/replay --coverage none --replay pretrain.jsonl "
+                    "--replay-ratio 0.1\n\n"
+                    "    vocabdrift repair ./base sft.jsonl -o runs/anchor --coverage none --anchor 0.01 --gate\n\n"
+                    "    vocabdrift repair ./base sft.jsonl -o runs/frozen --coverage none --freeze lm_head")
+def repair(
+    base: Annotated[str, typer.Argument(help="The model to fine-tune: a Hugging Face folder (only read).")],
+    data: Annotated[list[str], typer.Argument(help="SFT data: JSONL, JSON, Parquet files or folders, saved data "
+                                                   "sets (messages, conversations, prompt/completion, text).")],
+    out: Out,
+    coverage: Annotated[str, typer.Option(help="'auto' (write the full-vocabulary coverage set with synth and "
+                                               "add it), a coverage JSONL, or 'none'.")] = "auto",
+    min_per_token: Annotated[int, typer.Option(help="With --coverage auto: target placements per token.")] = 2,
+    replay: Annotated[str | None, typer.Option(help="Plain pre-training text to blend in (language-modelling "
+                                                    "loss).")] = None,
+    replay_ratio: Annotated[float, typer.Option(help="Share of training samples drawn from --replay.")] = 0.05,
+    anchor: Annotated[float, typer.Option(help="λ of an L2-SP anchor pulling lm_head rows to BASE (0: off).")]
+    = 0.0,
+    anchor_rarity: Annotated[bool, typer.Option("--anchor-rarity", help="Weight the anchor toward tokens rarely "
+                                                                        "seen as targets.")] = False,
+    gate: Annotated[bool, typer.Option("--gate", help="Rare-row gradient gating: rows of tokens absent from a "
+                                                      "batch's targets get no gradient.")] = False,
+    freeze: Annotated[list[str] | None, typer.Option(help="Freeze lm_head and/or embed; repeatable.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per sample (longer ones are cut).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for data order, coverage set and initialisation.")] = 0,
+    every: Annotated[int | None, typer.Option(help="Measure drift every N steps (default: steps/20).")] = None,
+    stop_below: Annotated[float | None, typer.Option(help="Stop training if the minimum lm_head cosine falls "
+                                                          "below this.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+) -> None:
+    """Fine-tune BASE on DATA with drift remedies on and the drift callback watching, then diff against BASE.
+
+    Writes OUT/model (the trained checkpoint), the coverage set it used, and diff's tables, with what each
+    remedy cost in extra training tokens in summary.json's "repair" key.
+    """
+    from rich.console import Console
+
+    from .composites.repair import repair as run_repair
+    from .outputs.console import drift_summary_table
+    from .outputs.run import Run
+
+    path = run_repair(base, data, out=out, coverage=None if coverage.lower() == "none" else coverage,
+                      min_per_token=min_per_token, replay=replay, replay_ratio=replay_ratio, anchor=anchor,
+                      anchor_rarity=anchor_rarity, gate=gate, freeze=freeze or (), steps=steps, lr=lr,
+                      batch_size=batch_size, max_length=max_length, seed=seed, every=every, stop_below=stop_below,
+                      device=device, progress=sys.stderr.isatty())
+    summary = Run(path).read_json("summary.json")
+    Console().print(drift_summary_table(summary))
+    rep = summary["repair"]
+    if rep["training"]["stopped"]:
+        _echo(rep["training"]["stopped"])
+    _echo(f"coverage cost: {rep['cost']['coverage_tokens']:,} extra tokens "
+          f"({100 * rep['cost']['extra_token_share']:.1f}% of the SFT data's {rep['cost']['sft_tokens']:,})")
+    _echo(f"wrote {path}/ (model/, vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
+
+
+# ---- predict and fill the floor: coverage, synth, mix, prune-suggest ----------------------------------------
+
+@app.command(epilog="Examples:\n\n    vocabdrift coverage sft.jsonl --tokenizer Qwen/Qwen2.5-7B -o runs/sft1\n\n"
+                    "    vocabdrift coverage data/ more.parquet --tokenizer ./base -o runs/sft1 --floor 10\n\n"
+                    "    vocabdrift coverage saved_ds/ --tokenizer ./base -o runs/c --field text --targets all\n\n"
+                    "    vocabdrift coverage s3://bucket/sft/ --tokenizer ./base -o runs/big --engine ray")
+def coverage(
+    data: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet files, folders of them, or saved HF data "
+                                                   "sets.")],
+    tokenizer: Annotated[str, typer.Option(help="The BASE model's tokenizer: model folder, tokenizer.json, .gguf "
+                                                "or hub id.")],
+    out: Out,
+    targets: Annotated[str, typer.Option(help="assistant (assistant turns, completions, plain text) or all.")]
+    = "assistant",
+    floor: Annotated[int, typer.Option(help="Occurrences a token needs to count as covered.")] = 5,
+    field: Annotated[str | None, typer.Option(help="Read this record field (text, or a list of messages) "
+                                                   "instead of detecting the shape.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed record.")] = False,
+    top: Annotated[int, typer.Option(help="How many below-floor tokens to print.")] = 30,
+    engine: Annotated[str, typer.Option(help="local (streaming, this process) or ray (Ray Data; connects to "
+                                             "RAY_ADDRESS, else starts a local Ray).")] = "local",
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray (--engine ray).")] = None,
+) -> None:
+    """Count each token as a generation target in SFT data: which tokens and languages the data leaves uncovered.
+
+    Writes RUN/coverage.parquet (token_id, count, samples) and summary["coverage"]; when RUN holds drift.parquet
+    (from `diff`), also the Spearman correlation of log(count+1) with lm_head cosine and coverage_drift.parquet.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .analyses.vocab import LANGUAGE_NAMES, LANGUAGES
+    from .api.coverage import coverage as run_coverage
+
+    r = run_coverage(data, tokenizer=tokenizer, out=out, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
+                     strict=strict, progress=sys.stderr.isatty(), engine=engine, num_cpus=num_cpus)
+    s, con = r.summary, Console()
+    t = Table(title=f"Coverage as a generation target ({s['samples']:,} samples, {s['target_tokens']:,} target "
+                    f"tokens, floor {floor})", title_justify="left")
+    for c in ("category", "tokens", f">= {floor}", "zero share", ""):
+        t.add_column(c, justify="left" if c in ("category", "") else "right")
+    order = [c for c in LANGUAGES if c in s["categories"]] + [c for c in s["categories"] if c not in LANGUAGES]
+    for cat in order:  # the reported languages first, then the other categories
+        v = s["categories"][cat]
+        mark = "under-covered" if cat in r.under_covered else ""
+        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['at_or_above_floor']:,}",
+                  f"{v['zero_share']:.1%}", mark)
+    con.print(t)
+    if "correlation" in s:
+        o = s["correlation"]["overall"]
+        rho = "n/a" if o["spearman_rho"] is None else f"{o['spearman_rho']:+.3f} (p={o['p_value']:.2g})"
+        con.print(f"Spearman rho, log(count+1) vs lm_head cosine over {o['n']:,} tokens: {rho}")
+    bf = r.below_floor
+    if bf.num_rows:
+        b = Table(title=f"{bf.num_rows:,} tokens below the floor (rarest first)", title_justify="left")
+        for c in ("id", "text", "category", "count", "samples"):
+            b.add_column(c)
+        for row in bf.slice(0, top).to_pylist():
+            b.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]), str(row["samples"]))
+        con.print(b)
+    if r.under_covered:
+        con.print("Under-covered languages: " + ", ".join(LANGUAGE_NAMES.get(x, x) for x in r.under_covered)
+                  + f" — fill them with `vocabdrift synth {tokenizer} --only-below-floor {out} -o synth.jsonl`")
+    if s["malformed"]:
+        shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
+        typer.echo(f"{s['malformed']} malformed records skipped: {shown}{' ...' if s['malformed'] > 5 else ''}",
+                   err=True)
+    _echo(f"wrote {out}/coverage.parquet and summary.json" + (" and coverage_drift.parquet" if r.scatter else ""))
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift synth Qwen/Qwen2.5-7B -o coverage.jsonl\n\n"
+                    "    vocabdrift synth ./base -o fill.jsonl --only-below-floor runs/sft1\n\n"
+                    "    vocabdrift synth ./base -o cov.jsonl --min-per-token 3 --format sharegpt")
+def synth(
+    model: Annotated[str, typer.Argument(help="Model folder, tokenizer.json, .gguf or hub id.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The JSONL file to write (NAME.stats.json goes "
+                                                           "beside it).")],
+    min_per_token: Annotated[int, typer.Option(help="Verified occurrences of each token as a target.")] = 2,
+    tokens_per_sample: Annotated[int, typer.Option(help="Tokens per conversation.")] = 8,
+    only_below_floor: Annotated[Path | None, typer.Option(help="A coverage run folder: cover only the tokens it "
+                                                               "found below its floor, up to the floor.")] = None,
+    format: Annotated[str, typer.Option(help="messages, sharegpt, alpaca or prompt-completion.")] = "messages",
+    seed: Annotated[int, typer.Option(help="Seed for phrasings and order.")] = 0,
+) -> None:
+    """Write the full-vocabulary coverage set: "repeat this word" tasks making every reachable token a target.
+
+    Every answer is re-tokenized: each target id must come back as that id. Tokens that cannot be placed are
+    listed in NAME.stats.json with the reason.
+    """
+    from .api.coverage import synth as run_synth
+
+    r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
+                  only_below_floor=only_below_floor, format=format, seed=seed, progress=sys.stderr.isatty())
+    st = r.stats
+    _echo(f"covered {st['covered']:,} of {st['targets']:,} tokens (min {st['occurrences']['min']} occurrences) "
+          f"in {st['samples']:,} samples; {st['unreachable']['count']:,} unreachable and {st['special']:,} special "
+          "tokens not targeted")
+    for sk in st["skipped"][:10]:
+        typer.echo(f"  skipped {sk['token_id']} {sk['text']!r}: {sk['reason']}", err=True)
+    if len(st["skipped"]) > 10:
+        typer.echo(f"  ... {len(st['skipped']) - 10} more skipped, see {r.stats_path}", err=True)
+    _echo(f"wrote {r.path} and {r.stats_path}")
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift mix sft.jsonl coverage.jsonl -o mixed.jsonl --ratio 0.05\n\n"
+                    "    vocabdrift mix sft/ more.parquet fill.jsonl -o mixed.jsonl --count 20000 --seed 1")
+def mix(
+    inputs: Annotated[list[str], typer.Argument(help="SFT... SYNTH: the SFT files or folders, then the synthetic "
+                                                     "set (last).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The mixed JSONL file to write.")],
+    ratio: Annotated[float | None, typer.Option(help="Synthetic share of the result (0.05 = 5%).")] = None,
+    count: Annotated[int | None, typer.Option(help="Number of synthetic records instead of a ratio.")] = None,
+    seed: Annotated[int, typer.Option(help="Shuffle seed (same seed, same output).")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed SFT record.")] = False,
+) -> None:
+    """Mix the synthetic set into SFT data: a deterministic, seeded shuffle that streams through disk."""
+    from .api.coverage import mix as run_mix
+
+    if len(inputs) < 2:
+        raise VocabdriftError("give at least one SFT input and the synthetic set: vocabdrift mix SFT... SYNTH -o OUT")
+    r = run_mix(inputs[:-1], inputs[-1], out=out, ratio=ratio, count=count, seed=seed, strict=strict)
+    if r.n_malformed:
+        typer.echo(f"{r.n_malformed} malformed SFT records skipped, first: {r.malformed[0].source}: "
+                   f"{r.malformed[0].reason}", err=True)
+    _echo(f"wrote {r.path}: {r.sft:,} SFT + {r.synth:,} synthetic records "
+          f"({r.synth / max(1, r.sft + r.synth):.1%} synthetic)")
+
+
+@app.command("prune-suggest", epilog="Examples:\n\n    vocabdrift prune-suggest runs/sft1\n\n"
+                                     "    vocabdrift prune-suggest runs/sft1 --threshold 0.9 --csv prune.csv")
+def prune_suggest(
+    run: Annotated[Path, typer.Argument(help="A run folder holding drift.parquet (diff) and coverage.parquet "
+                                             "(coverage).")],
+    floor: Annotated[int | None, typer.Option(help="Count below which a token is rare (default: the coverage "
+                                                   "run's floor).")] = None,
+    threshold: Annotated[float, typer.Option(help="lm_head cosine below which a token counts as drifted.")] = 0.95,
+    top: Annotated[int, typer.Option(help="How many candidates to print.")] = 30,
+    csv: Annotated[Path | None, typer.Option(help="Also write the full candidate list to this CSV file.")] = None,
+) -> None:
+    """Suggest tokens to prune from the next tokenizer: rare in the downstream data and drifted. Reports only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .analyses.vocab import LANGUAGE_NAMES
+    from .api.coverage import prune_suggest as run_prune
+
+    r = run_prune(run, floor=floor, threshold=threshold)
+    con = Console()
+    t = Table(title=f"Prune candidates: count < {r.floor} and lm_head cos < {r.threshold}", title_justify="left")
+    for c in ("category", "tokens", "candidates", "share"):
+        t.add_column(c, justify="left" if c == "category" else "right")
+    for cat, v in r.categories.items():
+        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['candidates']:,}",
+                  f"{v['candidates'] / max(1, v['tokens']):.1%}")
+    con.print(t)
+    if r.table.num_rows:
+        b = Table(title=f"Most drifted of {r.table.num_rows:,} candidates", title_justify="left")
+        for c in ("id", "text", "category", "count", "cos"):
+            b.add_column(c)
+        for row in r.table.slice(0, top).to_pylist():
+            b.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]),
+                      f"{row['lm_head_cos']:.4f}")
+        con.print(b)
+    if csv is not None:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(r.table, csv)
+        _echo(f"wrote {csv}")
+
+
+# ---- prove it with the model: probe, cases, undertrained, confusion ----------------------------------------
+
+@app.command(epilog="Examples:\n\n    vocabdrift probe ./sft --base ./base --from runs/sft1 --top 500 -o runs/sft1\n\n"
+                    "    vocabdrift probe ./sft --tokens 嘉祺 --tokens 地税 --tokens 12345 -o runs/p\n\n"
+                    "    vocabdrift probe SmolLM2-135M-Instruct.Q4_1.gguf --all -o runs/smol --batch-size 128")
+def probe(
+    model: Annotated[str, typer.Argument(help="The (post-trained) model: folder, .gguf or hub id.")],
+    out: Out,
+    base: Annotated[str | None, typer.Option(help="Also probe BASE and list LOST tokens (sayable in BASE, "
+                                                  "not in MODEL).")] = None,
+    tokens: Annotated[list[str] | None, typer.Option("--tokens", help="A token to probe: text, raw piece or id; "
+                                                                      "repeatable.")] = None,
+    from_run: Annotated[Path | None, typer.Option("--from", help="Probe the most drifted tokens of this diff "
+                                                                 "run.")] = None,
+    top: Annotated[int, typer.Option(help="With --from: how many of the most drifted tokens.")] = 200,
+    all_tokens: Annotated[bool, typer.Option("--all", help="Probe every non-special token.")] = False,
+    template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family (repeat_en, quoted_en, "
+                                                       "repeat_zh, repeat_ja, fewshot_en, fewshot_zh); "
+                                                       "repeatable. Default: chat families, or few-shot for "
+                                                       "a model without a chat template.")] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus for 'sayable': kept by top-p sampling at this p.")] = 0.95,
+    endpoint: Annotated[str | None, typer.Option(help="Probe MODEL through an OpenAI-compatible server that "
+                                                      "returns logprobs (vLLM, SGLang, llama.cpp).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="The tokenizer (needed with --endpoint).")] = None,
+    engine: Annotated[str, typer.Option(help="hf (local transformers) or vllm (in-process).")] = "hf",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 64,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own code.")
+                                 ] = False,
+) -> None:
+    """Ask the model to say each token ("Repeat this word three times: X"); write RUN/probe.parquet.
+
+    Records the token's probability and rank as the first answer token and whether top-p 0.95 keeps it.
+    Resumable: rerun the same command after an interruption and it continues where it stopped.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api.probe import probe as run_probe
+
+    r = run_probe(model, out=out, tokens=tokens or None, base=base, from_run=from_run, top=top,
+                  all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
+                  tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
+                  trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    s = r.summary
+    t = Table(title=f"{s['tokens']:,} tokens probed (sayable = kept by top-p {top_p})", title_justify="left")
+    for c in ("model", "sayable", "top1", "nucleus", "weak", "unsayable"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m in s["models"]:
+        o = s["outcomes"][m]
+        t.add_row(m, f"{s['sayable'][m]:,}", *(f"{o[k]:,}" for k in ("top1", "nucleus", "weak", "unsayable")))
+    con = Console()
+    con.print(t)
+    if base is not None:
+        con.print(f"LOST (sayable in base, not in post): {len(s['lost']):,} tokens")
+        if s["lost"]:
+            from .sources.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tokenizer or model)
+            con.print("  " + ", ".join(f"{i}:{tok.decode([i])!r}" for i in s["lost"][:30]))
+    _echo(f"wrote {out}/probe.parquet")
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift cases ./sft                      # the published cases\n\n"
+                    "    vocabdrift cases ./sft my_cases.jsonl -o runs/sft1\n\n"
+                    "    vocabdrift cases my-model my_cases.jsonl --endpoint http://127.0.0.1:8000\n\n"
+                    "A case is one JSON line: {\"prompt\": ..., \"expected\": ..., \"forbidden\": [...]}.")
+def cases(
+    model: Annotated[str, typer.Argument(help="Model folder, .gguf, hub id (or the served name with --endpoint).")],
+    cases_file: Annotated[Path | None, typer.Argument(help="Cases JSONL (default: the published cases).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/cases.json.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="An OpenAI-compatible server to ask instead.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Run user-written cases greedily and print a pass/fail table. Exit 1 when any case fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api.probe import cases as run_cases
+
+    r = run_cases(model, cases_file, out=out, endpoint=endpoint, max_tokens=max_tokens, device=device,
+                  trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    t = Table(title=f"{r.model}: {r.passed}/{r.total} cases passed", title_justify="left")
+    for c in ("case", "expected", "answer", ""):
+        t.add_column(c)
+    for c in r.cases:
+        t.add_row(c["name"], c["expected"], c["output"].strip().replace("\n", " ")[:60],
+                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    Console().print(t)
+    if out is not None:
+        _echo(f"wrote {out}/cases.json")
+    if r.passed < r.total:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift undertrained ./base -o runs/base\n\n"
+                    "    vocabdrift undertrained ./sft --token 嘉祺 --no-verify -o runs/sft1")
+def undertrained(
+    model: Annotated[str, typer.Argument(help="Model folder or .gguf (the matrices are read; the model is loaded "
+                                              "only to verify).")],
+    out: Out,
+    token: Annotated[list[str] | None, typer.Option("--token", help="Answer 'was this token trained at all?': "
+                                                    "its embedding-norm percentile; repeatable.")] = None,
+    share: Annotated[float, typer.Option(help="Share of the vocabulary to verify (most suspicious first).")] = 0.02,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Probe the candidates (verified when the "
+                                                                      "best p < 0.01).")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Magikarp-style indicators of under-trained tokens; writes RUN/undertrained.parquet."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api.probe import undertrained as run_ut
+
+    r = run_ut(model, out=out, tokens=token or (), share=share, verify=verify, device=device,
+               trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    s = r.summary
+    con = Console()
+    con.print(f"{s['candidates']:,} candidates ({share:.0%} most suspicious); {s['verified']:,} of "
+              f"{s['probed']:,} probed verified under-trained; reference rows: {s['reference']}")
+    if s["tokens"]:
+        t = Table(title="Hypothesis 1: was the token trained?", title_justify="left")
+        for c in ("token", "id", "embed norm", "percentile", "unembed rank"):
+            t.add_column(c, justify="left" if c == "token" else "right")
+        for k, v in s["tokens"].items():
+            t.add_row(k, str(v["token_id"]), f"{v['embed_norm']:.4f}", f"{v['embed_norm_percentile']:.1f}",
+                      f"{v['unembed_rank']:,}")
+        con.print(t)
+    _echo(f"wrote {out}/undertrained.parquet")
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift confusion ./sft --prompt 富士山とは？ --language ja -n 100\n\n"
+                    "    vocabdrift confusion ./sft --base ./base -o runs/sft1      # the published prompts\n\n"
+                    "    vocabdrift confusion my-model --endpoint http://127.0.0.1:8000 --prompts p.jsonl")
+def confusion(
+    model: Annotated[str, typer.Argument(help="Model folder, .gguf, hub id (or the served name with --endpoint).")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable (needs "
+                                                                      "--language).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="JSONL of {prompt, language} (default: the "
+                                                                   "published prompts).")] = None,
+    language: Annotated[str | None, typer.Option(help="The prompts' language: ja, ko, zh, ru, en ...")] = None,
+    n: Annotated[int, typer.Option("-n", help="Samples per prompt.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Sampling top-p.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same samples).")] = 0,
+    base: Annotated[str | None, typer.Option(help="Also sample BASE and test the difference (Fisher).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Ask MODEL through an OpenAI-compatible server.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/confusion.json.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Sample answers and count those with letters of a script foreign to the language (Wilson 95% interval)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api.probe import confusion as run_confusion
+
+    if prompt and prompts:
+        raise VocabdriftError("give --prompt or --prompts, not both")
+    doc = run_confusion(model, prompts=prompt or prompts, language=language, n=n, temperature=temperature,
+                        top_p=top_p, max_tokens=max_tokens, seed=seed, base=base, endpoint=endpoint, out=out,
+                        device=device, trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    t = Table(title="Answers with letters of a foreign script", title_justify="left")
+    for c in ("prompt", "lang", "model", "rate", "95% interval", "scripts"):
+        t.add_column(c)
+    for r in doc["results"]:
+        t.add_row(r["prompt"][:30], r["language"], r["model"], f"{r['hits']}/{r['n']} = {r['rate']:.0%}",
+                  f"{r['ci_low']:.0%}–{r['ci_high']:.0%}", ", ".join(f"{k} {v}" for k, v in r["by_script"].items()))
+    con = Console()
+    con.print(t)
+    for x in doc["tests"]:
+        con.print(f"Fisher exact test, {x['prompt'][:30]!r}: odds ratio {x['odds_ratio']:.3g}, "
+                  f"p = {x['p_value']:.3g}")
+    if out is not None:
+        _echo(f"wrote {out}/confusion.json")
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+
+@app.command(epilog="Examples:\n\n    vocabdrift report runs/sft1\n\n"
+                    "    vocabdrift report runs/sft1 --token 嘉祺 --token 12345 --top 100\n\n"
+                    "    vocabdrift report runs/sft1 runs/fixed --names baseline,repaired")
+def report(
+    run: Annotated[Path, typer.Argument(help="The run folder (from `diff`, with any of coverage, probe, cases, "
+                                             "confusion); the report is written into it.")],
+    run_b: Annotated[Path | None, typer.Argument(help="A second run folder to put side by side with RUN.")] = None,
+    names: Annotated[str | None, typer.Option(help="Names of RUN and RUN_B in the comparison, e.g. "
+                                                   "baseline,repaired (default: the folder names).")] = None,
+    token: Annotated[list[str] | None, typer.Option("--token", help="Mark this token (text, raw piece or id) and "
+                                                                    "show its neighbours; repeatable.")] = None,
+    top: Annotated[int, typer.Option(help="Rows in the tables of most drifted and lost tokens.")] = 50,
+) -> None:
+    """Write RUN/report.html (self-contained, interactive) and RUN/report.md (with PNG plots in
+    RUN/report_files/), read from the run folder alone.
+    """
+    from .outputs.report import report as run_report
+
+    html_path, md_path = run_report(run, compare=run_b, names=names, tokens=token or (), top=top)
+    _echo(f"wrote {html_path} and {md_path}")
+
+
+# ---- the lab ---------------------------------------------------------------------------------------------------
+
+@app.command(epilog="Examples:\n\n    vocabdrift lab -o runs/lab\n\n    vocabdrift lab -o runs/lab-quick --quick\n\n"
+                    "    vocabdrift report runs/lab/baseline --compare runs/lab/repaired")
+def lab(
+    out: Out,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller recipe (about a minute; for tests).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the corpus, the initialisation and the data order.")] = 0,
+) -> None:
+    """Reproduce the whole investigation offline on a CPU: pre-train a tiny Llama, SFT it with and without the
+    coverage set, and measure, probe and compare both.
+
+    Each stage is cached in OUT, so a rerun resumes. OUT/models holds the Hugging Face checkpoints, OUT/baseline
+    and OUT/repaired are normal run folders, OUT/lab.md the measured table.
+    """
+    from .composites.lab import lab as run_lab
+
+    r = run_lab(out, quick=quick, seed=seed, progress=sys.stderr.isatty())
+    _echo(r.table)
+    _echo(f"wrote {r.out}/ (models/, baseline/, repaired/, lab.json, lab.md) in {sum(r.timings.values()):.0f} s")
+
 
 def main() -> None:
     """Entry point: run the app, turning a VocabdriftError into one line and exit code 2."""

@@ -1,0 +1,225 @@
+"""The local `transformers` engine: CPU or CUDA, batched, with a shared-prefix KV cache.
+
+A probe asks the same question of every token: only the token and the few template tokens after it differ. So the
+common prefix of a batch (system prompt, chat header, instruction) goes through the model once; its key/value cache
+is expanded over the batch, and each row runs only its own tail. On SmolLM2 that is about a fifth of the tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import VocabdriftError
+from .base import TOP_P, Score
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def _split_spec(spec: str | os.PathLike) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for `from_pretrained`."""
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name
+    if p.is_file():
+        return str(p.parent), None
+    if p.is_dir() and not (p / "config.json").exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return str(p), ggufs[0].name
+        raise VocabdriftError(f"{p}: no config.json or .gguf here; pass a Hugging Face model folder or a .gguf file")
+    if not p.exists() and (os.path.isabs(str(spec)) or str(spec).startswith((".", "~")) or str(spec).count("/") > 1):
+        raise VocabdriftError(f"{spec}: no such file or folder")
+    return str(spec), None
+
+
+def load_model(spec: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
+               trust_remote_code: bool = False) -> Any:
+    """An `AutoModelForCausalLM` from a folder, a .gguf file or a hub id, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()  # our own bar reports progress; "Loading weights" bars would interleave with it
+    where, gguf = _split_spec(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise VocabdriftError(f"{spec}: could not load a causal language model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]}); pass a model folder with config.json and weights, "
+                              "or a .gguf file") from e
+    return model.to(device).eval()
+
+
+def scores_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, top_p: float = TOP_P) -> list[Score]:
+    """Scores of `targets` (B,) under next-token `logits` (B, V), computed in float32.
+
+    Rank and the top-p test compare logits, so ties and the sort that top-p sampling does agree: a target is kept
+    by top-p when the tokens strictly more likely than it hold less than `top_p` of the probability mass.
+    """
+    import torch
+
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    t_logit = logits.gather(1, targets[:, None])  # (B, 1)
+    above = logits > t_logit  # (B, V)
+    rank = above.sum(dim=1) + 1
+    mass_above = (logp.exp() * above).sum(dim=1)
+    lp = logp.gather(1, targets[:, None])[:, 0]
+    return [Score(float(a), int(r), bool(m < top_p), top_p)
+            for a, r, m in zip(lp.tolist(), rank.tolist(), mass_above.tolist(), strict=True)]
+
+
+def _common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1  # every row keeps at least one token of its own
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(0, n)
+
+
+class HFEngine:
+    """A local `transformers` model.
+
+    Args:
+        model: a model folder, a .gguf file (read through transformers' GGUF loader) or a hub id.
+        device: "cpu", "cuda", "cuda:1"... (default: the best present).
+        dtype: "float32", "bfloat16", "float16" (default float32 on CPU, bfloat16 on CUDA).
+        batch_size: rows per forward pass in `score`.
+        shared_prefix: run the batch's common prefix once and reuse its KV cache (same numbers, faster).
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 64, shared_prefix: bool = True, trust_remote_code: bool = False,
+                 tokenizer: Any = None) -> None:
+        import torch
+
+        from ..device import best_device
+        from ..sources.tokenizer import load_tokenizer
+
+        _split_spec(model)  # a bad path fails here, before the tokenizer is looked for
+        self.device = best_device(device)
+        name = dtype or ("float32" if self.device.type == "cpu" else "bfloat16")
+        try:
+            self.dtype = getattr(torch, name)
+        except AttributeError as e:
+            raise VocabdriftError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from e
+        self.path = str(model)
+        self.name = Path(str(model)).stem if Path(str(model)).exists() else str(model)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model,
+                                                                                 trust_remote_code=trust_remote_code)
+        self.model = load_model(model, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.batch_size = batch_size
+        self.shared_prefix = shared_prefix
+        self._prefix: tuple[tuple[int, ...], Any] | None = None  # (ids, batch-1 KV cache) of the last prefix
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def close(self) -> None:
+        self.model = None
+        self._prefix = None
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def score(self, prompts: Sequence[Sequence[int]], targets: Sequence[int], *, top_p: float = TOP_P
+              ) -> list[Score]:
+        """Score `targets[i]` as the next token after `prompts[i]`; batched, prefix shared when enabled."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        if any(len(p) == 0 for p in prompts):
+            raise VocabdriftError("an empty prompt cannot be scored; the template must give at least one token")
+        v = self.vocab_size
+        bad = [t for t in targets if not 0 <= int(t) < v]
+        if bad:
+            raise VocabdriftError(f"token id {bad[0]} is outside the model's vocabulary (0..{v - 1})")
+        out: list[Score] = []
+        for s in range(0, len(prompts), self.batch_size):
+            out += self._score_batch(prompts[s:s + self.batch_size], targets[s:s + self.batch_size], top_p)
+        return out
+
+    def _prefix_cache(self, ids: tuple[int, ...]) -> Any:
+        import torch
+
+        if self._prefix is None or self._prefix[0] != ids:
+            with torch.inference_mode():
+                x = torch.tensor([ids], device=self.device)
+                cache = self.model(input_ids=x, use_cache=True, logits_to_keep=1).past_key_values
+            self._prefix = (ids, cache)
+        return self._prefix[1]
+
+    def _score_batch(self, prompts: Sequence[Sequence[int]], targets: Sequence[int], top_p: float) -> list[Score]:
+        import torch
+
+        k = _common_prefix_len(prompts) if self.shared_prefix and len(prompts) > 1 else 0
+        tails = [list(p[k:]) for p in prompts]
+        b, t = len(tails), max(len(x) for x in tails)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, t), pad, dtype=torch.long)
+        mask = torch.zeros((b, k + t), dtype=torch.long)
+        mask[:, :k] = 1
+        for i, x in enumerate(tails):  # right padding: a row's real tokens never attend to its padding
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, k: k + len(x)] = 1
+        last = torch.tensor([len(x) - 1 for x in tails])
+        kwargs: dict[str, Any] = {}
+        if k:
+            cache = copy.deepcopy(self._prefix_cache(tuple(prompts[0][:k])))
+            cache.batch_repeat_interleave(b)  # (1, heads, k, d) -> (B, heads, k, d)
+            kwargs["past_key_values"] = cache
+            kwargs["position_ids"] = torch.arange(k, k + t, device=self.device).expand(b, t)
+        if bool((last == t - 1).all()):  # equal tails (the probe case): only the last position needs logits
+            kwargs["logits_to_keep"] = 1
+            last = torch.zeros_like(last)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=bool(k),
+                                **kwargs).logits  # (B, T or 1, V)
+            rows = logits[torch.arange(b), last.to(self.device)]  # (B, V): each row's next-token logits
+            return scores_from_logits(rows, torch.tensor(list(targets), device=self.device), top_p=top_p)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def render(self, message: str) -> list[int]:
+        """Token ids of a user message under the model's chat template (the bare text when it has none)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                           tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(message)["input_ids"]
+
+    def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 128, seed: int = 0) -> list[list[str]]:
+        """`n` answers to each user message; temperature 0 is greedy. Same seed, same answers."""
+        import torch
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        results: list[list[str]] = []
+        for i, msg in enumerate(prompts):
+            ids = torch.tensor([self.render(msg)], device=self.device)
+            answers: list[str] = []
+            chunk = max(1, min(n, self.batch_size))
+            for j in range(0, n, chunk):
+                m = min(chunk, n - j)
+                torch.manual_seed(seed + 1_000_003 * i + j)
+                kw: dict[str, Any] = {"do_sample": False} if temperature <= 0 else \
+                    {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+                with torch.inference_mode():
+                    out = self.model.generate(ids.expand(m, -1), attention_mask=torch.ones_like(ids).expand(m, -1),
+                                              max_new_tokens=max_tokens, pad_token_id=pad, **kw)
+                answers += tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            results.append(answers)
+        return results

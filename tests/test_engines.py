@@ -1,0 +1,217 @@
+"""Engines: shared-prefix scoring against unbatched scoring, generation, and the OpenAI client against a real
+`transformers serve` process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vocabdrift.errors import VocabdriftError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ("cat dog bird fish tree house water fire stone river hello world apple green blue red small large "
+         "quick slow music paper window garden yellow orange silver golden morning evening winter summer "
+         "Repeat this word exactly three times Say nothing else Input Output").split()
+EXTRA = ["こんにちは", "富士山", "お年玉", "きちんと", "привет", "мир", "안녕", "이야기", "無痛", "地税", "据介绍"]
+
+
+def make_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained on a few words and a ChatML chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [" ".join(WORDS), *(f" {w}" for w in WORDS), *WORDS, *EXTRA, *(f": {w}\n" for w in WORDS + EXTRA)]
+    tok.train_from_iterator(corpus * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=fast.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- local transformers engine ----------------------------------------------------------------------------------
+
+def test_shared_prefix_scores_equal_unbatched_full_prompts(tiny_model: Path) -> None:
+    from vocabdrift.engines.hf import HFEngine
+
+    head = HFEngine(tiny_model).render("Repeat this word exactly: X")
+    k = len(head) - 6
+    # a common head, one varying token, the same tail (the probe case: only the last position's logits are kept)
+    equal = [[*head[:k], t, *head[k + 1:]] for t in range(3, 43)]
+    # and with two longer tails: right padding inside the batch
+    ragged = [list(p) for p in equal]
+    ragged[4] += [7, 8, 9]
+    ragged[21] += [11]
+    for prompts in (equal, ragged):
+        eng = HFEngine(tiny_model, batch_size=16)
+        targets = [(7 * t) % len(eng.tokenizer) for t in range(40)]
+        fast = eng.score(prompts, targets)
+        assert eng._prefix is not None and len(eng._prefix[0]) == k  # the prefix cache was really used
+        eng.shared_prefix, eng.batch_size = False, 1
+        slow = eng.score(prompts, targets)
+        for a, b in zip(fast, slow, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert a.rank == b.rank and a.in_top_p == b.in_top_p
+
+
+def test_scores_from_logits_match_a_sorted_nucleus() -> None:
+    import torch
+
+    from vocabdrift.engines.hf import scores_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 50, generator=g) * 3
+    targets = torch.tensor([0, 5, 9, 13, 21, 34, 40, 49])
+    for row, t, s in zip(logits, targets.tolist(), scores_from_logits(logits, targets, top_p=0.9), strict=True):
+        probs = torch.softmax(row, 0)
+        order = torch.argsort(probs, descending=True).tolist()
+        rank = order.index(t) + 1
+        keep = set()
+        acc = 0.0
+        for i in order:  # the nucleus as samplers build it: add tokens until the mass reaches top_p
+            keep.add(i)
+            acc += float(probs[i])
+            if acc >= 0.9:
+                break
+        assert s.rank == rank
+        assert s.in_top_p == (t in keep)
+        assert abs(s.logprob - float(torch.log(probs[t]))) < 1e-5
+
+
+def test_generate_is_seeded_and_greedy_is_repeatable(tiny_model: Path) -> None:
+    from vocabdrift.engines.hf import HFEngine
+
+    eng = HFEngine(tiny_model)
+    a = eng.generate(["hello", "cat"], n=3, temperature=1.0, max_tokens=6, seed=5)
+    b = eng.generate(["hello", "cat"], n=3, temperature=1.0, max_tokens=6, seed=5)
+    c = eng.generate(["hello", "cat"], n=3, temperature=1.0, max_tokens=6, seed=6)
+    assert a == b and a != c
+    assert [len(x) for x in a] == [3, 3]
+    g = eng.generate(["hello"], n=2, temperature=0, max_tokens=6)
+    assert g[0][0] == g[0][1]
+
+
+def test_engine_errors_are_one_clear_line(tmp_path: Path, tiny_model: Path) -> None:
+    from vocabdrift.engines.hf import HFEngine
+
+    with pytest.raises(VocabdriftError, match="no config.json or .gguf"):
+        HFEngine(tmp_path)
+    eng = HFEngine(tiny_model)
+    with pytest.raises(VocabdriftError, match="outside the model's vocabulary"):
+        eng.score([[1, 2, 3]], [10**6])
+
+
+# ---- OpenAI-compatible server: a real `transformers serve` -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Path):
+    """`transformers serve` on the tiny model, on 127.0.0.1 and a free port; killed at the end."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(exe), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("transformers serve did not come up within 120 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_openai_engine_generates_like_the_local_model(served: str, tiny_model: Path) -> None:
+    from vocabdrift.engines.hf import HFEngine
+    from vocabdrift.engines.openai import OpenAIEngine
+
+    remote = OpenAIEngine(served, model=str(tiny_model), tokenizer=str(tiny_model))
+    try:
+        greedy = remote.generate(["Repeat this word exactly: cat", "hello"], n=1, temperature=0, max_tokens=8)
+        sampled = remote.generate(["hello"], n=3, temperature=1.0, max_tokens=8, seed=1)
+    finally:
+        remote.close()
+    local = HFEngine(tiny_model).generate(["Repeat this word exactly: cat", "hello"], temperature=0, max_tokens=8)
+    assert greedy == local  # the same weights, greedy: the same answers
+    assert len(sampled[0]) == 3 and all(isinstance(s, str) for s in sampled[0])
+
+
+@pytest.mark.slow
+def test_openai_scoring_without_logprobs_is_a_clear_error(served: str, tiny_model: Path) -> None:
+    from vocabdrift.engines.openai import OpenAIEngine
+
+    remote = OpenAIEngine(served, model=str(tiny_model), tokenizer=str(tiny_model))
+    try:
+        with pytest.raises(VocabdriftError, match="returns logprobs"):
+            remote.score([[1, 5, 6]], [7])
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+def test_confusion_end_to_end_through_the_server(served: str, tiny_model: Path, tmp_path: Path) -> None:
+    import json
+    import unicodedata
+
+    from vocabdrift.api.probe import confusion
+
+    doc = confusion(str(tiny_model), endpoint=served, prompts=["こんにちは", "富士山"], language="ja", n=6,
+                    max_tokens=12, seed=3, out=tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "confusion.json").read_text())
+    assert written["results"] == doc["results"] and len(doc["results"]) == 2
+    foreign = ("CYRILLIC", "HANGUL", "ARABIC", "GREEK", "HEBREW", "DEVANAGARI", "THAI")
+    for res, samp in zip(doc["results"], doc["samples"], strict=True):
+        assert len(samp["answers"]) == 6 == res["n"]
+        hits = sum(any(any(f in unicodedata.name(ch, "") for f in foreign) for ch in a) for a in samp["answers"])
+        assert res["hits"] == hits
+        assert res["ci_low"] <= res["rate"] <= res["ci_high"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["confusion"]["results"]) == 2
