@@ -291,7 +291,7 @@ def test_coverage_and_prune_cli(tok_dir: Path, tmp_path: Path) -> None:
     assert pacsv.read_csv(tmp_path / "p.csv").num_rows == want > 0 and "Prune candidates" in res.output
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_engine_counts_equal_local(tok_dir: Path, tmp_path: Path) -> None:
     import ray
 
