@@ -218,7 +218,8 @@ def count_targets_ray(files: Sequence[Path | str], tok: Any, *, vocab_size: int,
             splits = ([ds["train"]] if "train" in ds else list(ds.values())) if isinstance(ds, DatasetDict) else [ds]
             for x in splits:  # the memory-mapped Arrow table itself (from_huggingface wants the hub client)
                 parts.append(ray.data.from_arrow((x.flatten_indices() if x._indices is not None else x).data.table))
-        n = max(1, int(ray.available_resources().get("CPU", 1)))
+        # actors hold a CPU each for their whole life: leave one for the read tasks, or reads never get scheduled
+        n = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
         counted = [p.map_batches(_RayCounter, fn_constructor_args=(tok, vocab_size, targets, field),
                                  batch_format="pyarrow", batch_size=batch_size, concurrency=n) for p in parts]
         count = np.zeros(vocab_size, dtype=np.int64)
