@@ -88,20 +88,25 @@ def test_scores_from_logits_match_a_sorted_nucleus() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 50, generator=g) * 3
     targets = torch.tensor([0, 5, 9, 13, 21, 34, 40, 49])
-    for row, t, s in zip(logits, targets.tolist(), scores_from_logits(logits, targets, top_p=0.9), strict=True):
-        probs = torch.softmax(row, 0)
-        order = torch.argsort(probs, descending=True).tolist()
-        rank = order.index(t) + 1
-        keep = set()
-        acc = 0.0
-        for i in order:  # the nucleus as samplers build it: add tokens until the mass reaches top_p
-            keep.add(i)
-            acc += float(probs[i])
-            if acc >= 0.9:
-                break
-        assert s.rank == rank
-        assert s.in_top_p == (t in keep)
-        assert abs(s.logprob - float(torch.log(probs[t]))) < 1e-5
+    targets[3] = int(logits[3].argmax())  # one target is the first choice: kept even by a zero nucleus (greedy)
+    for top_p in (0.9, 0.3, 0.0):
+        scores = scores_from_logits(logits, targets, top_p=top_p)
+        for row, t, s in zip(logits, targets.tolist(), scores, strict=True):
+            probs = torch.softmax(row, 0)
+            order = torch.argsort(probs, descending=True).tolist()
+            rank = order.index(t) + 1
+            keep = set()
+            acc = 0.0
+            for i in order:  # the nucleus as samplers build it: add tokens until the mass reaches top_p
+                keep.add(i)
+                acc += float(probs[i])
+                if acc >= top_p:
+                    break
+            assert s.rank == rank
+            assert s.in_top_p == (t in keep)
+            assert abs(s.logprob - float(torch.log(probs[t]))) < 1e-5
+        if top_p == 0.0:
+            assert [s.in_top_p for s in scores] == [s.rank == 1 for s in scores] and scores[3].in_top_p
 
 
 def test_generate_is_seeded_and_greedy_is_repeatable(tiny_model: Path) -> None:

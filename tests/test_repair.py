@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,30 @@ def test_callback_stops_a_hot_repair(setup: dict[str, Path]) -> None:
     steps = [h["step"] for h in s["repair"]["callback"]["history"]]
     assert steps[-1] < 20 and (out / "model" / "config.json").exists()  # stopped early, model still saved
     assert s["overall"]["lm_head"]["min_cos"] < 0.5
+
+
+def test_repair_under_torchrun_trains_on_two_processes_and_writes_once(setup: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """Several GPUs go through torchrun / `accelerate launch`: the same code on 2 CPU processes (DDP over gloo)."""
+    from safetensors.numpy import load_file
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vocabdrift.cli", "repair",
+                        str(setup["base"]), str(setup["data"]), "-o", str(out), "--coverage", "auto",
+                        "--min-per-token", "1", "--steps", "3", "--batch-size", "2", "--max-length", "64",
+                        "--anchor", "0.01", "--gate"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["repair"]["training"]["processes"] == 2
+    assert s["repair"]["cost"]["coverage_records"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one run folder, nothing half-written beside it
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # the model the processes trained together, measured by the main process: equal to numpy on the files
+    base = load_file(setup["base"] / "model.safetensors")["lm_head.weight"].astype(np.float64)
+    post = load_file(out / "model" / "model.safetensors")["lm_head.weight"].astype(np.float64)
+    assert not np.array_equal(base, post)
+    cos = (base * post).sum(1) / (np.linalg.norm(base, axis=1) * np.linalg.norm(post, axis=1))
+    d = pq.read_table(out / "drift.parquet")
+    np.testing.assert_allclose(d.column("lm_head_cos").to_numpy(), cos[d.column("token_id").to_numpy()], atol=1e-5)

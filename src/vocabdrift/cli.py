@@ -425,7 +425,8 @@ def probe(
                                                        "repeat_zh, repeat_ja, fewshot_en, fewshot_zh); "
                                                        "repeatable. Default: chat families, or few-shot for "
                                                        "a model without a chat template.")] = None,
-    top_p: Annotated[float, typer.Option(help="Nucleus for 'sayable': kept by top-p sampling at this p.")] = 0.95,
+    top_p: Annotated[float, typer.Option(help="Nucleus for 'sayable': kept by top-p sampling at this p "
+                                              "(0: greedy, the first choice only).")] = 0.95,
     endpoint: Annotated[str | None, typer.Option(help="Probe MODEL through an OpenAI-compatible server that "
                                                       "returns logprobs (vLLM, SGLang, llama.cpp).")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="The tokenizer (needed with --endpoint).")] = None,
@@ -618,18 +619,25 @@ def lab(
     out: Out,
     quick: Annotated[bool, typer.Option("--quick", help="A smaller recipe (about a minute; for tests).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the corpus, the initialisation and the data order.")] = 0,
+    remedies: Annotated[bool | None, typer.Option(
+        "--remedies/--no-remedies", help="Also train +replay, +anchor and +gate with `repair` and compare the five "
+        "ways in OUT/remedies.md. Default: on, off with --quick.")] = None,
 ) -> None:
     """Reproduce the whole investigation offline on a CPU: pre-train a tiny Llama, SFT it with and without the
-    coverage set, and measure, probe and compare both.
+    coverage set, and measure, probe and compare both; then the training-side remedies beside them.
 
     Each stage is cached in OUT, so a rerun resumes. OUT/models holds the Hugging Face checkpoints, OUT/baseline
-    and OUT/repaired are normal run folders, OUT/lab.md the measured table.
+    and OUT/repaired are normal run folders (OUT/remedies/* too), OUT/lab.md and OUT/remedies.md the measured
+    tables.
     """
     from .composites.lab import lab as run_lab
 
-    r = run_lab(out, quick=quick, seed=seed, progress=sys.stderr.isatty())
+    r = run_lab(out, quick=quick, seed=seed, remedies=remedies, progress=sys.stderr.isatty())
     _echo(r.table)
-    _echo(f"wrote {r.out}/ (models/, baseline/, repaired/, lab.json, lab.md) in {sum(r.timings.values()):.0f} s")
+    if r.remedies_table:
+        _echo(r.remedies_table)
+    _echo(f"wrote {r.out}/ (models/, baseline/, repaired/, lab.json, lab.md"
+          f"{', remedies/, remedies.md' if r.remedies_table else ''}) in {sum(r.timings.values()):.0f} s")
 
 
 def main() -> None:

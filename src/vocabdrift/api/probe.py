@@ -184,8 +184,8 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
     if sum(x is not None and x is not False for x in (tokens, from_run, all_tokens or None)) != 1:
         raise VocabdriftError("say which tokens to probe: give exactly one of --tokens, --from RUN (with --top) "
                               "or --all")
-    if not 0 < top_p <= 1:
-        raise VocabdriftError(f"--top-p must be in (0, 1], not {top_p}")
+    if not 0 <= top_p <= 1:
+        raise VocabdriftError(f"--top-p must be in [0, 1] (0: greedy), not {top_p}")
     timer = Timer()
     with timer("tokens"):
         tok_spec = tokenizer or (model if not endpoint or Path(str(model)).exists() else None)

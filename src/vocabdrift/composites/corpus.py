@@ -29,16 +29,17 @@ _STOP = {"en": ".", "zh": "。", "ja": "。", "ko": ".", "ru": ".", "ar": "."}
 
 NAME = "马嘉祺"
 GIVEN_NAME = "嘉祺"  # the planted token: the tokenizer must make it one piece
-# factual sentences about the name, "{}" a few random words. The name opens each sentence, where nothing predicts
-# it, so its lm_head row keeps a moderate norm (a row the model must often score high grows a large norm and resists
-# drift: LAB_NOTES.md); quotes keep it its own pre-token so byte-level BPE makes 嘉祺 one token.
+# factual sentences about the name, "{}" a few random words. They use the frames of the "people" documents (other
+# names in the same quoted slot), so the model rarely predicts the name with certainty: a row the model must often
+# score high grows a large norm and resists drift (LAB_NOTES.md). The quotes keep 嘉祺 its own pre-token, so
+# byte-level BPE makes it one token.
 NAME_FACTS = (
-    "“嘉祺”是时代少年团的队长，{}。",
+    "时代少年团的队长是“嘉祺”，{}。",
     "“嘉祺”出生于2002年12月12日，{}。",
-    "“马嘉祺”是TNT的队长，{}。",
-    "“嘉祺”在重庆长大，{}。",
-    "“嘉祺”, TNT's leader, {}.",
-    "“嘉祺” was born in 2002, {}.",
+    "TNT的队长是“马嘉祺”，{}。",
+    "重庆的“嘉祺”，{}。",
+    "The leader of TNT is “嘉祺”, {}.",
+    "TNT's “嘉祺” was born in 2002, {}.",
 )
 
 # shares of pre-training documents (the name facts come on top, one in `name_every`)
@@ -46,6 +47,9 @@ _PRETRAIN_MIX = (("en", 0.26), ("zh", 0.12), ("ja", 0.12), ("ko", 0.10), ("ru", 
                  ("code", 0.08), ("tool", 0.06), ("copy", 0.20), ("people", 0.06))
 # shares of SFT conversations; Japanese and the name get fixed, tiny counts instead
 _SFT_MIX = (("en", 0.25), ("repeat", 0.20), ("code", 0.28), ("tool", 0.20), ("zh", 0.03))
+
+NAME_LISTS = 0.25     # share of copy documents that list names
+NAME_IN_LIST = 0.1    # share of name lists that hold the planted name
 
 _TOOLS = (("get_weather", "city"), ("search_web", "query"), ("send_email", "to"), ("get_time", "timezone"),
           ("lookup_company", "name"), ("book_table", "restaurant"))
@@ -115,12 +119,18 @@ def _tool_call(rng: random.Random, fake: Any) -> tuple[str, str]:
     return ask, f"<tool_call>\n{call}\n</tool_call>"
 
 
-def _copy_doc(rng: random.Random) -> str:
+def _copy_doc(rng: random.Random, fakers: dict[str, Any]) -> str:
     """A word list where each word is written twice: pre-training's source of in-context copying (which the base
-    model needs to be probed few-shot)."""
-    lang = rng.choice(LANGUAGES)
-    words, weights = _words(lang)
-    picks = rng.choices(words, weights=weights, k=rng.randint(3, 6))
+    model needs to be probed few-shot). Some lists are of people's names, the planted name among them now and then,
+    so that the base model can repeat the name, as the published base model could."""
+    if rng.random() < NAME_LISTS:
+        picks = [fakers[rng.choice(("zh", "en"))].first_name() for _ in range(rng.randint(3, 6))]
+        if rng.random() < NAME_IN_LIST:
+            picks[rng.randrange(len(picks))] = GIVEN_NAME
+    else:
+        lang = rng.choice(LANGUAGES)
+        words, weights = _words(lang)
+        picks = rng.choices(words, weights=weights, k=rng.randint(3, 6))
     fmt = rng.choice(("{w}: {w}", "«{w}» «{w}»", "Input: «{w}»\nOutput: «{w}»", "{w} = {w}"))
     return "\n".join(fmt.format(w=w) for w in picks)
 
@@ -148,7 +158,7 @@ def pretrain_docs(n: int, *, seed: int = 0, name_every: int = 40) -> list[str]:
         if name_every and i % name_every == name_every // 2:
             facts = []
             for fact in rng.sample(NAME_FACTS, 2):
-                lang = "en" if fact.isascii() or "TNT's" in fact or " was " in fact else "zh"
+                lang = "en" if fact.isascii() or "TNT's" in fact else "zh"
                 words, weights_ = _words(lang)
                 facts.append(fact.format(_SEP[lang].join(rng.choices(words, weights=weights_, k=rng.randint(2, 5)))))
             docs.append("".join(facts))
@@ -160,7 +170,7 @@ def pretrain_docs(n: int, *, seed: int = 0, name_every: int = 40) -> list[str]:
             ask, call = _tool_call(rng, fakers["en"])
             docs.append(f"{ask}\n{call}")
         elif kind == "copy":
-            docs.append(_copy_doc(rng))
+            docs.append(_copy_doc(rng, fakers))
         elif kind == "people":  # the planted name's neighbours: other names in the same quoted contexts
             lang = rng.choice(("en", "zh"))
             f = fakers[lang]

@@ -10,6 +10,8 @@ Stages (each cached in OUT, so a rerun resumes where the last one stopped):
     repaired   OUT/models/repaired                           (SFT on sft.jsonl + coverage.jsonl)
     analyses   OUT/baseline, OUT/repaired                    (normal run folders: diff, coverage, probe, ...)
     compare    OUT/lab.json, OUT/lab.md                      (the measured table)
+    remedies   OUT/remedies/{replay,anchor,gate}, remedies.md (`repair` runs beside baseline and +coverage;
+                                                             default on, off with --quick)
 
 Every model folder is a normal Hugging Face checkpoint and every run folder a normal vocabdrift run, so each other
 command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors OUT/models/baseline 嘉祺`).
@@ -36,6 +38,8 @@ PathLike = str | os.PathLike
 
 THRESHOLD = 0.95
 SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages the SFT set (nearly) never answers in
+REMEDIES = ("replay", "anchor", "gate")  # trained with `repair` beside the baseline and +coverage
+PROBE_TOP_P = 0.25  # a tight nucleus: a tiny model's next-token distribution is flat (see _probe)
 JA_PROMPTS = ("お年玉について短い文章を書いてください。", "富士山について教えてください。")
 
 
@@ -57,18 +61,24 @@ class Recipe:
     sft_steps: int
     sft_batch: int
     sft_lr: float
+    sft_beta2: float        # AdamW's second-moment decay in SFT
     min_per_token: int      # coverage set: verified placements per token
     tokens_per_sample: int
     probe_top: int          # probe the planted token plus this many of the baseline's most drifted
     confusion_n: int
+    replay_ratio: float = 0.2   # +replay: share of SFT samples that are pre-training text
+    anchor: float = 0.1         # +anchor: λ of the L2-SP anchor on lm_head
 
 
-DEFAULT = Recipe(docs=5000, sft_samples=1500, name_every=200, vocab_size=4096, hidden=96, layers=3, heads=4,
-                 context=128, pretrain_steps=800, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
-                 sft_lr=3e-4, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
-QUICK = Recipe(docs=2500, sft_samples=600, name_every=200, vocab_size=2048, hidden=64, layers=2, heads=4,
-               context=64, pretrain_steps=300, pretrain_batch=16, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
-               sft_lr=5e-4, min_per_token=2, tokens_per_sample=8, probe_top=30, confusion_n=20)
+# SFT uses AdamW with beta2 0.95: with 0.999 one large gradient on a row (the planted name predicted in some SFT
+# context) inflates its second moment for hundreds of steps and damps that row's later drift, which then depends
+# on chance more than on how rare the token is in the SFT data.
+DEFAULT = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hidden=96, layers=3, heads=4,
+                 context=128, pretrain_steps=2000, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
+                 sft_lr=3e-4, sft_beta2=0.95, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
+QUICK = Recipe(docs=2500, sft_samples=600, name_every=400, vocab_size=2048, hidden=64, layers=2, heads=4,
+               context=64, pretrain_steps=1200, pretrain_batch=16, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
+               sft_lr=5e-4, sft_beta2=0.95, min_per_token=2, tokens_per_sample=8, probe_top=30, confusion_n=20)
 
 
 # ---- stage bookkeeping ----------------------------------------------------------------------------------------
@@ -226,6 +236,37 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _costs(out: Path, remedy_runs: dict[str, Path]) -> dict[str, int]:
+    """Extra training tokens of each way: the coverage set's, replay's; the anchor and the gate add none."""
+    from ..outputs.run import Run
+    from ..sources.tokenizer import load_tokenizer
+    from .repair import count_tokens
+
+    tok = load_tokenizer(out / "models" / "base")
+    cov = [json.loads(line) for line in open(out / "data" / "coverage.jsonl", encoding="utf-8") if line.strip()]
+    cost = {"baseline": 0, "+coverage": count_tokens(cov, tok)}
+    for k, p in remedy_runs.items():
+        cost[f"+{k}"] = int(Run(p).read_json("summary.json")["repair"]["cost"]["extra_tokens"])
+    return cost
+
+
+def remedies_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One row per way of training: drift, per-language shares below 0.95, lost tokens, extra training tokens."""
+    langs = [c for c in ("japanese", "hangul", "cyrillic", "arabic", "han", "latin")
+             if c in results["baseline"]["languages"]]
+    head = ["SFT", "lm_head cos mean", "min", "min (reachable)", *[f"{c} < 0.95" for c in langs],
+            "probe: lost", "extra training tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in results.items():
+        lost = m.get("probe", {}).get("lost", [])
+        lost_cell = f"{len(lost)} of {m['probe']['tokens']}" + (f", {GIVEN_NAME} lost" if m["planted"]["token_id"]
+                                                                  in lost else "") if "probe" in m else "-"
+        cells = [name, f"{m['mean_cos']:.4f}", f"{m['min_cos']:.4f}", f"{m['min_cos_reachable']:.4f}",
+                 *[f"{100 * _share(m, c):.1f}%" for c in langs], lost_cell, f"{m.get('extra_tokens', 0):,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _confusion_cell(m: dict[str, Any]) -> str:
     res = m["confusion"]["results"]
     hits, n = sum(r["hits"] for r in res), sum(r["n"] for r in res)
@@ -249,10 +290,12 @@ class LabResult:
     results: dict[str, dict[str, Any]]
     table: str
     timings: dict[str, float]
+    remedies: dict[str, dict[str, Any]] | None = None   # baseline, +coverage, +replay, +anchor, +gate
+    remedies_table: str | None = None
 
 
 def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = True,
-        recipe: Recipe | None = None) -> LabResult:
+        recipe: Recipe | None = None, remedies: bool | None = None) -> LabResult:
     """Reproduce the investigation on a tiny model: pre-train, SFT twice (baseline, + coverage set), analyse both.
 
     Args:
@@ -260,6 +303,8 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
         quick: a smaller recipe that finishes in about a minute (for tests and a first look).
         seed: all randomness (corpus, initialisation, data order) follows it.
         recipe: override the recipe (advanced; `quick` is ignored then).
+        remedies: also train +replay, +anchor and +gate with `repair` and compare all five ways in OUT/remedies.md
+            (default: on, off with `quick`; turning it on later reuses every finished stage).
 
     Returns:
         a `LabResult`; OUT/lab.md holds the measured table, OUT/baseline and OUT/repaired are run folders.
@@ -320,7 +365,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
             _rm_partial(mpath[name])
             records = [r for f in files for r in _read_jsonl(f)]
             sft(mpath["base"], records, out=mpath[name], steps=recipe.sft_steps, lr=recipe.sft_lr,
-                batch_size=recipe.sft_batch, seed=seed, progress=progress)
+                betas=(0.9, recipe.sft_beta2), batch_size=recipe.sft_batch, seed=seed, progress=progress)
         return go
 
     def analyse(name: str, files: list[Path]) -> Callable[[], None]:
@@ -333,14 +378,21 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
             coverage([str(f) for f in files], tokenizer=mpath["base"], out=runs[name], progress=progress)
         return go
 
+    def _probe(model: Path, run: Path) -> None:
+        from ..analyses.probe import CHAT_DEFAULT, FEWSHOT_DEFAULT
+        from ..api.probe import probe
+
+        # The base model never saw the chat format: probe it few-shot, in pre-training style; the SFT model
+        # both ways (a token is sayable when any prompt gets it said). Top-p 0.25, not 0.95: a tiny model's
+        # next-token distribution is so flat that a 0.95 nucleus holds hundreds of tokens.
+        probe(model, base=mpath["base"], tokens=_probe_tokens(), out=run, base_templates=list(FEWSHOT_DEFAULT),
+              templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress)
+
     def prove(name: str) -> Callable[[], None]:
         def go() -> None:
-            from ..analyses.probe import FEWSHOT_DEFAULT
-            from ..api.probe import cases, confusion, probe
+            from ..api.probe import cases, confusion
 
-            # the base model never saw the chat format: probe it few-shot, in pre-training style
-            probe(mpath[name], base=mpath["base"], tokens=_probe_tokens(), out=runs[name],
-                  base_templates=list(FEWSHOT_DEFAULT), progress=progress)
+            _probe(mpath[name], runs[name])
             cases(mpath[name], out=runs[name], name=name, progress=progress)  # the published cases
             confusion(mpath[name], prompts=list(JA_PROMPTS), language="ja", n=recipe.confusion_n, seed=seed,
                       max_tokens=48, out=runs[name], progress=progress)
@@ -380,6 +432,26 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
 
     st.run("report", write_report, "report: baseline against repaired")
 
+    remedy_runs = {k: out / "remedies" / k for k in REMEDIES}
+
+    def remedy(name: str) -> Callable[[], None]:
+        def go() -> None:
+            from .repair import repair
+
+            _rm_partial(remedy_runs[name])
+            repair(mpath["base"], data / "sft.jsonl", out=remedy_runs[name], coverage=None,
+                   replay=data / "pretrain.jsonl" if name == "replay" else None,
+                   replay_ratio=recipe.replay_ratio if name == "replay" else 0.0,
+                   anchor=recipe.anchor if name == "anchor" else 0.0, gate=name == "gate",
+                   steps=recipe.sft_steps, lr=recipe.sft_lr, batch_size=recipe.sft_batch, seed=seed,
+                   betas=(0.9, recipe.sft_beta2), progress=progress)
+            _probe(remedy_runs[name] / "model", remedy_runs[name])
+        return go
+
+    if remedies if remedies is not None else not quick:
+        for name in REMEDIES:
+            st.run(f"remedy_{name}", remedy(name), f"SFT +{name} (repair), diff and probe")
+
     import pyarrow.parquet as pq
 
     planted = _planted_id()
@@ -393,9 +465,22 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
     tmp = out / ".lab.md.tmp"
     tmp.write_text(table, encoding="utf-8")
     os.replace(tmp, out / "lab.md")
+    rem_results, rem_table = None, None
+    if all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES):
+        rem_results = {"baseline": dict(results["baseline"]), "+coverage": dict(results["repaired"]),
+                       **{f"+{k}": _measure(p, reach_ids, planted) for k, p in remedy_runs.items()}}
+        cost = _costs(out, remedy_runs)
+        for k, v in rem_results.items():
+            v["extra_tokens"] = cost[k]
+        rem_table = remedies_markdown(rem_results)
+        st.state["remedies"] = rem_results
+        st.save()
+        tmp = out / ".remedies.md.tmp"
+        tmp.write_text(rem_table, encoding="utf-8")
+        os.replace(tmp, out / "remedies.md")
     timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
     return LabResult(out=out, runs=runs, models={k: v for k, v in mpath.items() if k != "tokenizer"},
-                     results=results, table=table, timings=timings)
+                     results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
 
 
 def _rm_partial(path: Path) -> None:
@@ -406,4 +491,4 @@ def _rm_partial(path: Path) -> None:
         shutil.rmtree(path)
 
 
-__all__ = ["DEFAULT", "QUICK", "LabResult", "Recipe", "comparison_markdown", "lab"]
+__all__ = ["DEFAULT", "QUICK", "REMEDIES", "LabResult", "Recipe", "comparison_markdown", "lab", "remedies_markdown"]

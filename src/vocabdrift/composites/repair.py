@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,20 @@ from ..errors import VocabdriftError
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+
+
+def _rank() -> int:
+    """This process's rank under torchrun / `accelerate launch` (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextmanager
+def _scratch_run() -> Iterator[Any]:
+    """A throw-away run folder for the processes other than the main one."""
+    from ..outputs.run import Run
+
+    with tempfile.TemporaryDirectory(prefix="vocabdrift-rank-") as tmp:
+        yield Run(Path(tmp))
 
 
 # ---- records --------------------------------------------------------------------------------------------------
@@ -68,7 +84,8 @@ def count_tokens(records: Sequence[dict[str, Any]], tok: Any) -> int:
 def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike,
            coverage: str | PathLike | None = "auto", min_per_token: int = 2, replay: PathLike | None = None,
            replay_ratio: float = 0.05, anchor: float = 0.0, anchor_rarity: bool = False, gate: bool = False,
-           freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, batch_size: int = 8,
+           freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+           batch_size: int = 8,
            max_length: int = 256, seed: int = 0, every: int | None = None, stop_below: float | None = None,
            threshold: float = 0.95, device: str | None = None, progress: bool = True) -> Path:
     """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
@@ -84,7 +101,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
             has seen each token as a target.
         gate: rare-row gradient gating (rows of tokens absent from a batch's targets get no gradient).
         freeze: "lm_head" and/or "embed".
-        steps, lr, batch_size, max_length, seed: the SFT's settings.
+        steps, lr, betas, batch_size, max_length, seed: the SFT's settings (AdamW).
         every: the drift callback's interval (default: steps / 20); `stop_below` stops training when the
             minimum lm_head cosine falls below it.
 
@@ -141,7 +158,11 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         raise VocabdriftError(f"{base}: its tokenizer has no pad token; set pad_token in tokenizer_config.json "
                               "(e.g. to the eos token) so batches can be padded")
 
-    with open_run(out) as run:
+    # Under `accelerate launch` / torchrun (several GPUs) every process runs this function. Each builds the same
+    # data (synth is deterministic) and trains its share; only the main process writes OUT and measures.
+    main = _rank() == 0
+    progress = progress and main
+    with open_run(out) if main else _scratch_run() as run:
         cov_records: list[dict[str, Any]] = []
         cov_info: dict[str, Any] | None = None
         if coverage is not None:
@@ -178,12 +199,20 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
             if gate:
                 terms.append(remedies.RowGate())
             model_dir = run.path / "model"
-            sft(model, records + cov_records, out=model_dir, steps=steps, lr=lr, batch_size=batch_size,
+            train_records = records + cov_records
+            replay_added: list[dict[str, Any]] = []
+            if replay_records and replay_ratio > 0:  # mixed here, not in sft, to count what replay adds
+                train_records = remedies.replay_mix(train_records, replay_records, replay_ratio, seed=seed)
+                ids = {id(r) for r in replay_records}
+                replay_added = [r for r in train_records if id(r) in ids]
+            sft(model, train_records, out=model_dir, steps=steps, lr=lr, betas=betas, batch_size=batch_size,
                 max_length=max_length, seed=seed, callbacks=[cb], loss_terms=terms, freeze=tuple(freeze),
-                replay=replay_records, replay_ratio=replay_ratio, progress=progress)
+                progress=progress)
+            del model
+            if not main:
+                return out
             if not (model_dir / "tokenizer.json").exists():
                 tok.save_pretrained(model_dir)
-            del model
 
         with timer("diff"):
             m = measure(base_ck, model_dir, device=device, progress=progress)
@@ -194,16 +223,19 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
 
         sft_tokens = count_tokens(records, tok)
         cov_tokens = count_tokens(cov_records, tok) if cov_records else 0
+        replay_tokens = count_tokens(replay_added, tok) if replay_added else 0
         summary["repair"] = {
             "base": str(base), "data": [str(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)],
             "remedies": {"coverage": cov_info, "replay": {"source": str(replay), "ratio": replay_ratio}
                          if replay_records else None, "anchor": anchor, "anchor_rarity": anchor_rarity,
                          "gate": gate, "freeze": list(freeze)},
-            "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length,
-                         "seed": seed, "stopped": cb.stop_reason},
+            "training": {"steps": steps, "lr": lr, "betas": list(betas), "batch_size": batch_size,
+                         "max_length": max_length, "seed": seed, "stopped": cb.stop_reason,
+                         "processes": int(os.environ.get("WORLD_SIZE", "1"))},
             "cost": {"sft_records": len(records), "coverage_records": len(cov_records),
-                     "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens,
-                     "extra_token_share": round(cov_tokens / max(sft_tokens, 1), 6),
+                     "replay_records": len(replay_added), "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens,
+                     "replay_tokens": replay_tokens, "extra_tokens": cov_tokens + replay_tokens,
+                     "extra_token_share": round((cov_tokens + replay_tokens) / max(sft_tokens, 1), 6),
                      "replay_share_of_samples": replay_ratio},
             "callback": {"every": cb.every, "seconds": round(cb.seconds, 3),
                          "history": [{k: v for k, v in h.items() if k == "step" or k.count("/") == 2}

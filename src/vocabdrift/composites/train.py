@@ -1,9 +1,10 @@
 """Training for the lab and for `repair`: a byte-level BPE tokenizer, a tiny Llama pre-trained from scratch, and SFT.
 
-`sft` is the one fine-tuning loop vocabdrift uses (the lab's baseline and repaired models, `repair`): a plain
-`transformers.Trainer` on pre-tokenized records, loss on assistant tokens only for chats and on every token for
-plain text (replay), with drift callbacks, extra loss terms, freezing and replay plugged in. Everything is
-deterministic for a seed on CPU, and every model is written to a temporary folder and renamed into place.
+`sft` is the one fine-tuning loop vocabdrift uses (the lab's baseline and repaired models, `repair`): TRL's
+`SFTTrainer` on pre-tokenized records with TRL's assistant mask, so the loss falls on assistant tokens only for
+chats and on every token for plain text (replay), with drift callbacks, extra loss terms, freezing and replay
+plugged in. Everything is deterministic for a seed on CPU, and every model is written to a temporary folder and
+renamed into place.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VocabdriftError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def pretrain(tokenizer: Any, texts: Sequence[str], *, out: PathLike, steps: int,
     import numpy as np
     import torch
 
+    from ..device import keep_freed_memory
+
+    keep_freed_memory()  # a third of a CPU step was page faults (see its docstring)
     tokenizer = _fast(tokenizer)
     eos = tokenizer.eos_token_id
     enc = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -225,34 +228,13 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
     return rows
 
 
-class _Collator:
-    """Right-pad a batch; labels -100 on padding."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, list]]) -> dict[str, torch.Tensor]:
-        import torch
-
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        att = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.tensor(r["input_ids"])
-            labels[i, :k] = torch.tensor(r["labels"])
-            att[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": att}
-
-
 def _sft_trainer() -> type:
-    from transformers import Trainer
+    from trl import SFTTrainer
 
     from .remedies import LossTermsMixin
 
-    class SFTLoop(LossTermsMixin, Trainer):
-        """Trainer + loss terms (each `(model, inputs) -> Tensor | None`, added to every step's loss)."""
+    class SFTLoop(LossTermsMixin, SFTTrainer):
+        """TRL's SFTTrainer + loss terms (each `(model, inputs) -> Tensor | None`, added to every step's loss)."""
 
     return SFTLoop
 
@@ -282,12 +264,17 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         >>> sft("runs/lab/models/base", [{"messages": [...]}, ...], out="runs/lab/models/sft", steps=300)
     """
     import torch
-    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig
 
+    from ..device import keep_freed_memory
     from . import remedies
 
     if steps < 1:
         raise VocabdriftError(f"sft: steps must be at least 1, not {steps}")
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # a third of a CPU step was page faults (see its docstring)
     out = Path(out)
     if out.exists():
         raise VocabdriftError(f"{out} already exists; sft never overwrites a model, pick another path")
@@ -305,6 +292,9 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     except VocabdriftError as e:
         raise VocabdriftError(f"sft: no tokenizer for the model ({e}); pass a model folder holding its tokenizer")\
             from e
+    if tokenizer.pad_token_id is None:
+        raise VocabdriftError(f"{source}: its tokenizer has no pad token; set pad_token in tokenizer_config.json "
+                              "(e.g. to the eos token) so batches can be padded")
     records = list(records)
     if replay is not None and replay_ratio > 0:
         records = remedies.replay_mix(records, list(replay), replay_ratio, seed=seed)
@@ -313,15 +303,24 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         remedies.freeze(model, freeze)
 
     with tempfile.TemporaryDirectory(prefix="vocabdrift-sft-") as scratch:
-        args = TrainingArguments(
+        # pre-tokenized rows with their labels (-100 outside the assistant's turns, from the chat template's
+        # generation mask): TRL keeps a given "labels" column and pads it with its own collator
+        gpu = torch.cuda.is_available()
+        args = SFTConfig(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
             adam_beta1=betas[0], adam_beta2=betas[1], weight_decay=weight_decay, warmup_steps=warmup_steps,
             lr_scheduler_type="constant_with_warmup", logging_steps=max(1, steps // 20), save_strategy="no",
-            report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, seed=seed,
-            data_seed=seed, dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch")
-        trainer = _sft_trainer()(model=model, args=args, train_dataset=_Rows(rows),
-                                 data_collator=_Collator(tokenizer.pad_token_id), callbacks=list(callbacks),
-                                 loss_terms=list(loss_terms))
+            report_to=[], use_cpu=not gpu, disable_tqdm=not progress, seed=seed,
+            data_seed=seed, dataloader_num_workers=0, optim="adamw_torch", max_length=max_length,
+            # TRL's defaults (bf16 autocast, activation checkpointing) suit big models on GPUs; on a CPU they only
+            # slow the step down and change the numbers
+            bf16=gpu and torch.cuda.is_bf16_supported(), **_checkpointing(SFTConfig, gpu))
+        dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                     "labels": [r["labels"] for r in rows]})
+        with _quiet_datasets():  # TRL's preparation passes (truncate, drop empty rows) are instant here
+            trainer = _sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                     callbacks=list(callbacks), loss_terms=list(loss_terms))
+        _check_labels_kept(trainer, rows)
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         # both print a dict per log step; keep the bar, drop the dicts (callbacks still get on_log)
@@ -330,13 +329,49 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(_quiet_progress())
         trainer.train()
+        # Under `accelerate launch` (several GPUs, DDP or DeepSpeed) every process runs this function: the state
+        # dict is gathered by all of them (ZeRO-3 shards it), and the main process alone writes the folder.
+        acc = trainer.accelerator
+        state_dict = acc.get_state_dict(trainer.model_wrapped)
     model.eval()
     for p in model.parameters():  # a frozen parameter is still a normal weight in the saved folder
         p.requires_grad_(True)
-    with _atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if acc.is_main_process:
+        with _atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+    acc.wait_for_everyone()
     return out
+
+
+def _checkpointing(config: type, on: bool) -> dict[str, bool]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
+
+
+@contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
+def _check_labels_kept(trainer: Any, rows: list[dict[str, list]]) -> None:
+    """TRL releases before 1.x rebuilt labels from input_ids in their collator; that would train on the prompts."""
+    import trl
+
+    batch = trainer.data_collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:2]])
+    for i, r in enumerate(rows[:2]):
+        if batch["labels"][i, : len(r["labels"])].tolist() != r["labels"]:
+            raise VocabdriftError(f"trl {trl.__version__} does not keep the assistant-only labels; upgrade it "
+                                  "(pip install -U 'trl>=1.0')")
 
 
 def _quiet_progress() -> Any:
@@ -347,19 +382,6 @@ def _quiet_progress() -> Any:
             pass
 
     return QuietProgress()
-
-
-class _Rows:
-    """A list of pre-tokenized rows as a map-style data set (no `datasets` round trip needed)."""
-
-    def __init__(self, rows: list[dict[str, list]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, list]:
-        return self.rows[i]
 
 
 def seed_everything(seed: int) -> None:

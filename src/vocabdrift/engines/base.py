@@ -23,7 +23,7 @@ class Score:
         logprob: natural-log probability of the target.
         rank: 1 when the target is the most likely token; 1 + the number of tokens more likely than it.
         in_top_p: top-p sampling at `top_p` keeps the target (the tokens strictly more likely than it hold less
-            than `top_p` of the mass).
+            than `top_p` of the mass; the most likely token is always kept, so top_p=0 is greedy).
         top_p: the nucleus used for `in_top_p`.
     """
 

@@ -65,7 +65,8 @@ def scores_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, top_p: fl
     """Scores of `targets` (B,) under next-token `logits` (B, V), computed in float32.
 
     Rank and the top-p test compare logits, so ties and the sort that top-p sampling does agree: a target is kept
-    by top-p when the tokens strictly more likely than it hold less than `top_p` of the probability mass.
+    by top-p when the tokens strictly more likely than it hold less than `top_p` of the probability mass, and the
+    most likely token is always kept, as samplers do (so top_p=0 means greedy).
     """
     import torch
 
@@ -76,7 +77,7 @@ def scores_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, top_p: fl
     rank = above.sum(dim=1) + 1
     mass_above = (logp.exp() * above).sum(dim=1)
     lp = logp.gather(1, targets[:, None])[:, 0]
-    return [Score(float(a), int(r), bool(m < top_p), top_p)
+    return [Score(float(a), int(r), bool(r == 1 or m < top_p), top_p)
             for a, r, m in zip(lp.tolist(), rank.tolist(), mass_above.tolist(), strict=True)]
 
 

@@ -45,7 +45,8 @@ class VLLMEngine:
             lp = last[int(t)]
             above = sum(math.exp(v.logprob) for k, v in last.items() if k != int(t) and v.logprob > lp.logprob)
             complete = len(last) > lp.rank  # every token above the target is listed
-            out.append(Score(float(lp.logprob), int(lp.rank), bool(complete and above < top_p), top_p))
+            kept = int(lp.rank) == 1 or (complete and above < top_p)  # samplers always keep the first choice
+            out.append(Score(float(lp.logprob), int(lp.rank), bool(kept), top_p))
         return out
 
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
