@@ -217,6 +217,7 @@ def repair(
     from rich.console import Console
 
     from .composites.repair import repair as run_repair
+    from .device import process_rank
     from .outputs.console import drift_summary_table
     from .outputs.run import Run
 
@@ -225,13 +226,17 @@ def repair(
                       anchor_rarity=anchor_rarity, gate=gate, freeze=freeze or (), steps=steps, lr=lr,
                       batch_size=batch_size, max_length=max_length, seed=seed, every=every, stop_below=stop_below,
                       device=device, progress=sys.stderr.isatty())
+    if process_rank() != 0:  # under torchrun / `accelerate launch`, the main process reports
+        return
     summary = Run(path).read_json("summary.json")
     Console().print(drift_summary_table(summary))
     rep = summary["repair"]
     if rep["training"]["stopped"]:
         _echo(rep["training"]["stopped"])
-    _echo(f"coverage cost: {rep['cost']['coverage_tokens']:,} extra tokens "
-          f"({100 * rep['cost']['extra_token_share']:.1f}% of the SFT data's {rep['cost']['sft_tokens']:,})")
+    cost = rep["cost"]
+    _echo(f"extra training tokens: {cost['extra_tokens']:,} (coverage {cost['coverage_tokens']:,}, replay "
+          f"{cost['replay_tokens']:,}; {100 * cost['extra_token_share']:.1f}% of the SFT data's "
+          f"{cost['sft_tokens']:,})")
     _echo(f"wrote {path}/ (model/, vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
 
 

@@ -21,6 +21,13 @@ def best_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun / `accelerate launch` (several GPUs); 0 when it runs alone."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
 _kept = False
 

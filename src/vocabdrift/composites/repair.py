@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 
-def _rank() -> int:
-    """This process's rank under torchrun / `accelerate launch` (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 @contextmanager
 def _scratch_run() -> Iterator[Any]:
     """A throw-away run folder for the processes other than the main one."""
@@ -117,6 +112,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
 
     from ..analyses import drift as D
     from ..api.diff import measure, neighbor_table
+    from ..device import process_rank
     from ..outputs.run import Timer, open_run
     from ..sources.checkpoint import open_checkpoint
     from ..sources.tokenizer import load_tokenizer
@@ -160,7 +156,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
 
     # Under `accelerate launch` / torchrun (several GPUs) every process runs this function. Each builds the same
     # data (synth is deterministic) and trains its share; only the main process writes OUT and measures.
-    main = _rank() == 0
+    main = process_rank() == 0
     progress = progress and main
     with open_run(out) if main else _scratch_run() as run:
         cov_records: list[dict[str, Any]] = []
