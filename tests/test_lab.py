@@ -116,6 +116,24 @@ def test_sft_contract(tiny_base: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+def test_eval_loss_equals_the_models_own_loss(tiny_base: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vocabdrift.composites.train import _fast, encode_records, eval_loss
+
+    records = build_corpus(docs=10, sft=12, seed=2, name_every=0).sft
+    got = eval_loss(tiny_base, records, batch_size=5)  # padded batches of unequal rows
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for row in encode_records(_fast(tiny_base), records, max_length=256):  # one row at a time, no padding
+            n = sum(t != -100 for t in row["labels"][1:])
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            total, count = total + float(loss) * n, count + n
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
 # ---- the quick lab ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -150,6 +168,9 @@ def test_quick_lab_reproduces_drift_and_repair(quick_lab) -> None:
     assert b["probe"]["tokens"] == r["probe"]["tokens"] > 1
     assert p["token_id"] in b["probe"]["lost"]
     assert p["token_id"] not in r["probe"]["lost"]
+    # both SFTs learned the task: held-out SFT conversations cost far less than before SFT
+    for m in (b, r):
+        assert m["heldout_loss"] < 0.75 * m["heldout_loss_base"]
 
 
 @pytest.mark.slow
@@ -204,7 +225,9 @@ def test_quick_lab_compares_the_remedies(quick_lab) -> None:
     assert list(r.remedies) == ["baseline", "+coverage", "+replay", "+anchor", "+gate"]
     assert r.remedies["baseline"] == quick_lab.results["baseline"] | {"extra_tokens": 0}
     lines = (out / "remedies.md").read_text().splitlines()
-    assert len(lines) == 2 + 5 and lines[2].startswith("| baseline |")
+    assert len(lines) == 2 + 5 and lines[2].startswith("| baseline |") and "held-out SFT loss" in lines[0]
+    for m in r.remedies.values():  # each way's task loss, measured on the same held-out conversations
+        assert 0 < m["heldout_loss"] < m["heldout_loss_base"]
     b = r.remedies["baseline"]
     for name in ("+coverage", "+replay", "+anchor", "+gate"):  # every remedy keeps lm_head closer to base
         assert r.remedies[name]["mean_cos"] > b["mean_cos"], name
@@ -233,3 +256,18 @@ def test_cli_lab_refuses_a_file_for_out(tmp_path: Path) -> None:
                        text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"vocabdrift: error: {f} is a file; -o takes a folder for the lab"]
+    p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(tmp_path / "x"), "--quick",
+                        "--large"], capture_output=True, text=True)
+    assert p.returncode == 2 and "exclude each other" in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_default_recipe_trains_the_quick_models() -> None:
+    """The quick test's assertions are about the models the default (`make demo`) trains too."""
+    from dataclasses import asdict
+
+    from vocabdrift.composites.lab import DEFAULT, LARGE, QUICK
+
+    analysis_only = {"probe_top", "confusion_n"}
+    d, q = asdict(DEFAULT), asdict(QUICK)
+    assert {k for k in d if d[k] != q[k]} == analysis_only
+    assert DEFAULT.probe_top > QUICK.probe_top and LARGE.vocab_size > DEFAULT.vocab_size

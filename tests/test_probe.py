@@ -359,3 +359,27 @@ def test_probe_from_a_diff_run_takes_the_most_drifted(tiny_model: Path, tmp_path
     r = probe(tiny_model, from_run=tmp_path / "run", top=5, templates=["repeat_en"], out=tmp_path / "run")
     assert sorted(set(r.table["token_id"].to_pylist())) == sorted(i for _, i in want)
     assert (tmp_path / "run" / "probe.parquet").exists() and (tmp_path / "run" / "drift.parquet").exists()
+
+
+def test_indicators_block_by_block_equal_the_whole_matrices() -> None:
+    """undertrained reads blocks of rows: the blockwise indicators must not depend on the block size."""
+    import numpy as np
+
+    from vocabdrift.analyses.undertrained import indicators, indicators_blockwise
+
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((301, 12)).astype(np.float32)
+    u[:, 3] -= 4
+    e = rng.standard_normal((301, 12)).astype(np.float32)
+
+    def blocks(x: np.ndarray, n: int):
+        return lambda: ((s, x[s:s + n]) for s in range(0, len(x), n))
+
+    whole = indicators(u, e, reference=[7, 150, 300])
+    for n in (1, 7, 64):
+        part = indicators_blockwise(blocks(u, n), blocks(e, n), reference=[7, 150, 300])
+        np.testing.assert_allclose(part.unembed_score, whole.unembed_score, atol=1e-5)
+        np.testing.assert_array_equal(part.embed_norm, whole.embed_norm)
+        np.testing.assert_array_equal(part.reference, whole.reference)
+    picked = indicators_blockwise(blocks(u, 7), blocks(e, 7))  # default reference: the smallest embedding norms
+    np.testing.assert_array_equal(picked.reference, indicators(u, e).reference)

@@ -9,7 +9,7 @@ is the second indicator: rarely-read rows stay near their (small) initialisation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +26,33 @@ class Indicators:
 
 
 def first_component(u: np.ndarray) -> np.ndarray:
-    """Unit first principal component (H,) of the centred rows of `u` (V, H).
+    """Unit first principal component (H,) of the centred rows of `u` (V, H)."""
+    return _component(_moments(lambda: [(0, u)]))
 
-    Lanczos (scipy's `eigsh`) on the H x H covariance: one pass over the rows and no V x H copy, where a full SVD
-    of a 150K x 4K matrix would cost minutes.
-    """
+
+Blocks = Callable[[], Iterable[tuple[int, np.ndarray]]]  # each call: a fresh pass of (start, float32 rows) blocks
+
+
+def _moments(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, int]:
+    """One pass: the rows' sum (H,) and Gram matrix (H, H) in float64, and their count."""
+    total, gram, n = None, None, 0
+    for _, b in blocks():
+        b = np.asarray(b, dtype=np.float32)
+        g = (b.T @ b).astype(np.float64)  # float32 BLAS for the product, float64 to sum the blocks
+        total = b.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
+        gram = g if gram is None else gram + g
+        n += len(b)
+    return total, gram, n
+
+
+def _component(moments: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
+    """Lanczos (scipy's `eigsh`) on the H x H covariance: no V x H copy, where a full SVD of a 150K x 4K matrix
+    would cost minutes."""
     from scipy.sparse.linalg import eigsh
 
-    mean = u.mean(axis=0, dtype=np.float64)
-    cov = (u.T @ u).astype(np.float64) / len(u) - np.outer(mean, mean)  # (H, H); float32 BLAS for the product
+    total, gram, n = moments
+    mean = total / n
+    cov = gram / n - np.outer(mean, mean)
     _, vec = eigsh(cov, k=1, which="LA", v0=np.ones(len(cov)))
     return vec[:, 0].astype(np.float32)
 
@@ -58,18 +76,37 @@ def indicators(unembed: np.ndarray, embed: np.ndarray, *, reference: Sequence[in
         embed: input embedding rows (V, H), float32.
         reference: ids known to be unused; default: see `default_reference`.
     """
-    u = np.asarray(unembed, dtype=np.float32)
-    e = np.asarray(embed, dtype=np.float32)
-    norm = np.linalg.norm(e, axis=1).astype(np.float32)
+    return indicators_blockwise(lambda: [(0, unembed)], lambda: [(0, embed)], reference=reference)
+
+
+def indicators_blockwise(unembed: Blocks, embed: Blocks, *, reference: Sequence[int] = ()) -> Indicators:
+    """`indicators` over blocks of rows, so memory is a block and two (V,) vectors, not the matrices.
+
+    `unembed` and `embed` are called for each pass and yield (start, rows) in order: one pass over the embedding
+    (norms), three over the unembedding (moments, the reference rows' mean, the scores).
+    """
+    norm = np.concatenate([np.linalg.norm(np.asarray(b, dtype=np.float32), axis=1) for _, b in embed()])
+    norm = norm.astype(np.float32)
     ref = default_reference(norm, reference)
-    pc = first_component(u)
-    ur = u - np.outer(u @ pc, pc)  # (V, H) with the shared direction removed
-    m = ur[ref].mean(axis=0)
-    score = (ur @ m) / (np.linalg.norm(ur, axis=1) * np.linalg.norm(m) + 1e-30)
+    pc = _component(_moments(unembed)).astype(np.float64)
+
+    def removed(b: np.ndarray) -> np.ndarray:  # the shared direction taken out of each row
+        b = np.asarray(b, dtype=np.float32)
+        return b - np.outer(b @ pc, pc).astype(np.float32)
+
+    m = None
+    for s, b in unembed():
+        sel = ref[(ref >= s) & (ref < s + len(b))] - s
+        if len(sel):
+            part = removed(b[sel]).sum(axis=0, dtype=np.float64)
+            m = part if m is None else m + part
+    m = (m / len(ref)).astype(np.float32)
+    score = np.concatenate([(ur @ m) / (np.linalg.norm(ur, axis=1) * np.linalg.norm(m) + 1e-30)
+                            for ur in (removed(b) for _, b in unembed())]).astype(np.float32)
     order = np.argsort(norm, kind="stable")
     pct = np.empty(len(norm), dtype=np.float32)
     pct[order] = (np.arange(len(norm), dtype=np.float32) + 0.5) / len(norm) * 100.0
-    return Indicators(score.astype(np.float32), norm, pct, ref)
+    return Indicators(score, norm, pct, ref)
 
 
 def candidates(ind: Indicators, *, share: float = 0.02, exclude: Sequence[int] = ()) -> np.ndarray:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -397,8 +397,6 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
     with timer("read"):
         ck = open_checkpoint(model, allow_pickle=allow_pickle)
         v = min(ck.rows_of("embed"), ck.rows_of("lm_head"))
-        embed = ck.rows("embed", 0, v).numpy()
-        unembed = embed if ck.tied else ck.rows("lm_head", 0, v).numpy()
         tok = load_tokenizer(Path(str(model)).parent if Path(str(model)).is_file() and
                              Path(str(model)).suffix != ".gguf" else model, trust_remote_code=trust_remote_code)
     asked_specs = [str(t) for t in dict.fromkeys(tokens)]
@@ -414,7 +412,11 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
             ref = _unreachable(tok, special)
     ref = [i for i in ref if i < v]
     with timer("indicators"):
-        ind = U.indicators(unembed, embed, reference=ref)
+        # block by block: memory is a block of rows, not the two matrices (one pass over embed, three over lm_head)
+        def blocks(kind: str) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
+            return lambda: ((s, t.numpy()) for s, t in ck.iter_blocks(kind, stop=v))
+
+        ind = U.indicators_blockwise(blocks("embed" if ck.tied else "lm_head"), blocks("embed"), reference=ref)
         cand = U.candidates(ind, share=share, exclude=[i for i in special if i < v])
     verified = np.full(v, -1, dtype=np.int8)  # -1 not probed
     best_p: dict[int, float] = {}

@@ -19,6 +19,7 @@ command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors O
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ PathLike = str | os.PathLike
 THRESHOLD = 0.95
 SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages the SFT set (nearly) never answers in
 REMEDIES = ("replay", "anchor", "gate")  # trained with `repair` beside the baseline and +coverage
+HELDOUT = 200  # held-out SFT conversations for each model's task loss
 PROBE_TOP_P = 0.25  # a tight nucleus: a tiny model's next-token distribution is flat (see _probe)
 JA_PROMPTS = ("お年玉について短い文章を書いてください。", "富士山について教えてください。")
 
@@ -73,12 +75,16 @@ class Recipe:
 # SFT uses AdamW with beta2 0.95: with 0.999 one large gradient on a row (the planted name predicted in some SFT
 # context) inflates its second moment for hundreds of steps and damps that row's later drift, which then depends
 # on chance more than on how rare the token is in the SFT data.
-DEFAULT = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hidden=96, layers=3, heads=4,
-                 context=128, pretrain_steps=2000, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
-                 sft_lr=3e-4, sft_beta2=0.95, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
 QUICK = Recipe(docs=2500, sft_samples=600, name_every=400, vocab_size=2048, hidden=64, layers=2, heads=4,
                context=64, pretrain_steps=1200, pretrain_batch=16, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
                sft_lr=5e-4, sft_beta2=0.95, min_per_token=2, tokens_per_sample=8, probe_top=30, confusion_n=20)
+# The default trains the quick recipe's models (so the tests' assertions hold for it) and adds the breadth: 100
+# probed tokens, 100 confusion samples, the remedies. At this size the planted name's story reproduces; in LARGE
+# (a 4,096-token model, ~14 min here) the language pattern does, the planted name does not (README).
+DEFAULT = dataclasses.replace(QUICK, probe_top=100, confusion_n=100)
+LARGE = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hidden=96, layers=3, heads=4,
+               context=128, pretrain_steps=2000, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
+               sft_lr=3e-4, sft_beta2=0.95, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
 
 
 # ---- stage bookkeeping ----------------------------------------------------------------------------------------
@@ -93,7 +99,7 @@ class _Stages:
         if self.path.exists():
             state = json.loads(self.path.read_text())
             if {k: state.get(k) for k in want} != want:
-                raise VocabdriftError(f"{out} holds a lab run made with other settings (seed or --quick); pass "
+                raise VocabdriftError(f"{out} holds a lab run made with other settings (seed or recipe); pass "
                                       "another -o, or delete the folder")
         else:
             state = {**want, "stages": {}}
@@ -231,6 +237,9 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
         rows.append(("Japanese prompt -> foreign-script characters", _confusion_cell(b), _confusion_cell(r)))
     if "cases" in b and "cases" in r:
         rows.append(("qualitative cases passed", _cases_cell(b), _cases_cell(r)))
+    if "heldout_loss" in b and "heldout_loss" in r:
+        rows.append((f"held-out SFT loss (base model: {b['heldout_loss_base']:.3f})", f"{b['heldout_loss']:.3f}",
+                     f"{r['heldout_loss']:.3f}"))
     lines = ["| metric | baseline SFT | SFT + full-vocabulary coverage |", "| --- | --- | --- |"]
     lines += [f"| {a} | {x} | {y} |" for a, x, y in rows]
     return "\n".join(lines) + "\n"
@@ -255,14 +264,15 @@ def remedies_markdown(results: dict[str, dict[str, Any]]) -> str:
     langs = [c for c in ("japanese", "hangul", "cyrillic", "arabic", "han", "latin")
              if c in results["baseline"]["languages"]]
     head = ["SFT", "lm_head cos mean", "min", "min (reachable)", *[f"{c} < 0.95" for c in langs],
-            "probe: lost", "extra training tokens"]
+            "probe: lost", "held-out SFT loss", "extra training tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in results.items():
         lost = m.get("probe", {}).get("lost", [])
         lost_cell = f"{len(lost)} of {m['probe']['tokens']}" + (f", {GIVEN_NAME} lost" if m["planted"]["token_id"]
                                                                   in lost else "") if "probe" in m else "-"
         cells = [name, f"{m['mean_cos']:.4f}", f"{m['min_cos']:.4f}", f"{m['min_cos_reachable']:.4f}",
-                 *[f"{100 * _share(m, c):.1f}%" for c in langs], lost_cell, f"{m.get('extra_tokens', 0):,}"]
+                 *[f"{100 * _share(m, c):.1f}%" for c in langs], lost_cell,
+                 f"{m['heldout_loss']:.3f}" if "heldout_loss" in m else "-", f"{m.get('extra_tokens', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -300,9 +310,10 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
 
     Args:
         out: the lab folder (created; a rerun with the same settings resumes from the last finished stage).
-        quick: a smaller recipe that finishes in about a minute (for tests and a first look).
+        quick: the same models with fewer probed tokens and confusion samples and no remedies (for tests and a
+            first look; under two minutes here).
         seed: all randomness (corpus, initialisation, data order) follows it.
-        recipe: override the recipe (advanced; `quick` is ignored then).
+        recipe: another recipe, e.g. `LARGE` (`quick` is ignored then).
         remedies: also train +replay, +anchor and +gate with `repair` and compare all five ways in OUT/remedies.md
             (default: on, off with `quick`; turning it on later reuses every finished stage).
 
@@ -456,31 +467,49 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
 
     planted = _planted_id()
     cov = pq.read_table(runs["repaired"] / "coverage.parquet")
-    reach_ids = cov.filter(pq.read_table(runs["repaired"] / "coverage.parquet").column("count").to_numpy() > 0) \
-        .column("token_id").to_numpy()
+    reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
     results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
+    heldout = _heldout_losses(mpath, seed)
+    for k, v in results.items():
+        v.update(heldout_loss=heldout[k], heldout_loss_base=heldout["base"])
     table = comparison_markdown(results)
     st.state["results"] = results
     st.save()
-    tmp = out / ".lab.md.tmp"
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, out / "lab.md")
+    _write_text(out / "lab.md", table)
     rem_results, rem_table = None, None
     if all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES):
         rem_results = {"baseline": dict(results["baseline"]), "+coverage": dict(results["repaired"]),
                        **{f"+{k}": _measure(p, reach_ids, planted) for k, p in remedy_runs.items()}}
+        for k, p in remedy_runs.items():
+            rem_results[f"+{k}"].update(heldout_loss=_heldout_losses({k: p / "model"}, seed)[k],
+                                        heldout_loss_base=heldout["base"])
         cost = _costs(out, remedy_runs)
         for k, v in rem_results.items():
             v["extra_tokens"] = cost[k]
         rem_table = remedies_markdown(rem_results)
         st.state["remedies"] = rem_results
         st.save()
-        tmp = out / ".remedies.md.tmp"
-        tmp.write_text(rem_table, encoding="utf-8")
-        os.replace(tmp, out / "remedies.md")
+        _write_text(out / "remedies.md", rem_table)
     timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
     return LabResult(out=out, runs=runs, models={k: v for k, v in mpath.items() if k != "tokenizer"},
                      results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
+
+
+def _heldout_losses(models: dict[str, Path], seed: int) -> dict[str, float]:
+    """Each model's loss on SFT conversations none of them trained on (same mix, another seed, no Japanese or
+    name): what a way of training cost the SFT task itself."""
+    from .corpus import sft_records
+    from .train import eval_loss
+
+    records = sft_records(HELDOUT, seed=seed + 1_000_003, japanese=0, name=0)
+    return {k: round(eval_loss(p, records), 6) for k, p in models.items() if k != "tokenizer"}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file, so a table is never seen half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _rm_partial(path: Path) -> None:
@@ -491,4 +520,5 @@ def _rm_partial(path: Path) -> None:
         shutil.rmtree(path)
 
 
-__all__ = ["DEFAULT", "QUICK", "REMEDIES", "LabResult", "Recipe", "comparison_markdown", "lab", "remedies_markdown"]
+__all__ = ["DEFAULT", "LARGE", "QUICK", "REMEDIES", "LabResult", "Recipe", "comparison_markdown", "lab",
+           "remedies_markdown"]

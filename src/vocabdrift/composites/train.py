@@ -344,6 +344,34 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     return out
 
 
+def eval_loss(model: str | Path, records: Iterable[dict], *, batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean loss per trained token (the assistant's, or every token of plain text) of `model` on `records`.
+
+    Why: a remedy that keeps lm_head still can also keep the SFT from learning; the loss on held-out SFT data
+    says what each way of training cost the task itself.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    rows = encode_records(_fast(Path(model)), records, max_length=max_length)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            blk = rows[s:s + batch_size]
+            width = max(len(r["input_ids"]) for r in blk)
+            ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in blk])
+            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in blk])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in blk])[:, None]).long()
+            logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                    reduction="sum")
+            total += float(nll)
+            count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
 def _checkpointing(config: type, on: bool) -> dict[str, bool]:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)."""
     fields = getattr(config, "__dataclass_fields__", {})
