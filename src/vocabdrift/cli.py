@@ -181,7 +181,9 @@ def check(
                     "    vocabdrift repair ./base sft.jsonl -o runs/replay --coverage none --replay pretrain.jsonl "
                     "--replay-ratio 0.1\n\n"
                     "    vocabdrift repair ./base sft.jsonl -o runs/anchor --coverage none --anchor 0.01 --gate\n\n"
-                    "    vocabdrift repair ./base sft.jsonl -o runs/frozen --coverage none --freeze lm_head")
+                    "    vocabdrift repair ./base sft.jsonl -o runs/frozen --coverage none --freeze lm_head\n\n"
+                    "    torchrun --nproc_per_node 8 -m vocabdrift.cli repair ./base sft.jsonl -o runs/fix  "
+                    "(several GPUs; `accelerate launch` works too)")
 def repair(
     base: Annotated[str, typer.Argument(help="The model to fine-tune: a Hugging Face folder (only read).")],
     data: Annotated[list[str], typer.Argument(help="SFT data: JSONL, JSON, Parquet files or folders, saved data "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,8 +24,6 @@ def best_device(requested: str | None = None) -> torch.device:
 
 def process_rank() -> int:
     """This process's rank under torchrun / `accelerate launch` (several GPUs); 0 when it runs alone."""
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 

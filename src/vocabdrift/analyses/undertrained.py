@@ -25,11 +25,6 @@ class Indicators:
     reference: np.ndarray
 
 
-def first_component(u: np.ndarray) -> np.ndarray:
-    """Unit first principal component (H,) of the centred rows of `u` (V, H)."""
-    return _component(_moments(lambda: [(0, u)]))
-
-
 Blocks = Callable[[], Iterable[tuple[int, np.ndarray]]]  # each call: a fresh pass of (start, float32 rows) blocks
 
 

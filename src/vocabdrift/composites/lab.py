@@ -252,8 +252,7 @@ def _costs(out: Path, remedy_runs: dict[str, Path]) -> dict[str, int]:
     from .repair import count_tokens
 
     tok = load_tokenizer(out / "models" / "base")
-    cov = [json.loads(line) for line in open(out / "data" / "coverage.jsonl", encoding="utf-8") if line.strip()]
-    cost = {"baseline": 0, "+coverage": count_tokens(cov, tok)}
+    cost = {"baseline": 0, "+coverage": count_tokens(_read_jsonl(out / "data" / "coverage.jsonl"), tok)}
     for k, p in remedy_runs.items():
         cost[f"+{k}"] = int(Run(p).read_json("summary.json")["repair"]["cost"]["extra_tokens"])
     return cost
@@ -468,8 +467,10 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
     planted = _planted_id()
     cov = pq.read_table(runs["repaired"] / "coverage.parquet")
     reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
+    remedied = all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES)
+    heldout = _heldout_losses({"base": mpath["base"], **{k: mpath[k] for k in runs},
+                               **({f"+{k}": p / "model" for k, p in remedy_runs.items()} if remedied else {})}, seed)
     results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
-    heldout = _heldout_losses(mpath, seed)
     for k, v in results.items():
         v.update(heldout_loss=heldout[k], heldout_loss_base=heldout["base"])
     table = comparison_markdown(results)
@@ -477,12 +478,11 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
     st.save()
     _write_text(out / "lab.md", table)
     rem_results, rem_table = None, None
-    if all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES):
+    if remedied:
         rem_results = {"baseline": dict(results["baseline"]), "+coverage": dict(results["repaired"]),
                        **{f"+{k}": _measure(p, reach_ids, planted) for k, p in remedy_runs.items()}}
-        for k, p in remedy_runs.items():
-            rem_results[f"+{k}"].update(heldout_loss=_heldout_losses({k: p / "model"}, seed)[k],
-                                        heldout_loss_base=heldout["base"])
+        for k in REMEDIES:
+            rem_results[f"+{k}"].update(heldout_loss=heldout[f"+{k}"], heldout_loss_base=heldout["base"])
         cost = _costs(out, remedy_runs)
         for k, v in rem_results.items():
             v["extra_tokens"] = cost[k]
@@ -502,7 +502,7 @@ def _heldout_losses(models: dict[str, Path], seed: int) -> dict[str, float]:
     from .train import eval_loss
 
     records = sft_records(HELDOUT, seed=seed + 1_000_003, japanese=0, name=0)
-    return {k: round(eval_loss(p, records), 6) for k, p in models.items() if k != "tokenizer"}
+    return {k: round(eval_loss(p, records), 6) for k, p in models.items()}
 
 
 def _write_text(path: Path, text: str) -> None:

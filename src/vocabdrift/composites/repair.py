@@ -80,9 +80,9 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
            coverage: str | PathLike | None = "auto", min_per_token: int = 2, replay: PathLike | None = None,
            replay_ratio: float = 0.05, anchor: float = 0.0, anchor_rarity: bool = False, gate: bool = False,
            freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-           batch_size: int = 8,
-           max_length: int = 256, seed: int = 0, every: int | None = None, stop_below: float | None = None,
-           threshold: float = 0.95, device: str | None = None, progress: bool = True) -> Path:
+           batch_size: int = 8, max_length: int = 256, seed: int = 0, every: int | None = None,
+           stop_below: float | None = None, threshold: float = 0.95, device: str | None = None,
+           progress: bool = True) -> Path:
     """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
 
     Args:
