@@ -149,13 +149,26 @@ def ours_measure() -> None:
 VARIANTS = {"floor": floor, "ours_drift": ours_drift, "ours_measure": ours_measure, "naive": naive}
 
 
+# What each variant imports, timed apart: a fixed start-up cost (about 1 s for torch on a quiet machine, several
+# from a cold page cache) that does not grow with the checkpoint.
+IMPORTS = {"floor": [], "naive": ["torch", "safetensors.torch"],
+           "ours_drift": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
+           "ours_measure": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"]}
+
+
 def child(name: str) -> None:
+    import importlib
+
+    t0 = time.perf_counter()
+    for m in IMPORTS[name]:
+        importlib.import_module(m)
+    t_import = time.perf_counter() - t0
     t0 = time.perf_counter()
     VARIANTS[name]()
     dt = time.perf_counter() - t0
     # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report its parent's peak.
     hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
-    print(json.dumps({"variant": name, "seconds": dt, "peak_rss_mb": hwm / 1024}))
+    print(json.dumps({"variant": name, "seconds": dt, "import_seconds": t_import, "peak_rss_mb": hwm / 1024}))
 
 
 def drop_caches() -> bool:
@@ -201,9 +214,12 @@ def main() -> None:
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
     fl = best["floor"]["seconds"]
     print(f"page cache: {'dropped before each variant (cold)' if args.cold else 'warm'}")
-    print(f"{'variant':<14}{'seconds':>10}{'x floor':>10}{'peak RSS MB':>14}")
+    fl_all = best["floor"]["seconds"] + best["floor"]["import_seconds"]
+    print(f"{'variant':<14}{'seconds':>10}{'x floor':>10}{'+ imports':>11}{'x floor':>10}{'peak RSS MB':>14}")
     for k, r in best.items():
-        print(f"{k:<14}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{r['peak_rss_mb']:>14.0f}")
+        t_all = r["seconds"] + r["import_seconds"]
+        print(f"{k:<14}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{t_all:>11.2f}{t_all / fl_all:>10.2f}"
+              f"{r['peak_rss_mb']:>14.0f}")
     if "naive" in best:
         print(f"naive / ours_drift = {best['naive']['seconds'] / best['ours_drift']['seconds']:.1f}x; "
               f"naive / ours_measure = {best['naive']['seconds'] / best['ours_measure']['seconds']:.1f}x")

@@ -282,3 +282,45 @@ def test_fp8_and_lm_head_bias(tmp_path: Path) -> None:
     np.testing.assert_allclose(d["lm_head_cos"], ref, atol=1e-5)
     assert d["lm_head_cos"][4] == pytest.approx(-1.0, abs=1e-5)
     np.testing.assert_allclose(d["lm_head_bias_delta"], 0.5)
+
+
+def test_row_stats_law_of_cosines_matches_float64() -> None:
+    """The cosine comes from three norms (one pass fewer than a dot product); rows whose norm changed by orders of
+    magnitude take the direct dot. Both kinds must agree with float64 numpy to 1e-6."""
+    import torch
+
+    from vocabdrift.analyses.drift import row_stats
+
+    rng = np.random.default_rng(0)
+    h = 3584
+    base = rng.standard_normal((64, h)).astype(np.float32) * 0.02
+    post = base.copy()
+    post[:16] += rng.standard_normal((16, h)).astype(np.float32) * 2e-5   # near-identical (cos ~ 1 - 5e-7)
+    post[16:32] = rng.standard_normal((16, h)).astype(np.float32) * 0.02  # unrelated (cos ~ 0)
+    post[32:40] = -base[32:40]                                             # reversed
+    post[40:48] *= 1e-4                                                    # shrank 10,000x: the direct path
+    post[48:56] = base[48:56] * 300 + rng.standard_normal((8, h)).astype(np.float32)  # grew 300x
+    post[56] = 0.0                                                         # zero row: NaN, not 0
+    st = {k: v.numpy() for k, v in row_stats(torch.from_numpy(base), torch.from_numpy(post)).items()}
+    b, p = base.astype(np.float64), post.astype(np.float64)
+    nb, npo = np.linalg.norm(b, axis=1), np.linalg.norm(p, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (b * p).sum(1) / (nb * npo)
+    ok = np.arange(64) != 56
+    np.testing.assert_allclose(st["cos"][ok], cos[ok], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(st["l2"], np.linalg.norm(p - b, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(st["norm_post"], npo, rtol=1e-5)
+    assert np.isnan(st["cos"][56])
+    assert (1 - st["cos"][:16]).max() < 1e-5 and (st["cos"][:16] < 1).any()  # small drift is not rounded away
+
+
+def test_prefetched_stream_splits_torch_threads_and_restores_them() -> None:
+    """While a read-ahead stream is open, the reader and the main thread each get half of torch's threads."""
+    import torch
+
+    from vocabdrift.api.diff import _prefetched
+
+    before = torch.get_num_threads()
+    seen = [torch.get_num_threads() for _ in _prefetched(iter(range(3)))]
+    assert seen == [max(1, before // 2)] * 3
+    assert torch.get_num_threads() == before

@@ -207,6 +207,7 @@ def test_quick_lab_rerun_resumes_and_guards_its_settings(quick_lab) -> None:
     again = lab(out, quick=True, progress=False)
     assert (out / "models" / "base" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing retrained
     assert again.results == quick_lab.results
+    assert again.timings == quick_lab.timings  # no stage ran again, the held-out losses (kept in lab.json) included
     with pytest.raises(VocabdriftError, match="other settings"):
         lab(out, quick=True, seed=1, progress=False)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,6 +22,24 @@ def best_device(requested: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (at least 1) for the block, then restored.
+
+    Why: a pass that converts blocks on a read-ahead thread while the main thread computes runs two OpenMP teams
+    at once; at full size each they contend for the same cores (a CPU diff ran 1.9x slower; bench/diff_bench.py).
+    Threads started inside the block take the new count too.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def process_rank() -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..analyses import drift as D
 from ..analyses.vocab import build_vocab_table
-from ..device import best_device
+from ..device import best_device, cpu_threads
 from ..errors import VocabdriftError
 from ..outputs.run import Timer, open_run
 from ..sources.checkpoint import DEFAULT_BLOCK_BYTES, Checkpoint, Kind, open_checkpoint
@@ -84,9 +84,15 @@ def vocab(model: PathLike, *, out: PathLike | None = None, trust_remote_code: bo
 # ---- drift ----------------------------------------------------------------------------------------------------
 
 def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
-    """Read the next block on a thread while this one is computed: disk and arithmetic overlap."""
+    """Read the next block on a thread while this one is computed: disk and arithmetic overlap.
+
+    The reading thread converts (bf16 to float32) with torch, the main thread computes with torch: each gets
+    half of torch's threads while the stream is open, so neither waits on the other's cores.
+    """
+    import torch
+
     sentinel = object()
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with cpu_threads(torch.get_num_threads() // 2), ThreadPoolExecutor(max_workers=1) as pool:
         fut = pool.submit(next, it, sentinel)
         while True:
             item = fut.result()

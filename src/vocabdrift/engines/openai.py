@@ -126,7 +126,9 @@ class OpenAIEngine:
         """Score each target from the server's top logprobs of the next token.
 
         Exact when the target is among the top TOP_LOGPROBS; otherwise its rank is reported as TOP_LOGPROBS + 1
-        and its logprob as the smallest logprob returned (an upper bound), and it is outside top-p.
+        and its logprob as the smallest logprob returned (an upper bound), and it counts as outside top-p: certain
+        when the listed tokens hold top_p of the mass, a conservative call when they do not (a flat distribution).
+        vLLM in-process (`VLLMEngine`) asks again in that case and is exact.
         """
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda pt: self._score_one(pt[0], pt[1], top_p), zip(prompts, targets, strict=True)))

@@ -27,7 +27,10 @@ class VLLMEngine:
             raise VocabdriftError("engine 'vllm' needs vLLM: pip install 'vocabdrift[vllm]' (GPU only), or use "
                                   "the default transformers engine") from e
         self.name = str(model).rstrip("/").split("/")[-1]
-        self.llm = LLM(model=str(model), trust_remote_code=trust_remote_code, **llm_kwargs)
+        # max_logprobs -1: a prompt whose top-p membership the top 20 do not settle is asked for every token
+        # ranked above its target (see score)
+        self.llm = LLM(model=str(model), trust_remote_code=trust_remote_code,
+                       **{"max_logprobs": -1, **llm_kwargs})
         self.tokenizer = self.llm.get_tokenizer()
 
     def close(self) -> None:
@@ -35,19 +38,49 @@ class VLLMEngine:
 
     def score(self, prompts: Sequence[Sequence[int]], targets: Sequence[int], *, top_p: float = TOP_P
               ) -> list[Score]:
+        """Logprob and rank of each target after its prompt, and whether top-p sampling keeps it.
+
+        vLLM returns the target's logprob and rank, and the top TOP_LOGPROBS of the others. Every token ranked
+        above the target has at least its probability, which bounds the mass above it from both sides; where the
+        bounds do not settle top-p (a flat distribution, a target ranked past the list), those prompts are asked
+        again with every token above the target listed.
+        """
+        reqs = [[*map(int, p), int(t)] for p, t in zip(prompts, targets, strict=True)]
+        first = self._last_logprobs(reqs, TOP_LOGPROBS)
+        out: list[Score | None] = [self._judge(last, int(t), top_p) for last, t in zip(first, targets, strict=True)]
+        redo = [i for i, s in enumerate(out) if s is None]
+        if redo:
+            k = max(int(first[i][int(targets[i])].rank) for i in redo)
+            for i, last in zip(redo, self._last_logprobs([reqs[i] for i in redo], k), strict=True):
+                out[i] = self._judge(last, int(targets[i]), top_p, complete=True)
+        return [s for s in out if s is not None]
+
+    def _last_logprobs(self, reqs: list[list[int]], k: int) -> list[dict[int, Any]]:
+        """For each token-id prompt, {token_id: Logprob} at its last position: the k best and the last token."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=TOP_LOGPROBS, temperature=0.0)
-        reqs = [{"prompt_token_ids": [*map(int, p), int(t)]} for p, t in zip(prompts, targets, strict=True)]
-        out = []
-        for r, t in zip(self.llm.generate(reqs, params, use_tqdm=False), targets, strict=True):
-            last = r.prompt_logprobs[-1]  # {token_id: Logprob(logprob, rank, decoded_token)} for the target position
-            lp = last[int(t)]
-            above = sum(math.exp(v.logprob) for k, v in last.items() if k != int(t) and v.logprob > lp.logprob)
-            complete = len(last) > lp.rank  # every token above the target is listed
-            kept = int(lp.rank) == 1 or (complete and above < top_p)  # samplers always keep the first choice
-            out.append(Score(float(lp.logprob), int(lp.rank), bool(kept), top_p))
-        return out
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0)
+        res = self.llm.generate([{"prompt_token_ids": r} for r in reqs], params, use_tqdm=False)
+        return [r.prompt_logprobs[-1] for r in res]
+
+    @staticmethod
+    def _judge(last: dict[int, Any], target: int, top_p: float, *, complete: bool = False) -> Score | None:
+        lp = last[target]
+        rank = int(lp.rank)
+        listed = sorted((v.logprob for k, v in last.items() if k != target and v.logprob > lp.logprob), reverse=True)
+        known = sum(math.exp(v) for v in listed)  # the listed tokens above the target
+        unlisted = max(0, rank - 1 - len(listed))  # ranked above it, not listed: each between p(target) and the
+        low = known + unlisted * math.exp(lp.logprob)  # smallest listed probability
+        high = known + unlisted * (math.exp(listed[-1]) if listed else 1.0)
+        if rank == 1 or high < top_p:  # samplers always keep the first choice
+            kept = True
+        elif low >= top_p:
+            kept = False
+        elif complete:
+            kept = known < top_p
+        else:
+            return None
+        return Score(float(lp.logprob), rank, kept, top_p)
 
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 128, seed: int = 0) -> list[list[str]]:
