@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from factory import free_port, running_server
 
 from vocabdrift.errors import VocabdriftError
 
@@ -45,14 +46,6 @@ def make_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: in
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- local transformers engine ----------------------------------------------------------------------------------
@@ -137,40 +130,14 @@ def test_engine_errors_are_one_clear_line(tmp_path: Path, tiny_model: Path) -> N
 @pytest.fixture(scope="module")
 def served(tiny_model: Path):
     """`transformers serve` on the tiny model, on 127.0.0.1 and a free port; killed at the end."""
-    import os
-    import subprocess
     import sys
-    import time
 
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "transformers"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(exe), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("transformers serve did not come up within 120 s")
-            time.sleep(0.5)
+    args = [str(exe), "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with running_server(args, port, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, name="transformers serve",
+                        timeout=120) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 @pytest.mark.slow

