@@ -20,6 +20,7 @@ command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors O
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -468,15 +469,20 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
     cov = pq.read_table(runs["repaired"] / "coverage.parquet")
     reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
     remedied = all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES)
-    heldout = st.state.setdefault("heldout_loss", {})  # kept in lab.json: a finished lab reruns in seconds
-    todo = {k: p for k, p in {"base": mpath["base"], **{k: mpath[k] for k in runs},
-                              **({f"+{k}": p / "model" for k, p in remedy_runs.items()} if remedied else {})}.items()
-            if k not in heldout}
-    if todo:
-        t = time.perf_counter()
-        heldout.update(_heldout_losses(todo, seed))
-        st.state["stages"].setdefault("heldout", {"seconds": 0.0})["seconds"] += round(time.perf_counter() - t, 2)
-        st.save()
+    # each model's held-out loss is a stage of its own, kept in lab.json: a finished lab reruns in seconds
+    heldout = st.state.setdefault("heldout_loss", {})
+    heldout_records = functools.cache(lambda: _heldout_records(seed))
+
+    def heldout_loss(name: str, model: Path) -> Callable[[], None]:
+        def go() -> None:
+            from .train import eval_loss
+
+            heldout[name] = round(eval_loss(model, heldout_records()), 6)
+        return go
+
+    for name, model in {"base": mpath["base"], **{k: mpath[k] for k in runs},
+                        **({f"+{k}": p / "model" for k, p in remedy_runs.items()} if remedied else {})}.items():
+        st.run(f"heldout_{name}", heldout_loss(name, model), f"held-out SFT loss: {name}")
     results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
     for k, v in results.items():
         v.update(heldout_loss=heldout[k], heldout_loss_base=heldout["base"])
@@ -502,14 +508,12 @@ def lab(out: PathLike, *, quick: bool = False, seed: int = 0, progress: bool = T
                      results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
 
 
-def _heldout_losses(models: dict[str, Path], seed: int) -> dict[str, float]:
-    """Each model's loss on SFT conversations none of them trained on (same mix, another seed, no Japanese or
-    name): what a way of training cost the SFT task itself."""
+def _heldout_records(seed: int) -> list[dict[str, Any]]:
+    """SFT conversations none of the models trained on (same mix, another seed, no Japanese or name): each model's
+    loss on them says what a way of training cost the SFT task itself."""
     from .corpus import sft_records
-    from .train import eval_loss
 
-    records = sft_records(HELDOUT, seed=seed + 1_000_003, japanese=0, name=0)
-    return {k: round(eval_loss(p, records), 6) for k, p in models.items()}
+    return sft_records(HELDOUT, seed=seed + 1_000_003, japanese=0, name=0)
 
 
 def _write_text(path: Path, text: str) -> None:

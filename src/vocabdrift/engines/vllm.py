@@ -67,11 +67,11 @@ class VLLMEngine:
     def _judge(last: dict[int, Any], target: int, top_p: float, *, complete: bool = False) -> Score | None:
         lp = last[target]
         rank = int(lp.rank)
-        listed = sorted((v.logprob for k, v in last.items() if k != target and v.logprob > lp.logprob), reverse=True)
-        known = sum(math.exp(v) for v in listed)  # the listed tokens above the target
+        listed = [math.exp(v.logprob) for k, v in last.items() if k != target and v.logprob > lp.logprob]
+        known = sum(listed)  # the listed tokens above the target
         unlisted = max(0, rank - 1 - len(listed))  # ranked above it, not listed: each between p(target) and the
         low = known + unlisted * math.exp(lp.logprob)  # smallest listed probability
-        high = known + unlisted * (math.exp(listed[-1]) if listed else 1.0)
+        high = known + unlisted * min(listed, default=1.0)
         if rank == 1 or high < top_p:  # samplers always keep the first choice
             kept = True
         elif low >= top_p:
