@@ -146,14 +146,39 @@ def ours_measure() -> None:
     assert m.drift.num_rows == V
 
 
-VARIANTS = {"floor": floor, "ours_drift": ours_drift, "ours_measure": ours_measure, "naive": naive}
+VOCAB_CACHE = ROOT.parent / "vocab-cache"
+
+
+def _cli(cache: bool) -> None:
+    import tempfile
+
+    env = {**os.environ, "VOCABDRIFT_CACHE": str(VOCAB_CACHE) if cache else "off"}
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "vocabdrift.cli", "diff", str(ROOT / "base"), str(ROOT / "post"),
+                        "-o", f"{out}/run"], env=env, check=True, capture_output=True)
+
+
+def cli() -> None:
+    """The whole `vocabdrift diff BASE POST -o RUN` as a user runs it: start-up and imports, the vocabulary table
+    built afresh (cache off), the drift pass, the run folder written, the tables printed."""
+    _cli(cache=False)
+
+
+def cli_cached() -> None:
+    """The same command with the vocabulary table in the cache (every diff after the first against a tokenizer)."""
+    _cli(cache=True)
+
+
+VARIANTS = {"floor": floor, "ours_drift": ours_drift, "ours_measure": ours_measure, "naive": naive, "cli": cli,
+            "cli_cached": cli_cached}
 
 
 # What each variant imports, timed apart: a fixed start-up cost (about 1 s for torch on a quiet machine, several
 # from a cold page cache) that does not grow with the checkpoint.
 IMPORTS = {"floor": [], "naive": ["torch", "safetensors.torch"],
            "ours_drift": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
-           "ours_measure": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"]}
+           "ours_measure": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
+           "cli": [], "cli_cached": []}  # a command's imports are part of its wall time
 
 
 def child(name: str) -> None:
@@ -167,7 +192,10 @@ def child(name: str) -> None:
     VARIANTS[name]()
     dt = time.perf_counter() - t0
     # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report its parent's peak.
+    import resource
+
     hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    hwm = max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # the cli variants' command
     print(json.dumps({"variant": name, "seconds": dt, "import_seconds": t_import, "peak_rss_mb": hwm / 1024}))
 
 
@@ -193,6 +221,7 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--only", help="comma-separated variants to run (floor is always run)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every variant (root)")
     args = ap.parse_args()
     if args.child:
@@ -207,13 +236,18 @@ def main() -> None:
     if not args.cold:
         run("floor")  # warm the page cache so every variant reads from the same place
     results: dict[str, list[dict]] = {}
-    order = ["floor", "ours_drift", "ours_measure"] + ([] if args.skip_naive else ["naive"])
+    order = ["floor", "ours_drift", "ours_measure", "cli", "cli_cached"] + ([] if args.skip_naive else ["naive"])
+    if args.only:
+        order = ["floor", *[k for k in args.only.split(",") if k != "floor"]]
+    if "cli_cached" in order:
+        run("cli_cached")  # fills the vocabulary cache, untimed
     for _ in range(args.repeat):
         for name in order:
             results.setdefault(name, []).append(run(name, cold=args.cold))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
     fl = best["floor"]["seconds"]
     print(f"page cache: {'dropped before each variant (cold)' if args.cold else 'warm'}")
+    print(f"{'':<14}{'work':>10}{'':>10}{'work + imports':>21}")
     fl_all = best["floor"]["seconds"] + best["floor"]["import_seconds"]
     print(f"{'variant':<14}{'seconds':>10}{'x floor':>10}{'+ imports':>11}{'x floor':>10}{'peak RSS MB':>14}")
     for k, r in best.items():
@@ -221,9 +255,12 @@ def main() -> None:
         print(f"{k:<14}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{t_all:>11.2f}{t_all / fl_all:>10.2f}"
               f"{r['peak_rss_mb']:>14.0f}")
     if "naive" in best:
-        print(f"naive / ours_drift = {best['naive']['seconds'] / best['ours_drift']['seconds']:.1f}x; "
-              f"naive / ours_measure = {best['naive']['seconds'] / best['ours_measure']['seconds']:.1f}x")
-    (ROOT.parent / f"diff_bench{'_cold' if args.cold else ''}.json").write_text(json.dumps(best, indent=2))
+        for k in ("ours_drift", "ours_measure", "cli"):
+            if k in best:
+                print(f"naive / {k} = {best['naive']['seconds'] / best[k]['seconds']:.1f}x")
+    path = ROOT.parent / f"diff_bench{'_cold' if args.cold else ''}.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}  # --only updates its variants, keeps the rest
+    path.write_text(json.dumps({**kept, **best}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vocabulary tables are cached per tokenizer: the tests' own folder, never the user's ~/.cache
+os.environ.setdefault("VOCABDRIFT_CACHE", tempfile.mkdtemp(prefix="vocabdrift-test-cache-"))
 
 
 @pytest.fixture(scope="session")

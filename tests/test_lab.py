@@ -116,6 +116,52 @@ def test_sft_contract(tiny_base: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+def test_cpu_sft_scores_only_trained_positions_with_the_same_loss_and_gradients(tiny_base: Path, monkeypatch) -> None:
+    import torch
+    import trl.trainer.utils as tu
+    from transformers import AutoModelForCausalLM
+
+    from vocabdrift.composites.train import _fast, encode_records, score_trained_positions_only
+
+    tok = _fast(tiny_base)
+    rows = encode_records(tok, build_corpus(docs=10, sft=6, seed=2, name_every=0).sft, max_length=256)
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [tok.pad_token_id] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    trained = int((labels[:, 1:] != -100).sum())
+    assert 0 < trained < len(rows) * (width - 1) // 2  # prompts and padding are most of the batch
+
+    def loss_and_grads(fused: bool) -> tuple[float, list]:
+        m = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+        if fused:
+            tu.add_fused_lm_head(m)
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels, **({"fused_lm_head": True} if fused else {})).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in m.parameters()]
+
+    scored: list[int] = []
+    real = tu._ChunkedLogProbFunction
+
+    class Counting:  # the rows TRL projects through lm_head
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return real.apply(hidden, *args)
+
+    monkeypatch.setattr(tu, "_ChunkedLogProbFunction", Counting)
+    ref_loss, ref_grads = loss_and_grads(fused=False)  # transformers' own loss over the full logits
+    loss_and_grads(fused=True)
+    assert scored == [len(rows) * (width - 1)]  # TRL on a CPU, left alone: every position
+    with score_trained_positions_only():
+        loss, grads = loss_and_grads(fused=True)
+    assert scored[1:] == [trained]  # ours: the trained positions only (fails if TRL renames what it patches)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert not tu._use_triton(torch.device("cpu"))  # restored
+
+
 def test_eval_loss_equals_the_models_own_loss(tiny_base: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM

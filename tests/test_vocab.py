@@ -64,3 +64,46 @@ def test_qwen_table_shape_and_reachability(qwen_vocab) -> None:
 ])
 def test_classify_hand_written(text: str, raw: bytes, want: str) -> None:
     assert classify(text, raw) == want
+
+
+def _tiny_tokenizer_json(path: Path, extra: str = "") -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "富士山について教えてください", "привет мир", extra], trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_vocab_table_cache_is_read_back_and_keyed_by_the_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VOCABDRIFT_CACHE", str(cache))
+    f = _tiny_tokenizer_json(tmp_path / "tokenizer.json")
+    fresh = vocab_table(f)
+    (hit,) = cache.glob("vocab-*.parquet")
+    assert pq.read_table(hit).equals(fresh)
+    # the next call reads the cached file: a planted change comes back
+    planted = fresh.set_column(fresh.schema.get_field_index("text"), "text", pa.array(["x"] * fresh.num_rows))
+    pq.write_table(planted, hit)
+    assert vocab_table(f).equals(planted)
+    assert vocab_table(f, cache=False).equals(fresh)  # cache=False builds afresh
+    assert not vocab_table(f, size=fresh.num_rows + 3).equals(planted)  # another row count, another key
+    # a damaged file is rebuilt, not trusted
+    hit.write_bytes(b"not parquet")
+    assert vocab_table(f).equals(fresh) and pq.read_table(hit).equals(fresh)
+    # another tokenizer (same path, other content) gets its own entry
+    _tiny_tokenizer_json(f, extra="zebra zebra zebra quokka quokka")
+    assert not vocab_table(f).equals(fresh)
+    assert len(list(cache.glob("vocab-*.parquet"))) == 3
+    # VOCABDRIFT_CACHE=off writes nothing
+    monkeypatch.setenv("VOCABDRIFT_CACHE", "off")
+    other = _tiny_tokenizer_json(tmp_path / "other.json", extra="otter")
+    vocab_table(other)
+    assert len(list(cache.glob("vocab-*.parquet"))) == 3

@@ -63,12 +63,14 @@ def centered_cos(base: torch.Tensor, post: torch.Tensor, mean_base: torch.Tensor
 
 
 def topk_cosine(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], k: int,
-                *, exclude_self: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                *, exclude_self: Sequence[int] | None = None, row_norms: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest rows by cosine, streaming over a matrix in blocks.
 
     Args:
         queries: float32 (q, H). blocks: (start, rows (n, H)) covering the matrix.
         exclude_self: for each query, its own row id, left out of its neighbours.
+        row_norms: every row's L2 norm, when already known (a drift pass computed them): saves a pass per block.
     Returns:
         ids int64 (q, k) and cosines float32 (q, k), best first.
     """
@@ -78,9 +80,12 @@ def topk_cosine(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]
     best_v = torch.full((queries.shape[0], k), -2.0, device=queries.device)
     best_i = torch.full((queries.shape[0], k), -1, dtype=torch.long, device=queries.device)
     self_ids = None if exclude_self is None else torch.as_tensor(list(exclude_self), device=queries.device)
+    known = None if row_norms is None else torch.tensor(row_norms, dtype=torch.float32, device=queries.device)
     for start, rows in blocks:
-        rn = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(_EPS)
-        sims = torch.nan_to_num(qn @ rn.T, nan=-2.0)  # (q, n)
+        # divide the (q, n) products by the row norms rather than normalise the (n, H) block: one pass less over it
+        norms = (torch.linalg.vector_norm(rows, dim=1) if known is None else
+                 known[start:start + rows.shape[0]]).clamp_min(_EPS)
+        sims = torch.nan_to_num((qn @ rows.T).div_(norms), nan=-2.0)  # (q, n)
         ids = torch.arange(start, start + rows.shape[0], device=queries.device)
         if self_ids is not None:
             sims = sims.masked_fill(ids[None, :] == self_ids[:, None], -2.0)

@@ -49,6 +49,7 @@ _EMOJI_RANGES = ((0x1F000, 0x1FAFF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x1F90
 _EMOJI_JOINERS = {0x200D, 0xFE0F, 0xFE0E, 0x20E3}
 
 _LATEX = re.compile(r"\\[A-Za-z]+|\\[{}\[\]()]|\$\$|\^\{|_\{|\\\\")
+_ASCII_LETTER, _ASCII_DIGIT = re.compile(r"[A-Za-z]"), re.compile(r"[0-9]")
 _MARKUP = re.compile(r"</?[A-Za-z!?][\w:-]*|/>|&[A-Za-z]+;|&#\d+;|<!--|-->|\]\(|^```")
 
 
@@ -110,6 +111,8 @@ def classify(text: str, raw: bytes | None, *, is_special: bool = False) -> str:
         return "latex"
     if _MARKUP.search(s):
         return "markup"
+    if s.isascii():  # most of a vocabulary: the loop below would find Latin letters, digits or neither
+        return "latin" if _ASCII_LETTER.search(s) else "number" if _ASCII_DIGIT.search(s) else "punctuation"
     scripts: dict[str, int] = {}
     emoji = digits = other_letters = 0
     for ch in s:

@@ -54,8 +54,77 @@ def _tokenizer_spec(ck: Checkpoint) -> Path:
     return ck.path if ck.path.is_dir() or ck.format == "gguf" else ck.path.parent
 
 
-def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False) -> pa.Table:
-    """The vocabulary table of a model folder, tokenizer folder, `tokenizer.json`, GGUF file or hub id."""
+def _cache_dir() -> Path | None:
+    """Where finished vocabulary tables are kept: $VOCABDRIFT_CACHE, else $XDG_CACHE_HOME/vocabdrift, else
+    ~/.cache/vocabdrift. VOCABDRIFT_CACHE=off turns the cache off."""
+    env = os.environ.get("VOCABDRIFT_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "no", "false") else Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vocabdrift"
+
+
+def _cache_key(model: PathLike, size: int | None) -> str | None:
+    """A key for a table built from a `tokenizer.json` (a folder holding one, or the file): the file's bytes, the
+    row count asked for, the source of the code that builds the table and the versions of `tokenizers` and Python,
+    so that a changed tokenizer, classification or library never reads an old table. None for other sources
+    (GGUF files, hub ids, tokenizers without a tokenizer.json)."""
+    import hashlib
+    import sys
+
+    import tokenizers
+
+    from ..analyses import vocab as vocab_module
+    from ..sources import tokenizer as tokenizer_module
+
+    p = Path(model)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not (f.is_file() and f.name.endswith(".json")):
+        return None
+    h = hashlib.sha256()
+    for part in (f, vocab_module.__file__, tokenizer_module.__file__):
+        h.update(Path(part).read_bytes())
+    h.update(f"{size} {tokenizers.__version__} {sys.version}".encode())  # unicodedata follows Python's version
+    return h.hexdigest()[:32]
+
+
+def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False,
+                cache: bool = True) -> pa.Table:
+    """The vocabulary table of a model folder, tokenizer folder, `tokenizer.json`, GGUF file or hub id.
+
+    With `cache` (the default), a table built from a `tokenizer.json` is kept in the user's cache folder (see
+    `_cache_dir`) and read back the next time: every diff against the same base pays the 150K-token table's
+    seconds (decoding, classifying, re-encoding every token) once.
+    """
+    folder, key = (_cache_dir(), _cache_key(model, size)) if cache else (None, None)
+    hit = folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
+    if hit is not None and hit.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(hit)
+        except Exception as e:  # a damaged cache file is rebuilt, never trusted
+            log.warning("vocabulary cache %s unreadable (%s); rebuilding it", hit, e)
+    table = _build_vocab_table(model, size=size, trust_remote_code=trust_remote_code)
+    if hit is not None:
+        _write_cache(hit, table)
+    return table
+
+
+def _write_cache(path: Path, table: pa.Table) -> None:
+    """Through a temporary file and a rename, so a reader never sees half a table; a read-only or full cache
+    folder only costs the next run its seconds."""
+    import pyarrow.parquet as pq
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("vocabulary cache not written (%s)", e)
+
+
+def _build_vocab_table(model: PathLike, *, size: int | None, trust_remote_code: bool) -> pa.Table:
     tok = load_vocabulary_tokenizer(model, trust_remote_code=trust_remote_code)
     n_tok = tok.get_vocab_size(with_added_tokens=True) if hasattr(tok, "get_vocab_size") else len(tok)
     if size is not None and n_tok > size:
@@ -175,14 +244,19 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         A `Measurement` with the vocabulary table, the drift table (columns of `DRIFT_COLUMNS`, plus
         `nonfinite`, and `*_cos_centered` with `center`) and facts about the pair.
     """
-    import pyarrow as pa
-    import torch
-
     timer = Timer()
     with timer("open"):
         b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
         _check_pair(b, p)
+    # The vocabulary table (tokenizer work, mostly outside the GIL) is built on a thread while torch is imported
+    # and the rows stream.
+    pool = ThreadPoolExecutor(max_workers=1)
+    vocab_future = pool.submit(_vocab_for_pair, b, p, tokenizer)
+    pool.shutdown(wait=False)
+    import pyarrow as pa
+    import torch
+
     dev = best_device(device)
     rows = {k: (b.rows_of(k), p.rows_of(k)) for k in ("lm_head", "embed")}
     n = min(min(v) for v in rows.values())
@@ -191,11 +265,6 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         log.warning("vocabularies differ: BASE has %d rows, POST %d; comparing the first %d ids",
                     b.rows_of("embed"), p.rows_of("embed"), n)
     step = block_rows or max(256, DEFAULT_BLOCK_BYTES // (4 * b.hidden_size))
-
-    # The vocabulary table (tokenizer work, mostly outside the GIL) is built on a thread while the rows stream.
-    pool = ThreadPoolExecutor(max_workers=1)
-    vocab_future = pool.submit(_vocab_for_pair, b, p, tokenizer)
-    pool.shutdown(wait=False)
 
     g = {"base": None, "post": None}
     if fold_norm:
@@ -272,23 +341,28 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
 # ---- neighbours -----------------------------------------------------------------------------------------------
 
 def _neighbor_rows(ck: Checkpoint, space: Kind, ids: Sequence[int], k: int, device: torch.device,
-                   stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   stop: int | None = None, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     q = torch.cat([ck.rows(space, i, i + 1, device=device) for i in ids]) if ids else \
         torch.zeros(0, ck.hidden_size, device=device)
-    return D.topk_cosine(q, ck.iter_blocks(space, stop=stop, device=device), k, exclude_self=list(ids))
+    # read ahead on a thread, as the drift pass does: the next block is read and converted during this one's product
+    return D.topk_cosine(q, _prefetched(ck.iter_blocks(space, stop=stop, device=device)), k,
+                         exclude_self=list(ids), row_norms=norms)
 
 
 def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, space: Kind = "lm_head", k: int = 10,
-                   device: str | None = None, stop: int | None = None) -> pa.Table:
-    """neighbors.parquet rows: for each model and query id, its k nearest rows by cosine (itself excluded)."""
+                   device: str | None = None, stop: int | None = None,
+                   norms: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """neighbors.parquet rows: for each model and query id, its k nearest rows by cosine (itself excluded).
+
+    `norms` (model name -> every row's norm in `space`, e.g. from a drift table) spares the pass computing them."""
     import pyarrow as pa
 
     dev = best_device(device)
     cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
     for name, ck in checkpoints.items():
-        nid, ncos = _neighbor_rows(ck, space, list(ids), k, dev, stop)
+        nid, ncos = _neighbor_rows(ck, space, list(ids), k, dev, stop, (norms or {}).get(name))
         for qi, tid in enumerate(ids):
             for r in range(nid.shape[1]):
                 cols["token_id"].append(int(tid))
@@ -376,8 +450,10 @@ def diff(base: PathLike, post: PathLike, *, out: PathLike, tokenizer: PathLike |
     top = D.most_drifted(m.drift, m.vocab, neighbors_top).column("token_id").to_pylist() if neighbors_top else []
     query = list(dict.fromkeys(query + top))
     with timer("neighbors"):
+        # the drift table holds every lm_head row's norm (unless folded with g, which the neighbours are not)
+        norms = None if fold_norm else {w: m.drift.column(f"lm_head_norm_{w}").to_numpy() for w in ("base", "post")}
         nt = neighbor_table({"base": base_ck, "post": post_ck}, query, k=k, device=device,
-                            stop=m.info["common_rows"]) if query else None
+                            stop=m.info["common_rows"], norms=norms) if query else None
     with open_run(out) as run:
         run.write_table("vocab.parquet", m.vocab)
         run.write_table("drift.parquet", m.drift)

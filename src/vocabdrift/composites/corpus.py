@@ -10,6 +10,7 @@ drift (LAB_NOTES.md), hence `name_every`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Sequence
@@ -67,18 +68,31 @@ class Corpus:
 
 @cache
 def _words(lang: str, n: int = 2500) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """The language's `n` most frequent words written in its own script, with their frequencies as weights."""
-    from wordfreq import get_frequency_dict, top_n_list
+    """The language's `n` most frequent words written in its own script, with the cumulative frequencies that
+    `random.choices(cum_weights=...)` takes (the same draws as `weights=`, without summing them on every call)."""
+    from wordfreq import cB_to_freq, get_frequency_list
+    from wordfreq.numbers import has_digit_sequence
 
     ok = _SCRIPTS[lang]
-    freq = get_frequency_dict(lang)  # a plain lookup: word_frequency() would need MeCab for ja/ko
-    words = [w for w in top_n_list(lang, n) if all(script_of(c) in ok for c in w)]
-    return tuple(words), tuple(freq[w] for w in words)
+    # wordfreq's top_n_list and get_frequency_dict in one walk over its frequency bands: the dict would be the whole
+    # language's list (1.2 s for the six languages), word_frequency() would need MeCab for ja/ko
+    words, weights = [], []
+    for band, bucket in enumerate(get_frequency_list(lang)):
+        for w in bucket:
+            if has_digit_sequence(w):
+                continue
+            if all(script_of(c) in ok for c in w):
+                words.append(w)
+                weights.append(cB_to_freq(-band))
+            n -= 1
+            if n == 0:
+                return tuple(words), tuple(itertools.accumulate(weights))
+    return tuple(words), tuple(itertools.accumulate(weights))
 
 
 def _sentence(lang: str, rng: random.Random, fake: Any) -> str:
-    words, weights = _words(lang)
-    parts = rng.choices(words, weights=weights, k=rng.randint(4, 11))
+    words, cum = _words(lang)
+    parts = rng.choices(words, cum_weights=cum, k=rng.randint(4, 11))
     if rng.random() < 0.3:  # names and places make the text less uniform than word salad
         parts.insert(rng.randrange(len(parts) + 1), fake.city() if rng.random() < 0.5 else fake.name())
     s = _SEP[lang].join(parts)
@@ -90,8 +104,8 @@ def _prose(lang: str, rng: random.Random, fake: Any, sentences: tuple[int, int] 
 
 
 def _ident(rng: random.Random) -> str:
-    words, weights = _words("en")
-    return "_".join(w.lower() for w in rng.choices(words, weights=weights, k=rng.randint(1, 2)))
+    words, cum = _words("en")
+    return "_".join(w.lower() for w in rng.choices(words, cum_weights=cum, k=rng.randint(1, 2)))
 
 
 def _code(rng: random.Random) -> str:
@@ -129,8 +143,8 @@ def _copy_doc(rng: random.Random, fakers: dict[str, Any]) -> str:
             picks[rng.randrange(len(picks))] = GIVEN_NAME
     else:
         lang = rng.choice(LANGUAGES)
-        words, weights = _words(lang)
-        picks = rng.choices(words, weights=weights, k=rng.randint(3, 6))
+        words, cum = _words(lang)
+        picks = rng.choices(words, cum_weights=cum, k=rng.randint(3, 6))
     fmt = rng.choice(("{w}: {w}", "«{w}» «{w}»", "Input: «{w}»\nOutput: «{w}»", "{w} = {w}"))
     return "\n".join(fmt.format(w=w) for w in picks)
 
@@ -159,8 +173,8 @@ def pretrain_docs(n: int, *, seed: int = 0, name_every: int = 40) -> list[str]:
             facts = []
             for fact in rng.sample(NAME_FACTS, 2):
                 lang = "en" if fact.isascii() or "TNT's" in fact else "zh"
-                words, weights_ = _words(lang)
-                facts.append(fact.format(_SEP[lang].join(rng.choices(words, weights=weights_, k=rng.randint(2, 5)))))
+                words, cum = _words(lang)
+                facts.append(fact.format(_SEP[lang].join(rng.choices(words, cum_weights=cum, k=rng.randint(2, 5)))))
             docs.append("".join(facts))
             continue
         kind = rng.choices(kinds, weights=weights)[0]
@@ -194,7 +208,7 @@ def sft_records(n: int, *, seed: int = 0, japanese: int = 1, name: int = 1) -> l
     en = fakers["en"]
     kinds, weights = zip(*_SFT_MIX, strict=True)
     out: list[dict[str, Any]] = []
-    en_words, en_weights = _words("en")
+    en_words, en_cum = _words("en")
     for _ in range(n - japanese - name):
         kind = rng.choices(kinds, weights=weights)[0]
         if kind == "en":
@@ -207,7 +221,7 @@ def sft_records(n: int, *, seed: int = 0, japanese: int = 1, name: int = 1) -> l
             ))
             out.append(_chat(*q))
         elif kind == "repeat":
-            w = rng.choices(en_words, weights=en_weights)[0]
+            w = rng.choices(en_words, cum_weights=en_cum)[0]
             out.append(_chat(f"Repeat this word exactly: {w}", w))
         elif kind == "code":
             out.append(_chat(f"Write a Python function called {_ident(rng)}.", f"```python\n{_code(rng)}```"))

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -328,7 +328,8 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         if progress:
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(_quiet_progress())
-        trainer.train()
+        with score_trained_positions_only():
+            trainer.train()
         # Under `accelerate launch` (several GPUs, DDP or DeepSpeed) every process runs this function: the state
         # dict is gathered by all of them (ZeRO-3 shards it), and the main process alone writes the folder.
         acc = trainer.accelerator
@@ -370,6 +371,31 @@ def eval_loss(model: str | Path, records: Iterable[dict], *, batch_size: int = 1
             total += float(nll)
             count += int((target != -100).sum())
     return total / max(count, 1)
+
+
+@contextmanager
+def score_trained_positions_only() -> Iterator[None]:
+    """Let TRL's fused LM head score only the positions that have a label on a CPU too.
+
+    Why: TRL projects through lm_head only the positions with a label on CUDA and XPU, and every position elsewhere
+    (so that a compiled Neuron graph keeps one shape). On a CPU nothing is compiled, and the prompt and padding
+    positions were half of each lab SFT step: this makes the step 2-3× faster (bench/sft_step.py). Loss and
+    gradients are the same sums, the ignored positions' zeros put back by TRL's own `masked_scatter`. The
+    decision is TRL's private `_use_triton` name in `trl.trainer.utils`; if a TRL release renames it, this does
+    nothing (tests/test_lab.py fails, so the speed is not lost unnoticed).
+    """
+    try:
+        import trl.trainer.utils as tu
+
+        decide = tu._use_triton
+    except (ImportError, AttributeError):
+        yield
+        return
+    tu._use_triton = lambda device: decide(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        tu._use_triton = decide
 
 
 def _checkpointing(config: type, on: bool) -> dict[str, bool]:

@@ -203,25 +203,31 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start: int) -> _Tensor:
     """Rows are read with `os.pread` of exactly their bytes, not through a memory map: a map would leave every
-    page it touched resident, so reading two 1 GB matrices would show as 2 GB of process memory."""
-    import torch
+    page it touched resident, so reading two 1 GB matrices would show as 2 GB of process memory.
 
+    Opening does not import torch (only a float8 tensor needs it, to check this torch has the type), so a bad
+    checkpoint is reported before torch's seconds of start-up."""
     dtype_name = _ST_DTYPES.get(info["dtype"])
-    dtype = getattr(torch, dtype_name, None) if dtype_name else None  # float8 only where this torch has it
-    if dtype is None:
+    if dtype_name is None or (dtype_name.startswith("float8") and not _torch_has(dtype_name)):
         raise VocabdriftError(f"{path}: tensor {name} has dtype {info['dtype']}, which this torch cannot read; "
                               "upgrade torch or convert the checkpoint")
     shape = tuple(info["shape"])
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = itemsize * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    row_bytes = _ST_ITEMSIZE[info["dtype"]] * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
     begin = data_start + info["data_offsets"][0]
 
     scratch = bytearray()  # reused between reads: a fresh buffer per block costs more in page faults than the copy
 
     def read(start: int, stop: int) -> Any:
+        import torch
+
         nonlocal scratch
+        dtype = getattr(torch, dtype_name)
         if len(shape) == 1:
             start, stop, rb = 0, 1, row_bytes * shape[0]
         else:
@@ -244,6 +250,12 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
         return t.reshape(stop - start, *shape[1:]) if len(shape) > 1 else t.clone()
 
     return _Tensor(name=name, shape=shape, dtype=info["dtype"], read=read)
+
+
+def _torch_has(dtype_name: str) -> bool:
+    import torch
+
+    return getattr(torch, dtype_name, None) is not None
 
 
 def _open_safetensors(files: list[Path], *, where: Path, config: dict[str, Any]) -> Checkpoint:

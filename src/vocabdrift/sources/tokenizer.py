@@ -92,13 +92,23 @@ def _piece_style(backend: tokenizers.Tokenizer) -> str:
     return "plain"
 
 
+@lru_cache(maxsize=1)
+def _byte_table() -> dict[int, str]:
+    """`_byte_decoder` as a `str.translate` table to Latin-1: each of GPT-2's 256 stand-in characters becomes the
+    character of its byte, and the 68 Latin-1 characters that are not stand-ins become U+FFFE, which Latin-1
+    cannot encode (so a piece outside the alphabet fails as it should). One C call per piece instead of a Python
+    loop per character: a third of a 152K vocabulary's reading time."""
+    table: dict[int, str] = {cp: "\ufffe" for cp in range(256)}
+    table.update({ord(c): chr(b) for c, b in _byte_decoder().items()})
+    return table
+
+
 def piece_bytes(piece: str, style: str) -> bytes | None:
     """The raw bytes a vocabulary piece stands for, or None when the piece is not in that style's alphabet."""
     if style == "bytelevel":
-        bd = _byte_decoder()
         try:
-            return bytes(bd[c] for c in piece)
-        except KeyError:
+            return piece.translate(_byte_table()).encode("latin-1")
+        except UnicodeEncodeError:
             return None
     if style == "sentencepiece":
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
