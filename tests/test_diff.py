@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from factory import cosine_rows, make_gpt2, make_llama, plant_drift, read_matrix
+from factory import cosine_rows, make_gpt2, make_llama, plant_drift, read_matrix, train_bpe
 
 import vocabdrift
 from vocabdrift.sources.checkpoint import open_checkpoint
@@ -332,3 +332,26 @@ def test_prefetched_stream_splits_torch_threads_and_restores_them() -> None:
     seen = [torch.get_num_threads() for _ in _prefetched(iter(range(3)))]
     assert seen == [max(1, before // 2)] * 3
     assert torch.get_num_threads() == before
+
+
+def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> None:
+    """From 32,768 rows on, measure builds the vocabulary table in its own process (tokenizers holds the GIL while
+    it parses): the same table as in-process, and a bad tokenizer's one-line error comes back through it."""
+    import shutil
+
+    from vocabdrift.api import diff as D
+    from vocabdrift.api.diff import measure, vocab_table
+    from vocabdrift.errors import VocabdriftError
+
+    rows = D._CHILD_ROWS
+    base = make_llama(tmp_path / "base", vocab=rows, hidden=8, dtype="float32")
+    post = plant_drift(base, tmp_path / "post", rows={3: 0.5}, tensor_suffix="lm_head.weight")
+    m = measure(base, post)
+    assert m.vocab.equals(vocab_table(post, size=rows, cache=False))
+    assert m.vocab.num_rows == rows and int(m.drift.column("lm_head_cos").to_numpy().argmin()) == 3
+    # a tokenizer that knows more tokens than the model has rows: the child's error, one line, in this process
+    big = tmp_path / "big"
+    shutil.copytree(post, big)
+    train_bpe(big, vocab_size=500)
+    with pytest.raises(VocabdriftError, match="the tokenizer has .* tokens but the model has only"):
+        D._vocab_in_child([(str(big), 300)])

@@ -631,7 +631,8 @@ def lab(
     large: Annotated[bool, typer.Option("--large", help="A 4,096-token, 3-layer model (about 14 minutes on 2 "
                                                         "cores; the planted name does not reproduce at seed 0).")]
     = False,
-    seed: Annotated[int, typer.Option(help="Seed of the corpus, the initialisation and the data order.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the corpus, the initialisation and the data order "
+                                                   "(default: the recipe's: 2, or 0 with --large).")] = None,
     remedies: Annotated[bool | None, typer.Option(
         "--remedies/--no-remedies", help="Also train +replay, +anchor and +gate with `repair` and compare the five "
         "ways in OUT/remedies.md. Default: on, off with --quick.")] = None,

@@ -214,17 +214,53 @@ def _progress(enabled: bool):  # -> rich Progress or a no-op
                     disable=not enabled, transient=True)
 
 
+# From this many rows on, the vocabulary table is built in a process of its own (see _vocab_in_child).
+_CHILD_ROWS = 32_768
+
+
 def _vocab_for_pair(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> pa.Table:
     """POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count."""
-    candidates = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
+    pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
+    candidates = [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
+    if max(size for _, size in candidates) >= _CHILD_ROWS:
+        return _vocab_in_child(candidates)
+    return first_vocab_table(candidates)
+
+
+def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
+    """The table of the first (tokenizer, row count) that gives one; the last one's error otherwise."""
     err: VocabdriftError | None = None
-    for spec, ck in candidates:
+    for spec, size in candidates:
         try:
-            return vocab_table(spec, size=max(ck.rows_of("lm_head"), ck.rows_of("embed")))
+            return vocab_table(spec, size=size)
         except VocabdriftError as e:
             err = e
     assert err is not None
     raise err
+
+
+def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
+    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`).
+
+    Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass on the main
+    thread needs the GIL between torch calls: built on a thread, the table cost a cold diff of a 152K vocabulary
+    about 5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row).
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="vocabdrift-vocab-") as d:
+        out = Path(d) / "vocab.parquet"
+        r = subprocess.run([sys.executable, "-m", "vocabdrift.api._vocab_child", str(out), json.dumps(candidates)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = r.stderr.strip().splitlines()
+            raise VocabdriftError(lines[-1] if lines else f"building the vocabulary table failed ({r.returncode})")
+        return pq.read_table(out, memory_map=False)
 
 
 def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
@@ -249,13 +285,14 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
         _check_pair(b, p)
-    # The vocabulary table (tokenizer work, mostly outside the GIL) is built on a thread while torch is imported
-    # and the rows stream.
+    import pyarrow as pa
+    import torch
+
+    # The vocabulary table is built on a thread while the rows stream (the pass's torch calls release the GIL). Not
+    # before torch is imported: the tokenizer's Rust calls hold the GIL for seconds, and the import would wait.
     pool = ThreadPoolExecutor(max_workers=1)
     vocab_future = pool.submit(_vocab_for_pair, b, p, tokenizer)
     pool.shutdown(wait=False)
-    import pyarrow as pa
-    import torch
 
     dev = best_device(device)
     rows = {k: (b.rows_of(k), p.rows_of(k)) for k in ("lm_head", "embed")}
