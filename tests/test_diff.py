@@ -334,7 +334,7 @@ def test_prefetched_stream_splits_torch_threads_and_restores_them() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> None:
+def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
     """From 32,768 rows on, measure builds the vocabulary table in its own process (tokenizers holds the GIL while
     it parses): the same table as in-process, and a bad tokenizer's one-line error comes back through it."""
     import shutil
@@ -349,6 +349,10 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> N
     m = measure(base, post)
     assert m.vocab.equals(vocab_table(post, size=rows, cache=False))
     assert m.vocab.num_rows == rows and int(m.drift.column("lm_head_cos").to_numpy().argmin()) == 3
+    # the child filled the vocabulary cache: the next measure reads it in-process, with no child to start
+    monkeypatch.setattr(D, "_vocab_in_child", lambda c: pytest.fail("the cached table should be read in-process"))
+    assert measure(base, post).vocab.equals(m.vocab)
+    monkeypatch.undo()
     # a tokenizer that knows more tokens than the model has rows: the child's error, one line, in this process
     big = tmp_path / "big"
     shutil.copytree(post, big)

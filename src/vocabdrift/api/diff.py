@@ -95,19 +95,30 @@ def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: 
     `_cache_dir`) and read back the next time: every diff against the same base pays the 150K-token table's
     seconds (decoding, classifying, re-encoding every token) once.
     """
-    folder, key = (_cache_dir(), _cache_key(model, size)) if cache else (None, None)
-    hit = folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
-    if hit is not None and hit.is_file():
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(hit)
-        except Exception as e:  # a damaged cache file is rebuilt, never trusted
-            log.warning("vocabulary cache %s unreadable (%s); rebuilding it", hit, e)
+    hit = _cache_path(model, size) if cache else None
+    if hit is not None and (table := _read_cache(hit)) is not None:
+        return table
     table = _build_vocab_table(model, size=size, trust_remote_code=trust_remote_code)
     if hit is not None:
         _write_cache(hit, table)
     return table
+
+
+def _cache_path(model: PathLike, size: int | None) -> Path | None:
+    folder, key = _cache_dir(), _cache_key(model, size)
+    return folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
+
+
+def _read_cache(path: Path) -> pa.Table | None:
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # a damaged cache file is rebuilt, never trusted
+        log.warning("vocabulary cache %s unreadable (%s); rebuilding it", path, e)
+        return None
 
 
 def _write_cache(path: Path, table: pa.Table) -> None:
@@ -222,9 +233,11 @@ def _vocab_for_pair(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) ->
     """POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count."""
     pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
     candidates = [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
-    if max(size for _, size in candidates) >= _CHILD_ROWS:
-        return _vocab_in_child(candidates)
-    return first_vocab_table(candidates)
+    if max(size for _, size in candidates) < _CHILD_ROWS:
+        return first_vocab_table(candidates)
+    hit = _cache_path(*candidates[0])  # in the cache: read it here, a child process would only cost its start-up
+    cached = _read_cache(hit) if hit is not None else None
+    return cached if cached is not None else _vocab_in_child(candidates)
 
 
 def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
