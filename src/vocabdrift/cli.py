@@ -58,7 +58,8 @@ def diff(
     """Measure how far every lm_head and embedding row moved from BASE to POST.
 
     Writes RUN/vocab.parquet, drift.parquet, neighbors.parquet, summary.json and manifest.json, then prints
-    the per-language table and the most drifted tokens.
+    the per-language table and the most drifted tokens. The vocabulary table is cached per tokenizer in
+    ~/.cache/vocabdrift (VOCABDRIFT_CACHE=DIR moves it, VOCABDRIFT_CACHE=off turns it off).
     """
     from rich.console import Console
 
@@ -86,7 +87,10 @@ def vocab(
     model: Annotated[str, typer.Argument(help="Model folder, tokenizer folder, tokenizer.json, .gguf or hub id.")],
     out: Out,
 ) -> None:
-    """Write the vocabulary table (RUN/vocab.parquet): piece, decoded text, category, special, reachable."""
+    """Write the vocabulary table (RUN/vocab.parquet): piece, decoded text, category, special, reachable.
+
+    Cached per tokenizer in ~/.cache/vocabdrift (VOCABDRIFT_CACHE=DIR moves it, VOCABDRIFT_CACHE=off turns it off).
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -5,6 +5,7 @@ I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -69,6 +70,21 @@ def _cache_key(model: PathLike, size: int | None) -> str | None:
     so that a changed tokenizer, classification or library never reads an old table. None for other sources
     (GGUF files, hub ids, tokenizers without a tokenizer.json)."""
     import hashlib
+
+    p = Path(model)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not (f.is_file() and f.name.endswith(".json")):
+        return None
+    h = hashlib.sha256(f.read_bytes())
+    h.update(f"{size} {_table_code_digest()}".encode())
+    return h.hexdigest()[:32]
+
+
+@functools.cache
+def _table_code_digest() -> str:
+    """The source of the code that builds a vocabulary table, and the versions of `tokenizers` and Python
+    (unicodedata follows Python's): read once per process."""
+    import hashlib
     import sys
 
     import tokenizers
@@ -76,15 +92,10 @@ def _cache_key(model: PathLike, size: int | None) -> str | None:
     from ..analyses import vocab as vocab_module
     from ..sources import tokenizer as tokenizer_module
 
-    p = Path(model)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not (f.is_file() and f.name.endswith(".json")):
-        return None
-    h = hashlib.sha256()
-    for part in (f, vocab_module.__file__, tokenizer_module.__file__):
-        h.update(Path(part).read_bytes())
-    h.update(f"{size} {tokenizers.__version__} {sys.version}".encode())  # unicodedata follows Python's version
-    return h.hexdigest()[:32]
+    h = hashlib.sha256(f"{tokenizers.__version__} {sys.version}".encode())
+    for module in (vocab_module, tokenizer_module):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False,

@@ -76,18 +76,10 @@ def _words(lang: str, n: int = 2500) -> tuple[tuple[str, ...], tuple[float, ...]
     ok = _SCRIPTS[lang]
     # wordfreq's top_n_list and get_frequency_dict in one walk over its frequency bands: the dict would be the whole
     # language's list (1.2 s for the six languages), word_frequency() would need MeCab for ja/ko
-    words, weights = [], []
-    for band, bucket in enumerate(get_frequency_list(lang)):
-        for w in bucket:
-            if has_digit_sequence(w):
-                continue
-            if all(script_of(c) in ok for c in w):
-                words.append(w)
-                weights.append(cB_to_freq(-band))
-            n -= 1
-            if n == 0:
-                return tuple(words), tuple(itertools.accumulate(weights))
-    return tuple(words), tuple(itertools.accumulate(weights))
+    top = itertools.islice(((w, cB_to_freq(-band)) for band, bucket in enumerate(get_frequency_list(lang))
+                            for w in bucket if not has_digit_sequence(w)), n)
+    words, weights = zip(*[(w, f) for w, f in top if all(script_of(c) in ok for c in w)], strict=True)
+    return words, tuple(itertools.accumulate(weights))
 
 
 def _sentence(lang: str, rng: random.Random, fake: Any) -> str:

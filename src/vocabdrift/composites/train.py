@@ -379,7 +379,7 @@ def score_trained_positions_only() -> Iterator[None]:
 
     Why: TRL projects through lm_head only the positions with a label on CUDA and XPU, and every position elsewhere
     (so that a compiled Neuron graph keeps one shape). On a CPU nothing is compiled, and the prompt and padding
-    positions were half of each lab SFT step: this makes the step 2-3× faster (bench/sft_step.py). Loss and
+    positions were most of each lab SFT batch: this makes the step 1.44× faster (bench/sft_step.py). Loss and
     gradients are the same sums, the ignored positions' zeros put back by TRL's own `masked_scatter`. The
     decision is TRL's private `_use_triton` name in `trl.trainer.utils`; if a TRL release renames it, this does
     nothing (tests/test_lab.py fails, so the speed is not lost unnoticed).

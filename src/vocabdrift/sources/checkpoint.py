@@ -198,13 +198,10 @@ def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype -> (torch dtype name, bytes per element)
+_ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+              "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
 
 
 def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start: int) -> _Tensor:
@@ -213,12 +210,12 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
 
     Opening does not import torch (only a float8 tensor needs it, to check this torch has the type), so a bad
     checkpoint is reported before torch's seconds of start-up."""
-    dtype_name = _ST_DTYPES.get(info["dtype"])
+    dtype_name, itemsize = _ST_DTYPES.get(info["dtype"], (None, 0))
     if dtype_name is None or (dtype_name.startswith("float8") and not _torch_has(dtype_name)):
         raise VocabdriftError(f"{path}: tensor {name} has dtype {info['dtype']}, which this torch cannot read; "
                               "upgrade torch or convert the checkpoint")
     shape = tuple(info["shape"])
-    row_bytes = _ST_ITEMSIZE[info["dtype"]] * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    row_bytes = itemsize * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
     begin = data_start + info["data_offsets"][0]
 
     scratch = bytearray()  # reused between reads: a fresh buffer per block costs more in page faults than the copy
