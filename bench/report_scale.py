@@ -2,7 +2,8 @@
 
 Run: python bench/report_scale.py
 Prints the time and page size of each, and the ratios; the figures' data must not grow with the vocabulary
-(histograms are binned, scatters subsampled, tables top-N), so the page size ratio stays near 1.
+(histograms are binned, scatters subsampled, tables top-N), so the page size ratio stays near 1. Then the charts'
+PNGs rendered one after the other against `pngs` (two forked processes), the same bytes either way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from vocabdrift.analyses.drift import summarize
 from vocabdrift.analyses.vocab import build_vocab_table
-from vocabdrift.outputs.report import report
+from vocabdrift.outputs.report import Chart, build_sections, png, pngs, read_run, report
 
 
 def make_run(path: Path, n: int, seed: int = 0) -> Path:
@@ -69,6 +70,21 @@ def main() -> None:
         (t0, h0, m0), (t1, h1, m1) = rows[25_000], rows[250_000]
         print(f"ratio 250k / 25k: time {t1 / t0:.2f}x (vocabulary 10x), html size {h1 / h0:.3f}x, "
               f"md size {m1 / m0:.3f}x")
+        run = read_run(Path(tmp) / "v25000")
+        charts = [it for s in build_sections(run, compare=None, names=None, tokens=(), top=50) for it in s.items
+                  if isinstance(it, Chart)]
+        png(charts[0])  # matplotlib's first-use costs (fonts) out of both clocks
+        best = {"one after the other": float("inf"), "pngs (two forked processes)": float("inf")}
+        for _ in range(3):
+            for name, render in (("one after the other", lambda: [png(c) for c in charts]),
+                                 ("pngs (two forked processes)", lambda: pngs(charts))):
+                t = time.perf_counter()
+                got = render()
+                best[name] = min(best[name], time.perf_counter() - t)
+        assert got == [png(c) for c in charts]
+        ref = best["one after the other"]
+        for name, t in best.items():
+            print(f"{len(charts)} charts' PNGs, {name}: {t:.2f} s (x{ref / t:.2f}, best of 3)")
 
 
 if __name__ == "__main__":

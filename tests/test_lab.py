@@ -180,6 +180,92 @@ def test_eval_loss_equals_the_models_own_loss(tiny_base: Path) -> None:
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+# ---- stages run side by side -------------------------------------------------------------------------------------
+
+def _stages(out: Path):
+    from vocabdrift.composites.lab import QUICK, _Stages
+
+    return _Stages(out, QUICK, 0, progress=False)
+
+
+def _whoami(name: str):
+    def go(progress: bool) -> dict:
+        import os
+
+        import torch
+
+        return {"who": {name: [os.getpid(), torch.get_num_threads()]}}
+    return name, go, f"stage {name}"
+
+
+def test_side_by_side_chains_run_in_single_thread_workers_and_each_stage_is_recorded(tmp_path: Path) -> None:
+    import os
+
+    st = _stages(tmp_path)
+    chains = [[_whoami("a1"), _whoami("a2")], [_whoami("b1")], [_whoami("c1")]]
+    st.run_side_by_side(chains)
+    who = st.state["who"]
+    assert set(who) == {"a1", "a2", "b1", "c1"} and all(st.done(k) for k in who)
+    pids = {k: v[0] for k, v in who.items()}
+    assert os.getpid() not in pids.values() and all(v[1] == 1 for v in who.values())
+    assert pids["a1"] == pids["a2"] and len({pids["a1"], pids["b1"], pids["c1"]}) == 3  # a chain per worker
+    assert json.loads((tmp_path / "lab.json").read_text())["who"] == who  # saved as each stage ended
+
+    def never(progress: bool) -> None:
+        raise AssertionError("a finished stage ran again")
+
+    _stages(tmp_path).run_side_by_side([[("a1", never, "x"), ("a2", never, "x")], [("b1", never, "x")]])
+
+
+def test_a_failing_worker_gives_one_clear_error_and_keeps_the_finished_stages(tmp_path: Path) -> None:
+    import os
+
+    def fail(progress: bool) -> None:
+        raise VocabdriftError("corpus.jsonl: line 3 is not JSON")
+
+    def crash(progress: bool) -> None:
+        _ = 1 / 0
+
+    def die(progress: bool) -> None:
+        os._exit(9)
+
+    st = _stages(tmp_path)
+    with pytest.raises(VocabdriftError, match="line 3 is not JSON"):
+        st.run_side_by_side([[_whoami("a"), ("bad", fail, "bad")], [_whoami("b")]])
+    assert st.done("a") and st.done("b") and not st.done("bad")
+    assert set(json.loads((tmp_path / "lab.json").read_text())["stages"]) == {"a", "b"}  # a rerun resumes
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        st.run_side_by_side([[("crash", crash, "crash")], [_whoami("c")]])
+    with pytest.raises(VocabdriftError, match="exit code 9"):
+        st.run_side_by_side([[("die", die, "die")], [_whoami("d")]])
+    assert st.done("c") and st.done("d") and not st.done("crash") and not st.done("die")
+
+
+@pytest.mark.slow
+def test_sfts_side_by_side_equal_the_same_sfts_one_after_the_other(tiny_base: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Forking is a matter of speed only: on one core (or a GPU) the lab runs the chains here, with equal numbers."""
+    from vocabdrift.composites.train import sft
+
+    records = build_corpus(docs=10, sft=40, seed=1, name_every=0).sft
+
+    def train(root: Path, seed: int):
+        def go(progress: bool) -> None:
+            sft(tiny_base, records, out=root / f"m{seed}", steps=4, batch_size=4, seed=seed, progress=False)
+        return f"sft{seed}", go, f"sft {seed}"
+
+    forked, here = tmp_path / "forked", tmp_path / "here"
+    for root in (forked, here):
+        root.mkdir()
+    _stages(forked).run_side_by_side([[train(forked, 0)], [train(forked, 1)]])
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    _stages(here).run_side_by_side([[train(here, 0)], [train(here, 1)]])
+    for seed in (0, 1):
+        a, b = _weights(forked / f"m{seed}"), _weights(here / f"m{seed}")
+        assert all(np.array_equal(v, b[k]) for k, v in a.items()), seed
+    assert not np.array_equal(_weights(forked / "m0")["lm_head.weight"], _weights(forked / "m1")["lm_head.weight"])
+
+
 # ---- the quick lab ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,12 @@ def test_markdown_has_the_tables(tmp_path: Path) -> None:
     assert len(pngs) == 6
     for rel in pngs:
         assert (run / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # rendered in two forked processes, byte for byte what one process renders chart by chart
+    from vocabdrift.outputs.report import Chart, build_sections, png, read_run
+
+    charts = [it for s in build_sections(read_run(run), compare=None, names=None, tokens=["きちんと"], top=50)
+              for it in s.items if isinstance(it, Chart)]
+    assert [(run / "report_files" / f"{c.key}.png").read_bytes() for c in charts] == [png(c) for c in charts]
 
 
 @pytest.mark.parametrize("part", OPTIONAL)

@@ -13,24 +13,31 @@ Stages (each cached in OUT, so a rerun resumes where the last one stopped):
     remedies   OUT/remedies/{replay,anchor,gate}, remedies.md (`repair` runs beside baseline and +coverage;
                                                              default on, off with --quick)
 
+Pre-training runs on two CPU threads on every machine. From the SFTs on, every stage runs on one thread, and two
+independent chains of stages (baseline | repaired; then the remedies) run side by side in forked processes: the
+models are so small that this does more work per second than two threads on one chain (`_Stages.run_side_by_side`).
+Fixing the thread counts makes the numbers the same whether the chains are forked or not, and on any core count.
+
 Every model folder is a normal Hugging Face checkpoint and every run folder a normal vocabdrift run, so each other
 command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors OUT/models/baseline 嘉祺`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..device import cpu_threads
 from ..errors import VocabdriftError
 from .corpus import GIVEN_NAME, build_corpus
 
@@ -42,6 +49,7 @@ THRESHOLD = 0.95
 SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages the SFT set (nearly) never answers in
 REMEDIES = ("replay", "anchor", "gate")  # trained with `repair` beside the baseline and +coverage
 HELDOUT = 200  # held-out SFT conversations for each model's task loss
+PRETRAIN_THREADS = 2  # pre-training's CPU threads on every machine (see `lab`)
 PROBE_TOP_P = 0.25  # a tight nucleus: a tiny model's next-token distribution is flat (see _probe)
 JA_PROMPTS = ("お年玉について短い文章を書いてください。", "富士山について教えてください。")
 
@@ -96,6 +104,10 @@ LARGE = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hid
 
 # ---- stage bookkeeping ----------------------------------------------------------------------------------------
 
+# A stage: (name, fn, what). fn(progress) does the work and may return updates for lab.json's state.
+Stage = tuple[str, Callable[[bool], "dict[str, Any] | None"], str]
+
+
 class _Stages:
     """OUT/lab.json: the recipe, the seed and the finished stages with their seconds; written atomically."""
 
@@ -117,15 +129,93 @@ class _Stages:
         tmp.write_text(json.dumps(self.state, indent=2, ensure_ascii=False, default=str))
         os.replace(tmp, self.path)
 
-    def run(self, name: str, fn: Callable[[], Any], what: str) -> None:
-        """Run stage `name` unless a previous run finished it; print one line either way."""
-        if name in self.state["stages"]:
+    def done(self, name: str) -> bool:
+        return name in self.state["stages"]
+
+    def run(self, stage: Stage, *, threads: int | None = None) -> None:
+        """Run a stage unless a previous run finished it (on `threads` CPU threads if given); say so either way."""
+        name, fn, what = stage
+        if self.done(name):
             self._say(f"[dim]✓ {what} (cached)[/dim]")
             return
+        self._say(f"[bold]→ {what} …[/bold]")
         t = time.perf_counter()
-        with self._status(what):
-            fn()
-        secs = time.perf_counter() - t
+        with cpu_threads(threads) if threads else contextlib.nullcontext():
+            update = fn(self.progress)
+        self._finish(name, what, time.perf_counter() - t, update)
+
+    def run_side_by_side(self, chains: Sequence[Sequence[Stage]]) -> None:
+        """Run chains of stages (each in order), two chains at a time, every stage on one CPU thread.
+
+        Why: the lab's models are so small that a second thread speeds a training step up by only ~15%, while two
+        processes on one thread each get 1.47x the work of one on two done (bench/lab_threads.py). A chain runs
+        in a forked process, which shares the parent's imported libraries. The numbers do not depend on it: where
+        forking is not an option (a GPU, which a forked child cannot use, or a single core) the same stages run
+        here one after the other, on one thread too.
+        """
+        import torch
+
+        todo = [[s for s in c if not self.done(s[0])] for c in chains]
+        for c in chains:
+            for name, _, what in c:
+                if self.done(name):
+                    self._say(f"[dim]✓ {what} (cached)[/dim]")
+        todo = [c for c in todo if c]
+        if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 or len(todo) < 2:
+            for c in todo:
+                for stage in c:
+                    self.run(stage, threads=1)
+            return
+        self._fork_chains(todo)
+
+    def _fork_chains(self, chains: list[list[Stage]]) -> None:
+        import multiprocessing as mp
+        import warnings
+        from multiprocessing.connection import wait
+
+        ctx = mp.get_context("fork")
+        waiting, running = list(chains), {}  # reader -> (process, chain)
+        failure: tuple[str, str] | None = None
+        while waiting or running:
+            while waiting and len(running) < 2 and failure is None:
+                chain = waiting.pop(0)
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
+                self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
+                          "[dim](one thread, beside the other chain)[/dim]")
+                with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads; torch's pool is idle
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    p.start()
+                writer.close()  # the child's copy stays open: its end gives this reader EOF
+                running[reader] = p
+            if not running:
+                break
+            for reader in wait(list(running)):
+                try:
+                    kind, *rest = reader.recv()
+                except EOFError:  # the worker has ended
+                    p = running.pop(reader)
+                    p.join()
+                    if p.exitcode != 0 and failure is None:
+                        failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the same "
+                                   "command to resume")
+                    continue
+                if kind == "done":
+                    self._finish(*rest)
+                elif failure is None:
+                    failure = (kind, rest[0])
+        if failure is not None:
+            kind, msg = failure
+            if kind == "error":
+                raise VocabdriftError(msg)
+            raise RuntimeError(f"a lab stage failed in its worker process:\n{msg}")
+
+    def _finish(self, name: str, what: str, secs: float, update: dict[str, Any] | None) -> None:
+        for k, v in (update or {}).items():
+            if isinstance(v, dict):
+                self.state.setdefault(k, {}).update(v)
+            else:
+                self.state[k] = v
         self.state["stages"][name] = {"seconds": round(secs, 2)}
         self.save()
         self._say(f"✓ {what} [dim]({secs:.1f} s)[/dim]")
@@ -137,11 +227,29 @@ class _Stages:
             Console(stderr=True).print(msg)
         log.info(msg)
 
-    @contextmanager
-    def _status(self, what: str) -> Iterator[None]:
-        # a line, not a spinner: the stages run their own progress bars, and rich allows one live display
-        self._say(f"[bold]→ {what} …[/bold]")
-        yield
+
+def _chain_worker(chain: list[Stage], conn: Any) -> None:
+    """A forked worker: one thread, no progress bars; each finished stage is sent to the parent."""
+    import traceback
+
+    import torch
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's Rust thread pool did not come with the fork
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        for name, fn, what in chain:
+            t = time.perf_counter()
+            update = fn(False)
+            conn.send(("done", name, what, time.perf_counter() - t, update))
+    except VocabdriftError as e:
+        conn.send(("error", str(e)))
+        code = 2
+    except BaseException:
+        conn.send(("crash", traceback.format_exc()))
+        code = 1
+    conn.close()
+    sys.exit(code)  # multiprocessing turns it into the exit code, skipping the parent's exit handlers
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -317,7 +425,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     Args:
         out: the lab folder (created; a rerun with the same settings resumes from the last finished stage).
         quick: the same models with fewer probed tokens and confusion samples and no remedies (for tests and a
-            first look; 75-110 s on 2 cores).
+            first look; 80-95 s on 2 cores).
         seed: all randomness (corpus, initialisation, data order) follows it (default: the recipe's own).
         recipe: another recipe, e.g. `LARGE` (`quick` is ignored then).
         remedies: also train +replay, +anchor and +gate with `repair` and compare all five ways in OUT/remedies.md
@@ -342,9 +450,10 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     data, models = out / "data", out / "models"
     runs = {"baseline": out / "baseline", "repaired": out / "repaired"}
     mpath = {k: models / k for k in ("tokenizer", "base", "baseline", "repaired")}
+    remedy_runs = {k: out / "remedies" / k for k in REMEDIES}
     torch.manual_seed(seed)
 
-    def corpus() -> None:
+    def corpus(progress: bool) -> None:
         c = build_corpus(docs=recipe.docs, sft=recipe.sft_samples, seed=seed, name_every=recipe.name_every)
         _write_jsonl(data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
         _write_jsonl(data / "sft.jsonl", c.sft)
@@ -352,14 +461,14 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     def pretrain_texts() -> list[str]:
         return [r["text"] for r in _read_jsonl(data / "pretrain.jsonl")]
 
-    def tokenizer() -> None:
+    def tokenizer(progress: bool) -> None:
         from .train import train_tokenizer
 
         _rm_partial(mpath["tokenizer"])
         train_tokenizer(pretrain_texts(), vocab_size=recipe.vocab_size, out=mpath["tokenizer"],
                         must_have=[GIVEN_NAME])
 
-    def base() -> None:
+    def base(progress: bool) -> dict[str, Any]:
         from ..sources.tokenizer import load_tokenizer
         from .train import pretrain
 
@@ -368,16 +477,16 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
                            steps=recipe.pretrain_steps, hidden=recipe.hidden, layers=recipe.layers,
                            heads=recipe.heads, context=recipe.context, batch_size=recipe.pretrain_batch,
                            lr=recipe.pretrain_lr, seed=seed, progress=progress)
-        st.state["pretrain_loss"] = round(loss, 4)
+        return {"pretrain_loss": round(loss, 4)}
 
-    def synth_set() -> None:
+    def synth_set(progress: bool) -> None:
         from ..api.coverage import synth
 
         synth(mpath["base"], out=data / "coverage.jsonl", min_per_token=recipe.min_per_token,
               tokens_per_sample=recipe.tokens_per_sample, seed=seed, progress=progress)
 
-    def train(name: str, files: list[Path]) -> Callable[[], None]:
-        def go() -> None:
+    def train(name: str, files: list[Path]) -> Callable[[bool], None]:
+        def go(progress: bool) -> None:
             from .train import sft
 
             _rm_partial(mpath[name])
@@ -386,8 +495,8 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
                 betas=(0.9, recipe.sft_beta2), batch_size=recipe.sft_batch, seed=seed, progress=progress)
         return go
 
-    def analyse(name: str, files: list[Path]) -> Callable[[], None]:
-        def go() -> None:
+    def analyse(name: str, files: list[Path]) -> Callable[[bool], None]:
+        def go(progress: bool) -> None:
             from ..api.coverage import coverage
             from ..api.diff import diff
 
@@ -396,7 +505,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
             coverage([str(f) for f in files], tokenizer=mpath["base"], out=runs[name], progress=progress)
         return go
 
-    def _probe(model: Path, run: Path) -> None:
+    def _probe(model: Path, run: Path, progress: bool) -> None:
         from ..analyses.probe import CHAT_DEFAULT, FEWSHOT_DEFAULT
         from ..api.probe import probe
 
@@ -406,11 +515,11 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         probe(model, base=mpath["base"], tokens=_probe_tokens(), out=run, base_templates=list(FEWSHOT_DEFAULT),
               templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress)
 
-    def prove(name: str) -> Callable[[], None]:
-        def go() -> None:
+    def prove(name: str) -> Callable[[bool], None]:
+        def go(progress: bool) -> None:
             from ..api.probe import cases, confusion
 
-            _probe(mpath[name], runs[name])
+            _probe(mpath[name], runs[name], progress)
             cases(mpath[name], out=runs[name], name=name, progress=progress)  # the published cases
             confusion(mpath[name], prompts=list(JA_PROMPTS), language="ja", n=recipe.confusion_n, seed=seed,
                       max_tokens=48, out=runs[name], progress=progress)
@@ -430,30 +539,17 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         ids = load_tokenizer(mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
         return ids[0]
 
-    sft_files = [data / "sft.jsonl"]
-    rep_files = [data / "sft.jsonl", data / "coverage.jsonl"]
-    st.run("corpus", corpus, "corpus: pre-training text and SFT conversations")
-    st.run("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens")
-    st.run("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)")
-    st.run("synth", synth_set, "coverage set (synth)")
-    st.run("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)")
-    st.run("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)")
-    st.run("analyse_baseline", analyse("baseline", sft_files), "baseline: diff and coverage")
-    st.run("analyse_repaired", analyse("repaired", rep_files), "repaired: diff and coverage")
-    st.run("prove_baseline", prove("baseline"), "baseline: probe, cases, confusion on Japanese prompts")
-    st.run("prove_repaired", prove("repaired"), "repaired: probe, cases, confusion on Japanese prompts")
+    heldout_records = functools.cache(lambda: _heldout_records(seed))
 
-    def write_report() -> None:
-        from ..outputs.report import report
+    def heldout(name: str, model: Path) -> Stage:
+        def go(progress: bool) -> dict[str, Any]:
+            from .train import eval_loss
 
-        report(runs["baseline"], compare=runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
+            return {"heldout_loss": {name: round(eval_loss(model, heldout_records()), 6)}}
+        return f"heldout_{name}", go, f"held-out SFT loss: {name}"
 
-    st.run("report", write_report, "report: baseline against repaired")
-
-    remedy_runs = {k: out / "remedies" / k for k in REMEDIES}
-
-    def remedy(name: str) -> Callable[[], None]:
-        def go() -> None:
+    def remedy(name: str) -> Stage:
+        def go(progress: bool) -> None:
             from .repair import repair
 
             _rm_partial(remedy_runs[name])
@@ -463,36 +559,48 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
                    anchor=recipe.anchor if name == "anchor" else 0.0, gate=name == "gate",
                    steps=recipe.sft_steps, lr=recipe.sft_lr, batch_size=recipe.sft_batch, seed=seed,
                    betas=(0.9, recipe.sft_beta2), progress=progress)
-            _probe(remedy_runs[name] / "model", remedy_runs[name])
-        return go
+            _probe(remedy_runs[name] / "model", remedy_runs[name], progress)
+        return f"remedy_{name}", go, f"SFT +{name} (repair), diff and probe"
 
+    def write_report(progress: bool) -> None:
+        from ..outputs.report import report
+
+        report(runs["baseline"], compare=runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
+
+    sft_files = [data / "sft.jsonl"]
+    rep_files = [data / "sft.jsonl", data / "coverage.jsonl"]
+    st.run(("corpus", corpus, "corpus: pre-training text and SFT conversations"))
+    st.run(("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens"))
+    # two threads whatever the machine: the recipe's seed was chosen on them, and the thread count changes the
+    # floating-point sums, hence the trained model
+    st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"), threads=PRETRAIN_THREADS)
+    st.run(("synth", synth_set, "coverage set (synth)"))
+    # From here on every stage runs on one thread, two independent chains side by side (`run_side_by_side`).
+    st.run_side_by_side([
+        [("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)"),
+         ("analyse_baseline", analyse("baseline", sft_files), "baseline: diff and coverage"),
+         heldout("baseline", mpath["baseline"])],
+        [("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)"),
+         ("analyse_repaired", analyse("repaired", rep_files), "repaired: diff and coverage"),
+         heldout("repaired", mpath["repaired"])]])
+    st.run_side_by_side([  # both probe the baseline's most drifted tokens: after both analyses
+        [("prove_baseline", prove("baseline"), "baseline: probe, cases, confusion on Japanese prompts"),
+         heldout("base", mpath["base"])],
+        [("prove_repaired", prove("repaired"), "repaired: probe, cases, confusion on Japanese prompts")]])
+    st.run(("report", write_report, "report: baseline against repaired"))
     if remedies if remedies is not None else not quick:
-        for name in REMEDIES:
-            st.run(f"remedy_{name}", remedy(name), f"SFT +{name} (repair), diff and probe")
+        st.run_side_by_side([[remedy(k), heldout(f"+{k}", p / "model")] for k, p in remedy_runs.items()])
 
     import pyarrow.parquet as pq
 
     planted = _planted_id()
     cov = pq.read_table(runs["repaired"] / "coverage.parquet")
     reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
-    remedied = all(f"remedy_{k}" in st.state["stages"] for k in REMEDIES)
-    # each model's held-out loss is a stage of its own, kept in lab.json: a finished lab reruns in seconds
-    heldout = st.state.setdefault("heldout_loss", {})
-    heldout_records = functools.cache(lambda: _heldout_records(seed))
-
-    def heldout_loss(name: str, model: Path) -> Callable[[], None]:
-        def go() -> None:
-            from .train import eval_loss
-
-            heldout[name] = round(eval_loss(model, heldout_records()), 6)
-        return go
-
-    for name, model in {"base": mpath["base"], **{k: mpath[k] for k in runs},
-                        **({f"+{k}": p / "model" for k, p in remedy_runs.items()} if remedied else {})}.items():
-        st.run(f"heldout_{name}", heldout_loss(name, model), f"held-out SFT loss: {name}")
+    remedied = all(st.done(f"remedy_{k}") for k in REMEDIES)
+    losses = st.state["heldout_loss"]
     results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
     for k, v in results.items():
-        v.update(heldout_loss=heldout[k], heldout_loss_base=heldout["base"])
+        v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
     table = comparison_markdown(results)
     st.state["results"] = results
     st.save()
@@ -502,7 +610,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         rem_results = {"baseline": dict(results["baseline"]), "+coverage": dict(results["repaired"]),
                        **{f"+{k}": _measure(p, reach_ids, planted) for k, p in remedy_runs.items()}}
         for k in REMEDIES:
-            rem_results[f"+{k}"].update(heldout_loss=heldout[f"+{k}"], heldout_loss_base=heldout["base"])
+            rem_results[f"+{k}"].update(heldout_loss=losses[f"+{k}"], heldout_loss_base=losses["base"])
         cost = _costs(out, remedy_runs)
         for k, v in rem_results.items():
             v["extra_tokens"] = cost[k]

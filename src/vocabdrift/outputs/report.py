@@ -954,6 +954,23 @@ def png(c: Chart) -> bytes:
     return buf.getvalue()
 
 
+def pngs(charts: Sequence[Chart]) -> list[bytes]:
+    """`png` of each chart; on two cores or more, in two forked processes. Most of a report's time is matplotlib
+    laying out text, one chart at a time: two processes render 1.8x faster (bench/report_scale.py), the same bytes."""
+    import multiprocessing as mp
+
+    if len(charts) < 2 or (os.cpu_count() or 1) < 2 or "fork" not in mp.get_all_start_methods():
+        return [png(c) for c in charts]
+    from concurrent.futures import ProcessPoolExecutor
+
+    import matplotlib.backends.backend_agg  # noqa: F401  (imported once, here, for both workers)
+
+    with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (an idle torch pool, say)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(png, charts))
+
+
 # ---- comparing two runs -----------------------------------------------------------------------------------------
 
 def _stat(rd: RunData, key: str, space: str = "lm_head") -> dict[str, Any] | None:
@@ -1196,11 +1213,10 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
     files = p / _FILES
     files.mkdir(exist_ok=True)
     images = {}
-    for s in sections:
-        for it in s.items:
-            if isinstance(it, Chart):
-                write_bytes_atomic(files / f"{it.key}.png", png(it))
-                images[it.key] = f"{_FILES}/{it.key}.png"
+    charts = [it for s in sections for it in s.items if isinstance(it, Chart)]
+    for c, data in zip(charts, pngs(charts), strict=True):
+        write_bytes_atomic(files / f"{c.key}.png", data)
+        images[c.key] = f"{_FILES}/{c.key}.png"
     md_path, html_path = p / "report.md", p / "report.html"
     write_bytes_atomic(md_path, render_markdown(sections, title=title, origin=origin, images=images).encode())
     write_bytes_atomic(html_path, page.encode())
