@@ -79,6 +79,32 @@ def _tiny_tokenizer_json(path: Path, extra: str = "") -> Path:
     return path
 
 
+def test_vocab_cache_keeps_only_the_most_recently_used_tables(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import vocabdrift.api.diff as D
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VOCABDRIFT_CACHE", str(cache))
+    monkeypatch.setattr(D, "CACHE_KEEP", 2)
+    files = [_tiny_tokenizer_json(tmp_path / f"t{k}.json", extra=" ".join(["otter"] * (k + 1) + [f"w{k}"] * 3))
+             for k in range(3)]
+
+    def entries() -> dict[str, float]:
+        return {p.name: p.stat().st_mtime for p in cache.glob("vocab-*.parquet")}
+
+    vocab_table(files[0])
+    vocab_table(files[1])
+    first, second = (D._cache_path(f, None).name for f in files[:2])
+    assert set(entries()) == {first, second}
+    for k, name in enumerate((first, second)):  # distinct, old use times: the order cannot hinge on the clock
+        os.utime(cache / name, (1_000_000 + k, 1_000_000 + k))
+    vocab_table(files[0])  # a read is a use: the first table is now the most recent
+    assert entries()[first] > entries()[second]
+    vocab_table(files[2])  # a third table: the least recently used one (the second) goes
+    assert len(entries()) == 2 and first in entries() and second not in entries()
+
+
 def test_vocab_table_cache_is_read_back_and_keyed_by_the_tokenizer(tmp_path: Path, monkeypatch) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -5,6 +5,7 @@ I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come fro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -120,16 +121,22 @@ def _cache_path(model: PathLike, size: int | None) -> Path | None:
     return folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
 
 
+CACHE_KEEP = 16  # vocabulary tables kept in the cache, the most recently used (a 152K table is ~3.6 MB)
+
+
 def _read_cache(path: Path) -> pa.Table | None:
     if not path.is_file():
         return None
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except Exception as e:  # a damaged cache file is rebuilt, never trusted
         log.warning("vocabulary cache %s unreadable (%s); rebuilding it", path, e)
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # used now: the pruning keeps the most recently used tables
+    return table
 
 
 def _write_cache(path: Path, table: pa.Table) -> None:
@@ -144,6 +151,23 @@ def _write_cache(path: Path, table: pa.Table) -> None:
         os.replace(tmp, path)
     except OSError as e:
         log.info("vocabulary cache not written (%s)", e)
+        return
+    _prune_cache(path.parent)
+
+
+def _prune_cache(folder: Path, keep: int | None = None) -> None:
+    """Delete all but the `keep` most recently used tables: the cache never grows past a few dozen MB."""
+    keep = CACHE_KEEP if keep is None else keep
+
+    def used(f: Path) -> float:
+        try:
+            return f.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process
+            return 0.0
+
+    for f in sorted(folder.glob("vocab-*.parquet"), key=used, reverse=True)[keep:]:
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def _build_vocab_table(model: PathLike, *, size: int | None, trust_remote_code: bool) -> pa.Table:

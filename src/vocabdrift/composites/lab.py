@@ -574,13 +574,13 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     # two threads whatever the machine: the recipe's seed was chosen on them, and the thread count changes the
     # floating-point sums, hence the trained model
     st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"), threads=PRETRAIN_THREADS)
-    st.run(("synth", synth_set, "coverage set (synth)"))
     # From here on every stage runs on one thread, two independent chains side by side (`run_side_by_side`).
     st.run_side_by_side([
         [("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)"),
          ("analyse_baseline", analyse("baseline", sft_files), "baseline: diff and coverage"),
          heldout("baseline", mpath["baseline"])],
-        [("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)"),
+        [("synth", synth_set, "coverage set (synth)"),
+         ("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)"),
          ("analyse_repaired", analyse("repaired", rep_files), "repaired: diff and coverage"),
          heldout("repaired", mpath["repaired"])]])
     st.run_side_by_side([  # both probe the baseline's most drifted tokens: after both analyses

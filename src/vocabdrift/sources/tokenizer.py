@@ -201,8 +201,12 @@ def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size
             raw.append(piece.encode("utf-8"))
         else:
             raw.append(piece_bytes(piece, style))
-    decoded = backend.decode_batch([[i] for i in range(n_tok)], skip_special_tokens=False) + [""] * (n - n_tok)
-    texts = [_show_bytes(b) if b is not None else d for b, d in zip(raw, decoded, strict=True)]
+    # a piece with known bytes is shown from them; the tokenizer decodes only the others (special and added
+    # tokens, unknown piece styles): decoding all 152K ids of a Qwen vocabulary cost 0.5 s
+    texts = [_show_bytes(b) if b is not None else "" for b in raw]
+    rest = [i for i in range(n_tok) if raw[i] is None]
+    for i, d in zip(rest, backend.decode_batch([[i] for i in rest], skip_special_tokens=False), strict=True):
+        texts[i] = d
     is_special = np.zeros(n, dtype=bool)
     is_special[sorted(special_ids)] = True
 
