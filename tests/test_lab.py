@@ -394,6 +394,27 @@ def test_cli_lab_refuses_a_file_for_out(tmp_path: Path) -> None:
     assert p.returncode == 2 and "exclude each other" in p.stderr and not (tmp_path / "x").exists()
 
 
+def test_cli_lab_interrupted_says_so_in_one_line_and_keeps_the_finished_stages(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "lab"
+    p = subprocess.Popen([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(out), "--quick"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "lab.json").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first stage (the corpus) has ended: the lab is under way
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err.strip().splitlines()[-1] == "vocabdrift: interrupted" and "Traceback" not in err
+    stages = json.loads((out / "lab.json").read_text())["stages"]
+    assert "corpus" in stages and "base" not in stages  # a rerun resumes after the corpus
+    assert not (out / "models" / "base").exists()
+
+
 def test_the_default_recipe_trains_the_quick_models() -> None:
     """The quick test's assertions are about the models the default (`make demo`) trains too."""
     from dataclasses import asdict

@@ -677,6 +677,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("vocabdrift: interrupted", err=True)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into a silent exit 130 itself
+            typer.echo("vocabdrift: interrupted", err=True)
+        raise
 
 
 if __name__ == "__main__":

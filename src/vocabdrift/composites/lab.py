@@ -161,7 +161,8 @@ class _Stages:
                 if self.done(name):
                     self._say(f"[dim]✓ {what} (cached)[/dim]")
         todo = [c for c in todo if c]
-        if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 or len(todo) < 2:
+        # fork only where it is the platform's way (Linux; macOS defaults to spawn for good reasons)
+        if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 or len(todo) < 2 or sys.platform != "linux":
             for c in todo:
                 for stage in c:
                     self.run(stage, threads=1)
@@ -174,36 +175,42 @@ class _Stages:
         from multiprocessing.connection import wait
 
         ctx = mp.get_context("fork")
-        waiting, running = list(chains), {}  # reader -> (process, chain)
+        waiting, running = list(chains), {}  # reader -> worker process
         failure: tuple[str, str] | None = None
-        while waiting or running:
-            while waiting and len(running) < 2 and failure is None:
-                chain = waiting.pop(0)
-                reader, writer = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
-                self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
-                          "[dim](one thread, beside the other chain)[/dim]")
-                with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads; torch's pool is idle
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    p.start()
-                writer.close()  # the child's copy stays open: its end gives this reader EOF
-                running[reader] = p
-            if not running:
-                break
-            for reader in wait(list(running)):
-                try:
-                    kind, *rest = reader.recv()
-                except EOFError:  # the worker has ended
-                    p = running.pop(reader)
-                    p.join()
-                    if p.exitcode != 0 and failure is None:
-                        failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the same "
-                                   "command to resume")
-                    continue
-                if kind == "done":
-                    self._finish(*rest)
-                elif failure is None:
-                    failure = (kind, rest[0])
+        try:
+            while waiting or running:
+                while waiting and len(running) < 2 and failure is None:
+                    chain = waiting.pop(0)
+                    reader, writer = ctx.Pipe(duplex=False)
+                    p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
+                    self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
+                              "[dim](one thread, beside the other chain)[/dim]")
+                    with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        p.start()
+                    writer.close()  # the child's copy stays open: its end gives this reader EOF
+                    running[reader] = p
+                if not running:
+                    break
+                for reader in wait(list(running)):
+                    try:
+                        kind, *rest = reader.recv()
+                    except EOFError:  # the worker has ended
+                        p = running.pop(reader)
+                        p.join()
+                        if p.exitcode != 0 and failure is None:
+                            failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the "
+                                       "same command to resume")
+                        continue
+                    if kind == "done":
+                        self._finish(*rest)
+                    elif failure is None:
+                        failure = (kind, rest[0])
+        except BaseException:  # Ctrl-C, or a bug here: no worker outlives the lab
+            for p in running.values():
+                p.terminate()
+                p.join()
+            raise
         if failure is not None:
             kind, msg = failure
             if kind == "error":
@@ -242,13 +249,16 @@ def _chain_worker(chain: list[Stage], conn: Any) -> None:
             t = time.perf_counter()
             update = fn(False)
             conn.send(("done", name, what, time.perf_counter() - t, update))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says it, once
+        code = 130
     except VocabdriftError as e:
         conn.send(("error", str(e)))
         code = 2
-    except BaseException:
+    except Exception:
         conn.send(("crash", traceback.format_exc()))
         code = 1
-    conn.close()
+    with contextlib.suppress(OSError):
+        conn.close()
     sys.exit(code)  # multiprocessing turns it into the exit code, skipping the parent's exit handlers
 
 
