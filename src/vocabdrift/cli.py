@@ -631,8 +631,8 @@ def report(
 def lab(
     out: Out,
     quick: Annotated[bool, typer.Option("--quick", help="The same models, fewer probes, no remedies (for tests; "
-                                                        "80-95 s on 2 cores).")] = False,
-    large: Annotated[bool, typer.Option("--large", help="A 4,096-token, 3-layer model (about 14 minutes on 2 "
+                                                        "80-110 s on 2 cores).")] = False,
+    large: Annotated[bool, typer.Option("--large", help="A 4,096-token, 3-layer model (about 11 minutes on 2 "
                                                         "cores; the planted name does not reproduce at seed 0).")]
     = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the corpus, the initialisation and the data order "

@@ -95,7 +95,7 @@ QUICK = Recipe(docs=2500, sft_samples=600, name_every=400, vocab_size=2048, hidd
                seed=2)
 # The default trains the quick recipe's models (so the tests' assertions hold for it) and adds the breadth: 100
 # probed tokens, 100 confusion samples, the remedies. At this size the planted name's story reproduces; in LARGE
-# (a 4,096-token model, ~14 min here) the language pattern does, the planted name does not (README).
+# (a 4,096-token model, ~11 min here) the language pattern does, the planted name does not (README).
 DEFAULT = dataclasses.replace(QUICK, probe_top=100, confusion_n=100)
 LARGE = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hidden=96, layers=3, heads=4,
                context=128, pretrain_steps=2000, pretrain_batch=16, pretrain_lr=3e-3, sft_steps=400, sft_batch=8,
@@ -435,7 +435,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     Args:
         out: the lab folder (created; a rerun with the same settings resumes from the last finished stage).
         quick: the same models with fewer probed tokens and confusion samples and no remedies (for tests and a
-            first look; 80-95 s on 2 cores).
+            first look; 80-110 s on 2 cores).
         seed: all randomness (corpus, initialisation, data order) follows it (default: the recipe's own).
         recipe: another recipe, e.g. `LARGE` (`quick` is ignored then).
         remedies: also train +replay, +anchor and +gate with `repair` and compare all five ways in OUT/remedies.md
