@@ -258,7 +258,7 @@ def test_sfts_side_by_side_equal_the_same_sfts_one_after_the_other(tiny_base: Pa
     for root in (forked, here):
         root.mkdir()
     _stages(forked).run_side_by_side([[train(forked, 0)], [train(forked, 1)]])
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.setattr("vocabdrift.composites.lab.usable_cpus", lambda: 1)
     _stages(here).run_side_by_side([[train(here, 0)], [train(here, 1)]])
     for seed in (0, 1):
         a, b = _weights(forked / f"m{seed}"), _weights(here / f"m{seed}")

@@ -24,6 +24,14 @@ def best_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or `taskset`'s limit), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @contextmanager
 def cpu_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to `n` (at least 1) for the block, then restored.

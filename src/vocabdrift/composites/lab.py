@@ -13,10 +13,11 @@ Stages (each cached in OUT, so a rerun resumes where the last one stopped):
     remedies   OUT/remedies/{replay,anchor,gate}, remedies.md (`repair` runs beside baseline and +coverage;
                                                              default on, off with --quick)
 
-Pre-training runs on two CPU threads on every machine. From the SFTs on, every stage runs on one thread, and two
-independent chains of stages (baseline | repaired; then the remedies) run side by side in forked processes: the
-models are so small that this does more work per second than two threads on one chain (`_Stages.run_side_by_side`).
-Fixing the thread counts makes the numbers the same whether the chains are forked or not, and on any core count.
+Pre-training runs on two CPU threads on every machine that has two. From the SFTs on, every stage runs on one
+thread, and two independent chains of stages (baseline | repaired; then the remedies) run side by side in forked
+processes: the models are so small that this does more work per second than two threads on one chain
+(`_Stages.run_side_by_side`). Fixing the thread counts makes the numbers the same whether the chains are forked or
+not, and on any core count from two up.
 
 Every model folder is a normal Hugging Face checkpoint and every run folder a normal vocabdrift run, so each other
 command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors OUT/models/baseline 嘉祺`).
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..device import cpu_threads
+from ..device import cpu_threads, usable_cpus
 from ..errors import VocabdriftError
 from .corpus import GIVEN_NAME, build_corpus
 
@@ -162,7 +163,7 @@ class _Stages:
                     self._say(f"[dim]✓ {what} (cached)[/dim]")
         todo = [c for c in todo if c]
         # fork only where it is the platform's way (Linux; macOS defaults to spawn for good reasons)
-        if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 or len(todo) < 2 or sys.platform != "linux":
+        if torch.cuda.is_available() or usable_cpus() < 2 or len(todo) < 2 or sys.platform != "linux":
             for c in todo:
                 for stage in c:
                     self.run(stage, threads=1)
@@ -582,8 +583,9 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     st.run(("corpus", corpus, "corpus: pre-training text and SFT conversations"))
     st.run(("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens"))
     # two threads whatever the machine: the recipe's seed was chosen on them, and the thread count changes the
-    # floating-point sums, hence the trained model
-    st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"), threads=PRETRAIN_THREADS)
+    # floating-point sums, hence the trained model (one CPU gets one thread: two would wait on each other)
+    st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"),
+           threads=min(PRETRAIN_THREADS, usable_cpus()))
     # From here on every stage runs on one thread, two independent chains side by side (`run_side_by_side`).
     st.run_side_by_side([
         [("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)"),

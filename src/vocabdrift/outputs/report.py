@@ -959,7 +959,9 @@ def pngs(charts: Sequence[Chart]) -> list[bytes]:
     laying out text, one chart at a time: two processes render 1.8x faster (bench/report_scale.py), the same bytes."""
     import multiprocessing as mp
 
-    if len(charts) < 2 or (os.cpu_count() or 1) < 2 or "fork" not in mp.get_all_start_methods():
+    from ..device import usable_cpus
+
+    if len(charts) < 2 or usable_cpus() < 2 or "fork" not in mp.get_all_start_methods():
         return [png(c) for c in charts]
     from concurrent.futures import ProcessPoolExecutor
 
