@@ -217,6 +217,17 @@ def test_side_by_side_chains_run_in_single_thread_workers_and_each_stage_is_reco
     _stages(tmp_path).run_side_by_side([[("a1", never, "x"), ("a2", never, "x")], [("b1", never, "x")]])
 
 
+def test_side_by_side_with_progress_prints_each_stage(tmp_path: Path, capsys) -> None:
+    from vocabdrift.composites.lab import QUICK, _Stages
+
+    st = _Stages(tmp_path, QUICK, 0, progress=True)
+    st.run_side_by_side([[_whoami("a1"), _whoami("a2")], [_whoami("b1")]])
+    err = capsys.readouterr().err
+    assert "→ stage a1, then stage a2 …" in err and "→ stage b1 …" in err
+    assert all(f"✓ stage {k}" in err for k in ("a1", "a2", "b1"))
+    assert st._console is None  # the live display is gone
+
+
 def test_a_failing_worker_gives_one_clear_error_and_keeps_the_finished_stages(tmp_path: Path) -> None:
     import os
 

@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ class _Stages:
         else:
             state = {**want, "stages": {}}
         self.state = state
+        self._console: Any = None  # the live display's console while one is shown
 
     def save(self) -> None:
         tmp = self.path.with_name(".lab.json.tmp")
@@ -178,40 +179,45 @@ class _Stages:
         ctx = mp.get_context("fork")
         waiting, running = list(chains), {}  # reader -> worker process
         failure: tuple[str, str] | None = None
-        try:
-            while waiting or running:
-                while waiting and len(running) < 2 and failure is None:
-                    chain = waiting.pop(0)
-                    reader, writer = ctx.Pipe(duplex=False)
-                    p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
-                    self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
-                              "[dim](one thread, beside the other chain)[/dim]")
-                    with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        p.start()
-                    writer.close()  # the child's copy stays open: its end gives this reader EOF
-                    running[reader] = p
-                if not running:
-                    break
-                for reader in wait(list(running)):
-                    try:
-                        kind, *rest = reader.recv()
-                    except EOFError:  # the worker has ended
-                        p = running.pop(reader)
-                        p.join()
-                        if p.exitcode != 0 and failure is None:
-                            failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the "
-                                       "same command to resume")
-                        continue
-                    if kind == "done":
-                        self._finish(*rest)
-                    elif failure is None:
-                        failure = (kind, rest[0])
-        except BaseException:  # Ctrl-C, or a bug here: no worker outlives the lab
-            for p in running.values():
-                p.terminate()
-                p.join()
-            raise
+        with self._board() as show:
+            try:
+                while waiting or running:
+                    while waiting and len(running) < 2 and failure is None:
+                        chain = waiting.pop(0)
+                        reader, writer = ctx.Pipe(duplex=False)
+                        p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
+                        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
+                                  "[dim](one thread, beside the other chain)[/dim]")
+                        with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (an idle pool)
+                            warnings.simplefilter("ignore", DeprecationWarning)
+                            p.start()
+                        writer.close()  # the child's copy stays open: its end gives this reader EOF
+                        running[reader] = p
+                    if not running:
+                        break
+                    for reader in wait(list(running)):
+                        try:
+                            kind, *rest = reader.recv()
+                        except EOFError:  # the worker has ended
+                            show(reader, None)
+                            p = running.pop(reader)
+                            p.join()
+                            if p.exitcode != 0 and failure is None:
+                                failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun "
+                                           "the same command to resume")
+                            continue
+                        if kind == "start":
+                            show(reader, rest[0])
+                        elif kind == "done":
+                            show(reader, None)
+                            self._finish(*rest)
+                        elif failure is None:
+                            failure = (kind, rest[0])
+            except BaseException:  # Ctrl-C, or a bug here: no worker outlives the lab
+                for p in running.values():
+                    p.terminate()
+                    p.join()
+                raise
         if failure is not None:
             kind, msg = failure
             if kind == "error":
@@ -232,8 +238,37 @@ class _Stages:
         if self.progress:
             from rich.console import Console
 
-            Console(stderr=True).print(msg)
+            (self._console or Console(stderr=True)).print(msg)
         log.info(msg)
+
+    @contextlib.contextmanager
+    def _board(self) -> Iterator[Callable[[Any, str | None], None]]:
+        """While chains run side by side: a live line for each running stage with its time so far.
+
+        Yields `show(key, what)`: the line of `key` (a chain) now says `what`; None removes it. A no-op without
+        progress. The workers draw nothing themselves: two live displays on one terminal would garble it.
+        """
+        if not self.progress:
+            yield lambda key, what: None
+            return
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        lines: dict[Any, Any] = {}
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+
+            def show(key: Any, what: str | None) -> None:
+                if key in lines:
+                    bar.remove_task(lines.pop(key))
+                if what is not None:
+                    lines[key] = bar.add_task(what)
+
+            self._console = bar.console  # stage lines print above the live lines
+            try:
+                yield show
+            finally:
+                self._console = None
 
 
 def _chain_worker(chain: list[Stage], conn: Any) -> None:
@@ -247,6 +282,7 @@ def _chain_worker(chain: list[Stage], conn: Any) -> None:
     code = 0
     try:
         for name, fn, what in chain:
+            conn.send(("start", what))
             t = time.perf_counter()
             update = fn(False)
             conn.send(("done", name, what, time.perf_counter() - t, update))
