@@ -56,6 +56,9 @@ def _tokenizer_spec(ck: Checkpoint) -> Path:
     return ck.path if ck.path.is_dir() or ck.format == "gguf" else ck.path.parent
 
 
+CACHE_KEEP = 16  # vocabulary tables kept in the cache, the most recently used (a 152K table is ~3.6 MB)
+
+
 def _cache_dir() -> Path | None:
     """Where finished vocabulary tables are kept: $VOCABDRIFT_CACHE, else $XDG_CACHE_HOME/vocabdrift, else
     ~/.cache/vocabdrift. VOCABDRIFT_CACHE=off turns the cache off."""
@@ -121,9 +124,6 @@ def _cache_path(model: PathLike, size: int | None) -> Path | None:
     return folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
 
 
-CACHE_KEEP = 16  # vocabulary tables kept in the cache, the most recently used (a 152K table is ~3.6 MB)
-
-
 def _read_cache(path: Path) -> pa.Table | None:
     if not path.is_file():
         return None
@@ -155,9 +155,8 @@ def _write_cache(path: Path, table: pa.Table) -> None:
     _prune_cache(path.parent)
 
 
-def _prune_cache(folder: Path, keep: int | None = None) -> None:
-    """Delete all but the `keep` most recently used tables: the cache never grows past a few dozen MB."""
-    keep = CACHE_KEEP if keep is None else keep
+def _prune_cache(folder: Path) -> None:
+    """Delete all but the CACHE_KEEP most recently used tables: the cache never grows past a few dozen MB."""
 
     def used(f: Path) -> float:
         try:
@@ -165,7 +164,7 @@ def _prune_cache(folder: Path, keep: int | None = None) -> None:
         except OSError:  # deleted meanwhile by another process
             return 0.0
 
-    for f in sorted(folder.glob("vocab-*.parquet"), key=used, reverse=True)[keep:]:
+    for f in sorted(folder.glob("vocab-*.parquet"), key=used, reverse=True)[CACHE_KEEP:]:
         with contextlib.suppress(OSError):
             f.unlink()
 

@@ -157,12 +157,13 @@ class _Stages:
         """
         import torch
 
-        todo = [[s for s in c if not self.done(s[0])] for c in chains]
+        todo = []
         for c in chains:
             for name, _, what in c:
                 if self.done(name):
                     self._say(f"[dim]✓ {what} (cached)[/dim]")
-        todo = [c for c in todo if c]
+            if rest := [s for s in c if not self.done(s[0])]:
+                todo.append(rest)
         # fork only where it is the platform's way (Linux; macOS defaults to spawn for good reasons)
         if torch.cuda.is_available() or usable_cpus() < 2 or len(todo) < 2 or sys.platform != "linux":
             for c in todo:
@@ -173,7 +174,6 @@ class _Stages:
 
     def _fork_chains(self, chains: list[list[Stage]]) -> None:
         import multiprocessing as mp
-        import warnings
         from multiprocessing.connection import wait
 
         ctx = mp.get_context("fork")
@@ -183,36 +183,13 @@ class _Stages:
             try:
                 while waiting or running:
                     while waiting and len(running) < 2 and failure is None:
-                        chain = waiting.pop(0)
-                        reader, writer = ctx.Pipe(duplex=False)
-                        p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
-                        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
-                                  "[dim](one thread, beside the other chain)[/dim]")
-                        with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (an idle pool)
-                            warnings.simplefilter("ignore", DeprecationWarning)
-                            p.start()
-                        writer.close()  # the child's copy stays open: its end gives this reader EOF
+                        reader, p = self._start_worker(ctx, waiting.pop(0))
                         running[reader] = p
                     if not running:
                         break
                     for reader in wait(list(running)):
-                        try:
-                            kind, *rest = reader.recv()
-                        except EOFError:  # the worker has ended
-                            show(reader, None)
-                            p = running.pop(reader)
-                            p.join()
-                            if p.exitcode != 0 and failure is None:
-                                failure = ("error", f"a lab worker process died (exit code {p.exitcode}); rerun "
-                                           "the same command to resume")
-                            continue
-                        if kind == "start":
-                            show(reader, rest[0])
-                        elif kind == "done":
-                            show(reader, None)
-                            self._finish(*rest)
-                        elif failure is None:
-                            failure = (kind, rest[0])
+                        got = self._receive(reader, running, show)  # always: it also reaps an ended worker
+                        failure = failure or got
             except BaseException:  # Ctrl-C, or a bug here: no worker outlives the lab
                 for p in running.values():
                     p.terminate()
@@ -223,6 +200,40 @@ class _Stages:
             if kind == "error":
                 raise VocabdriftError(msg)
             raise RuntimeError(f"a lab stage failed in its worker process:\n{msg}")
+
+    def _start_worker(self, ctx: Any, chain: list[Stage]) -> tuple[Any, Any]:
+        """Fork a worker for `chain`; (the reading end of its pipe, the process)."""
+        import warnings
+
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
+        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
+                  "[dim](one thread, beside the other chain)[/dim]")
+        with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            p.start()
+        writer.close()  # the child's copy stays open: its end gives this reader EOF
+        return reader, p
+
+    def _receive(self, reader: Any, running: dict[Any, Any], show: Callable[[Any, str | None], None]
+                 ) -> tuple[str, str] | None:
+        """Handle one message from a worker (or its end); a failure as (kind, message), else None."""
+        try:
+            kind, *rest = reader.recv()
+        except EOFError:  # the worker has ended
+            show(reader, None)
+            p = running.pop(reader)
+            p.join()
+            return None if p.exitcode == 0 else \
+                ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the same command to resume")
+        if kind == "start":
+            show(reader, rest[0])
+        elif kind == "done":
+            show(reader, None)
+            self._finish(*rest)
+        else:
+            return kind, rest[0]
+        return None
 
     def _finish(self, name: str, what: str, secs: float, update: dict[str, Any] | None) -> None:
         for k, v in (update or {}).items():
