@@ -217,6 +217,38 @@ def test_side_by_side_chains_run_in_single_thread_workers_and_each_stage_is_reco
     _stages(tmp_path).run_side_by_side([[("a1", never, "x"), ("a2", never, "x")], [("b1", never, "x")]])
 
 
+def test_a_chain_beside_runs_in_a_worker_while_this_process_does_its_own_work(tmp_path: Path) -> None:
+    """run_beside: the corpus chain in a worker while the lab imports torch and transformers here, at once."""
+    import os
+    import time
+
+    def slow(name: str) -> tuple:
+        def go(progress: bool) -> dict:
+            t = time.time()
+            time.sleep(1.0)
+            return {"when": {name: [os.getpid(), t, time.time()]}}
+        return name, go, f"stage {name}"
+
+    here: list[float] = []
+
+    def meanwhile() -> None:
+        here.append(time.time())
+        time.sleep(1.0)
+        here.append(time.time())
+
+    st = _stages(tmp_path)
+    st.run_beside([slow("a"), slow("b")], meanwhile=meanwhile)
+    when = st.state["when"]
+    assert st.done("a") and st.done("b") and when["a"][0] == when["b"][0] != os.getpid()
+    assert len(here) == 2 and here[0] < when["a"][2] and when["a"][1] < here[1]  # the two overlapped in time
+    assert json.loads((tmp_path / "lab.json").read_text())["when"] == when
+
+    def never() -> None:
+        raise AssertionError("nothing is left to overlap with")
+
+    _stages(tmp_path).run_beside([slow("a"), slow("b")], meanwhile=never)  # a finished chain: neither runs
+
+
 def test_side_by_side_with_progress_prints_each_stage(tmp_path: Path, capsys) -> None:
     from vocabdrift.composites.lab import QUICK, _Stages
 

@@ -86,14 +86,14 @@ class Recipe:
 # SFT uses AdamW with beta2 0.95: with 0.999 one large gradient on a row (the planted name predicted in some SFT
 # context) inflates its second moment for hundreds of steps and damps that row's later drift, which then depends
 # on chance more than on how rare the token is in the SFT data.
-# Pre-training sees 1,200 batches of 8 windows: half the tokens of the batch-16 recipe this replaced, which the
-# 90-second goal of --quick needed. The language pattern holds at every seed tried; the planted name's full story
+# Pre-training sees 700 batches of 8 windows of 64 tokens (the 90-second goal of --quick; 1,200 batches before,
+# 2,400 of 16 windows before that). The language pattern holds at every seed tried; the planted name's full story
 # (among the 10% most drifted rows, lost by the baseline, said again after the repair) depends on chance at this
-# size and holds at seed 2, the recipe's seed (README: which seeds do what).
+# size and holds at seed 5, the recipe's seed (README: which seeds do what).
 QUICK = Recipe(docs=2500, sft_samples=600, name_every=400, vocab_size=2048, hidden=64, layers=2, heads=4,
-               context=64, pretrain_steps=1200, pretrain_batch=8, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
+               context=64, pretrain_steps=700, pretrain_batch=8, pretrain_lr=5e-3, sft_steps=200, sft_batch=8,
                sft_lr=5e-4, sft_beta2=0.95, min_per_token=2, tokens_per_sample=8, probe_top=30, confusion_n=20,
-               seed=2)
+               seed=5)
 # The default trains the quick recipe's models (so the tests' assertions hold for it) and adds the breadth: 100
 # probed tokens, 100 confusion samples, the remedies. At this size the planted name's story reproduces; in LARGE
 # (a 4,096-token model, ~11 min here) the language pattern does, the planted name does not (README).
@@ -157,22 +157,46 @@ class _Stages:
         """
         import torch
 
-        todo = []
-        for c in chains:
-            for name, _, what in c:
-                if self.done(name):
-                    self._say(f"[dim]✓ {what} (cached)[/dim]")
-            if rest := [s for s in c if not self.done(s[0])]:
-                todo.append(rest)
+        todo = self._pending(chains)
         # fork only where it is the platform's way (Linux; macOS defaults to spawn for good reasons)
         if torch.cuda.is_available() or usable_cpus() < 2 or len(todo) < 2 or sys.platform != "linux":
             for c in todo:
                 for stage in c:
                     self.run(stage, threads=1)
             return
-        self._fork_chains(todo)
+        self._fork_chains(todo, note="one thread, beside the other chain")
 
-    def _fork_chains(self, chains: list[list[Stage]]) -> None:
+    def run_beside(self, chain: Sequence[Stage], meanwhile: Callable[[], object]) -> None:
+        """Run `chain` in a forked worker while this process calls `meanwhile` (not called if `chain` is done).
+
+        Why: the corpus and the tokenizer need neither torch nor transformers' models, and the later stages spend
+        seconds importing them: done at once, those seconds are saved, and the workers forked later inherit the
+        imports. The worker is forked before torch is imported here, and does not import it. Elsewhere (not
+        Linux, one CPU) the stages run here, then `meanwhile`.
+        """
+        todo = self._pending([chain])
+        if not todo:  # a rerun: the later stages import what they still need themselves
+            return
+        if usable_cpus() < 2 or sys.platform != "linux":
+            for stage in todo[0]:
+                self.run(stage)
+            meanwhile()
+            return
+        self._fork_chains(todo, note="beside the imports of the later stages", meanwhile=meanwhile)
+
+    def _pending(self, chains: Sequence[Sequence[Stage]]) -> list[list[Stage]]:
+        """Each chain's unfinished stages (chains with none left out); the finished ones are said to be cached."""
+        todo = []
+        for c in chains:
+            for name, _, what in c:
+                if self.done(name):
+                    self._say(f"[dim]✓ {what} (cached)[/dim]")
+            if rest := [s for s in c if not self.done(s[0])]:
+                todo.append(list(rest))
+        return todo
+
+    def _fork_chains(self, chains: list[list[Stage]], *, note: str,
+                     meanwhile: Callable[[], object] | None = None) -> None:
         import multiprocessing as mp
         from multiprocessing.connection import wait
 
@@ -183,8 +207,11 @@ class _Stages:
             try:
                 while waiting or running:
                     while waiting and len(running) < 2 and failure is None:
-                        reader, p = self._start_worker(ctx, waiting.pop(0))
+                        reader, p = self._start_worker(ctx, waiting.pop(0), note)
                         running[reader] = p
+                    if meanwhile is not None:  # the workers' messages wait in their pipes meanwhile
+                        meanwhile()
+                        meanwhile = None
                     if not running:
                         break
                     for reader in wait(list(running)):
@@ -201,14 +228,13 @@ class _Stages:
                 raise VocabdriftError(msg)
             raise RuntimeError(f"a lab stage failed in its worker process:\n{msg}")
 
-    def _start_worker(self, ctx: Any, chain: list[Stage]) -> tuple[Any, Any]:
+    def _start_worker(self, ctx: Any, chain: list[Stage], note: str) -> tuple[Any, Any]:
         """Fork a worker for `chain`; (the reading end of its pipe, the process)."""
         import warnings
 
         reader, writer = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
-        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + " …[/bold] "
-                  "[dim](one thread, beside the other chain)[/dim]")
+        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + f" …[/bold] [dim]({note})[/dim]")
         with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
             warnings.simplefilter("ignore", DeprecationWarning)
             p.start()
@@ -286,10 +312,9 @@ def _chain_worker(chain: list[Stage], conn: Any) -> None:
     """A forked worker: one thread, no progress bars; each finished stage is sent to the parent."""
     import traceback
 
-    import torch
-
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's Rust thread pool did not come with the fork
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # a worker forked before torch was imported (corpus, tokenizer) does not need it
+        sys.modules["torch"].set_num_threads(1)
     code = 0
     try:
         for name, fn, what in chain:
@@ -496,8 +521,6 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         >>> r = lab("runs/lab", quick=True)
         >>> print(r.table)
     """
-    import torch
-
     recipe = recipe or (QUICK if quick else DEFAULT)
     seed = recipe.seed if seed is None else seed
     out = Path(out)
@@ -509,12 +532,12 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     runs = {"baseline": out / "baseline", "repaired": out / "repaired"}
     mpath = {k: models / k for k in ("tokenizer", "base", "baseline", "repaired")}
     remedy_runs = {k: out / "remedies" / k for k in REMEDIES}
-    torch.manual_seed(seed)
 
     def corpus(progress: bool) -> None:
         c = build_corpus(docs=recipe.docs, sft=recipe.sft_samples, seed=seed, name_every=recipe.name_every)
         _write_jsonl(data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
         _write_jsonl(data / "sft.jsonl", c.sft)
+        _write_jsonl(data / "heldout.jsonl", _heldout_records(seed))
 
     def pretrain_texts() -> list[str]:
         return [r["text"] for r in _read_jsonl(data / "pretrain.jsonl")]
@@ -540,7 +563,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     def synth_set(progress: bool) -> None:
         from ..api.coverage import synth
 
-        synth(mpath["base"], out=data / "coverage.jsonl", min_per_token=recipe.min_per_token,
+        synth(mpath["tokenizer"], out=data / "coverage.jsonl", min_per_token=recipe.min_per_token,
               tokens_per_sample=recipe.tokens_per_sample, seed=seed, progress=progress)
 
     def train(name: str, files: list[Path]) -> Callable[[bool], None]:
@@ -597,7 +620,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         ids = load_tokenizer(mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
         return ids[0]
 
-    heldout_records = functools.cache(lambda: _heldout_records(seed))
+    heldout_records = functools.cache(lambda: _read_jsonl(data / "heldout.jsonl"))
 
     def heldout(name: str, model: Path) -> Stage:
         def go(progress: bool) -> dict[str, Any]:
@@ -627,8 +650,12 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
 
     sft_files = [data / "sft.jsonl"]
     rep_files = [data / "sft.jsonl", data / "coverage.jsonl"]
-    st.run(("corpus", corpus, "corpus: pre-training text and SFT conversations"))
-    st.run(("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens"))
+    st.run_beside([("corpus", corpus, "corpus: pre-training text and SFT conversations"),
+                   ("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens")],
+                  meanwhile=_import_for_later_stages)
+    import torch
+
+    torch.manual_seed(seed)
     # two threads whatever the machine: the recipe's seed was chosen on them, and the thread count changes the
     # floating-point sums, hence the trained model (one CPU gets one thread: two would wait on each other)
     st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"),
@@ -680,6 +707,15 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
     return LabResult(out=out, runs=runs, models={k: v for k, v in mpath.items() if k != "tokenizer"},
                      results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
+
+
+def _import_for_later_stages() -> None:
+    """What pre-training and SFT import (torch, transformers' Llama, TRL's trainer, datasets): seconds, spent while
+    a worker builds the corpus and the tokenizer; the workers forked later inherit them."""
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
 
 
 def _heldout_records(seed: int) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ is expanded over the batch, and each row runs only its own tail. On SmolLM2 that
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -152,13 +154,19 @@ class HFEngine:
             out += self._score_batch(prompts[s:s + self.batch_size], targets[s:s + self.batch_size], top_p)
         return out
 
+    @functools.cached_property
+    def _cache_name(self) -> str:
+        """The KV cache's argument (and output) name: `cache` since transformers 5.x, which warns on the older
+        `past_key_values` that 4.x takes."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
     def _prefix_cache(self, ids: tuple[int, ...]) -> Any:
         import torch
 
         if self._prefix is None or self._prefix[0] != ids:
             with torch.inference_mode():
                 x = torch.tensor([ids], device=self.device)
-                cache = self.model(input_ids=x, use_cache=True, logits_to_keep=1).past_key_values
+                cache = getattr(self.model(input_ids=x, use_cache=True, logits_to_keep=1), self._cache_name)
             self._prefix = (ids, cache)
         return self._prefix[1]
 
@@ -180,7 +188,7 @@ class HFEngine:
         if k:
             cache = copy.deepcopy(self._prefix_cache(tuple(prompts[0][:k])))
             cache.batch_repeat_interleave(b)  # (1, heads, k, d) -> (B, heads, k, d)
-            kwargs["past_key_values"] = cache
+            kwargs[self._cache_name] = cache
             kwargs["position_ids"] = torch.arange(k, k + t, device=self.device).expand(b, t)
         if bool((last == t - 1).all()):  # equal tails (the probe case): only the last position needs logits
             kwargs["logits_to_keep"] = 1
