@@ -631,12 +631,12 @@ def report(
 def lab(
     out: Out,
     quick: Annotated[bool, typer.Option("--quick", help="The same models, fewer probes, no remedies (for tests; "
-                                                        "80-110 s on 2 cores).")] = False,
+                                                        "60-85 s on 2 cores).")] = False,
     large: Annotated[bool, typer.Option("--large", help="A 4,096-token, 3-layer model (about 11 minutes on 2 "
                                                         "cores; the planted name does not reproduce at seed 0).")]
     = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the corpus, the initialisation and the data order "
-                                                   "(default: the recipe's: 2, or 0 with --large).")] = None,
+                                                   "(default: the recipe's: 5, or 0 with --large).")] = None,
     remedies: Annotated[bool | None, typer.Option(
         "--remedies/--no-remedies", help="Also train +replay, +anchor and +gate with `repair` and compare the five "
         "ways in OUT/remedies.md. Default: on, off with --quick.")] = None,

@@ -508,7 +508,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     Args:
         out: the lab folder (created; a rerun with the same settings resumes from the last finished stage).
         quick: the same models with fewer probed tokens and confusion samples and no remedies (for tests and a
-            first look; 80-110 s on 2 cores).
+            first look; 60-85 s on 2 cores).
         seed: all randomness (corpus, initialisation, data order) follows it (default: the recipe's own).
         recipe: another recipe, e.g. `LARGE` (`quick` is ignored then).
         remedies: also train +replay, +anchor and +gate with `repair` and compare all five ways in OUT/remedies.md
