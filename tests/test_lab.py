@@ -287,20 +287,38 @@ def test_a_failing_worker_gives_one_clear_error_and_keeps_the_finished_stages(tm
 @pytest.mark.slow
 def test_sfts_side_by_side_equal_the_same_sfts_one_after_the_other(tiny_base: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
-    """Forking is a matter of speed only: on one core (or a GPU) the lab runs the chains here, with equal numbers."""
+    """Forking is a matter of speed only: on one core (or a GPU) the lab runs the chains here, with equal numbers.
+    A forked SFT reports its steps to the parent's live line."""
+    import contextlib
+
+    from vocabdrift.composites.lab import _steps_to_parent
     from vocabdrift.composites.train import sft
 
     records = build_corpus(docs=10, sft=40, seed=1, name_every=0).sft
 
     def train(root: Path, seed: int):
         def go(progress: bool) -> None:
-            sft(tiny_base, records, out=root / f"m{seed}", steps=4, batch_size=4, seed=seed, progress=False)
+            sft(tiny_base, records, out=root / f"m{seed}", steps=4, batch_size=4, seed=seed, progress=False,
+                callbacks=[_steps_to_parent()])
         return f"sft{seed}", go, f"sft {seed}"
+
+    shown: list[tuple] = []
+
+    @contextlib.contextmanager
+    def board(self):  # the live display, recorded
+        yield lambda key, what, steps=None: shown.append((key, what, steps))
 
     forked, here = tmp_path / "forked", tmp_path / "here"
     for root in (forked, here):
         root.mkdir()
-    _stages(forked).run_side_by_side([[train(forked, 0)], [train(forked, 1)]])
+    with monkeypatch.context() as m:
+        m.setattr("vocabdrift.composites.lab._Stages._board", board)
+        _stages(forked).run_side_by_side([[train(forked, 0)], [train(forked, 1)]])
+    steps = {}
+    for key, _, st in shown:
+        if st is not None:
+            steps.setdefault(key, []).append(st)
+    assert len(steps) == 2 and all(v == [(k, 4) for k in range(1, 5)] for v in steps.values())  # each worker's
     monkeypatch.setattr("vocabdrift.composites.lab.usable_cpus", lambda: 1)
     _stages(here).run_side_by_side([[train(here, 0)], [train(here, 1)]])
     for seed in (0, 1):
@@ -444,8 +462,11 @@ def test_cli_lab_interrupted_says_so_in_one_line_and_keeps_the_finished_stages(t
     import time
 
     out = tmp_path / "lab"
+    # SIGINT back to its default in the child: a runner started in the background (nohup, `&` in a script) ignores
+    # it, and a process that inherits SIG_IGN keeps ignoring it, so Python would never raise KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(out), "--quick"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "lab.json").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first stage (the corpus) has ended: the lab is under way

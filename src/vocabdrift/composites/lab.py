@@ -254,6 +254,8 @@ class _Stages:
                 ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the same command to resume")
         if kind == "start":
             show(reader, rest[0])
+        elif kind == "step":  # a training stage's step count: the live line shows it
+            show(reader, None, steps=(rest[0], rest[1]))
         elif kind == "done":
             show(reader, None)
             self._finish(*rest)
@@ -279,27 +281,32 @@ class _Stages:
         log.info(msg)
 
     @contextlib.contextmanager
-    def _board(self) -> Iterator[Callable[[Any, str | None], None]]:
+    def _board(self) -> Iterator[Callable[..., None]]:
         """While chains run side by side: a live line for each running stage with its time so far.
 
-        Yields `show(key, what)`: the line of `key` (a chain) now says `what`; None removes it. A no-op without
+        Yields `show(key, what, steps=None)`: the line of `key` (a chain) now says `what`; None removes it. With
+        `steps=(done, total)` (and `what` None) the line keeps its text and shows the steps. A no-op without
         progress. The workers draw nothing themselves: two live displays on one terminal would garble it.
         """
         if not self.progress:
-            yield lambda key, what: None
+            yield lambda key, what, steps=None: None
             return
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         lines: dict[Any, Any] = {}
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as bar:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[steps]}"),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
 
-            def show(key: Any, what: str | None) -> None:
+            def show(key: Any, what: str | None, steps: tuple[int, int] | None = None) -> None:
+                if steps is not None:
+                    if key in lines:
+                        bar.update(lines[key], steps=f"[dim]step {steps[0]:,}/{steps[1]:,}[/dim]")
+                    return
                 if key in lines:
                     bar.remove_task(lines.pop(key))
                 if what is not None:
-                    lines[key] = bar.add_task(what)
+                    lines[key] = bar.add_task(what, steps="")
 
             self._console = bar.console  # stage lines print above the live lines
             try:
@@ -308,11 +315,30 @@ class _Stages:
                 self._console = None
 
 
+# In a forked worker: sends a training stage's step count to the parent's live line (None elsewhere).
+_step_sink: Callable[[int, int], None] | None = None
+
+
+def _steps_to_parent() -> Any:
+    """A TrainerCallback that reports each optimizer step through `_step_sink` (a no-op outside a worker, where
+    the SFT's own bar shows the steps)."""
+    from transformers import TrainerCallback
+
+    class StepsToParent(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if _step_sink is not None:
+                _step_sink(state.global_step, state.max_steps)
+
+    return StepsToParent()
+
+
 def _chain_worker(chain: list[Stage], conn: Any) -> None:
     """A forked worker: one thread, no progress bars; each finished stage is sent to the parent."""
     import traceback
 
+    global _step_sink
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's Rust thread pool did not come with the fork
+    _step_sink = lambda done, total: conn.send(("step", done, total))  # noqa: E731
     if "torch" in sys.modules:  # a worker forked before torch was imported (corpus, tokenizer) does not need it
         sys.modules["torch"].set_num_threads(1)
     code = 0
@@ -573,7 +599,8 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
             _rm_partial(mpath[name])
             records = [r for f in files for r in _read_jsonl(f)]
             sft(mpath["base"], records, out=mpath[name], steps=recipe.sft_steps, lr=recipe.sft_lr,
-                betas=(0.9, recipe.sft_beta2), batch_size=recipe.sft_batch, seed=seed, progress=progress)
+                betas=(0.9, recipe.sft_beta2), batch_size=recipe.sft_batch, seed=seed, progress=progress,
+                callbacks=[_steps_to_parent()])
         return go
 
     def analyse(name: str, files: list[Path]) -> Callable[[bool], None]:
@@ -639,7 +666,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
                    replay_ratio=recipe.replay_ratio if name == "replay" else 0.0,
                    anchor=recipe.anchor if name == "anchor" else 0.0, gate=name == "gate",
                    steps=recipe.sft_steps, lr=recipe.sft_lr, batch_size=recipe.sft_batch, seed=seed,
-                   betas=(0.9, recipe.sft_beta2), progress=progress)
+                   betas=(0.9, recipe.sft_beta2), progress=progress, callbacks=[_steps_to_parent()])
             _probe(remedy_runs[name] / "model", remedy_runs[name], progress)
         return f"remedy_{name}", go, f"SFT +{name} (repair), diff and probe"
 

@@ -82,7 +82,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
            freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
            batch_size: int = 8, max_length: int = 256, seed: int = 0, every: int | None = None,
            stop_below: float | None = None, threshold: float = 0.95, device: str | None = None,
-           progress: bool = True) -> Path:
+           callbacks: Sequence[Any] = (), progress: bool = True) -> Path:
     """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
 
     Args:
@@ -99,6 +99,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         steps, lr, betas, batch_size, max_length, seed: the SFT's settings (AdamW).
         every: the drift callback's interval (default: steps / 20); `stop_below` stops training when the
             minimum lm_head cosine falls below it.
+        callbacks: more `transformers.TrainerCallback`s for the SFT, beside the drift callback.
 
     Returns:
         `out`: OUT/model is the trained checkpoint; vocab.parquet, drift.parquet, neighbors.parquet,
@@ -202,7 +203,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                 ids = {id(r) for r in replay_records}
                 replay_added = [r for r in train_records if id(r) in ids]
             sft(model, train_records, out=model_dir, steps=steps, lr=lr, betas=betas, batch_size=batch_size,
-                max_length=max_length, seed=seed, callbacks=[cb], loss_terms=terms, freeze=tuple(freeze),
+                max_length=max_length, seed=seed, callbacks=[cb, *callbacks], loss_terms=terms, freeze=tuple(freeze),
                 progress=progress)
             del model
             if not main:
