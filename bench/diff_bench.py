@@ -120,23 +120,25 @@ def naive() -> None:
 
 
 def ours_drift() -> None:
-    """vocabdrift's drift pass alone (no vocabulary table)."""
-    from vocabdrift.analyses.drift import row_stats
-    from vocabdrift.api.diff import _paired_blocks
+    """vocabdrift's drift pass alone (no vocabulary table): the fused bf16 pass where `measure` takes it."""
+    import torch
+
+    from vocabdrift.analyses.drift import bf16_row_sums, row_stats, stats_from_sums
+    from vocabdrift.api.diff import _fused, _paired_bits, _paired_blocks
     from vocabdrift.device import best_device
-    from vocabdrift.sources.checkpoint import open_checkpoint
+    from vocabdrift.sources.checkpoint import DEFAULT_BLOCK_BYTES, open_checkpoint
 
     b, p = open_checkpoint(ROOT / "base"), open_checkpoint(ROOT / "post")
     dev = best_device()
-    import torch
-
-    from vocabdrift.sources.checkpoint import DEFAULT_BLOCK_BYTES
-
     step = DEFAULT_BLOCK_BYTES // (4 * H)
     scratch = torch.empty(step, H, device=dev)
     for kind in ("lm_head", "embed"):
-        for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
-            row_stats(rb, rp, scratch=scratch)
+        if _fused(b, p, kind, b.vocab_size, dev, False):
+            for _, ub, up in _paired_bits(b, p, kind, b.vocab_size, step):
+                stats_from_sums(bf16_row_sums(ub, up))
+        else:
+            for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
+                row_stats(rb, rp, scratch=scratch)
 
 
 def ours_measure() -> None:

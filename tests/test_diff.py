@@ -13,6 +13,7 @@ import pytest
 from factory import cosine_rows, make_gpt2, make_llama, plant_drift, read_matrix, train_bpe
 
 import vocabdrift
+from vocabdrift.analyses.drift import bf16_row_sums as _bf16_row_sums
 from vocabdrift.sources.checkpoint import open_checkpoint
 
 PLANTED = {7: 0.9, 42: 0.7, 101: 0.8}
@@ -31,10 +32,20 @@ def _drift(run: Path) -> dict[str, np.ndarray]:
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-def test_llama_sharded_bf16_matches_numpy(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["float32-pass", "fused-bf16-pass"])
+def test_llama_sharded_bf16_matches_numpy(llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch,
+                                          fused: bool) -> None:
+    import vocabdrift.analyses.drift as D
+
     base, post = llama_pair
     assert (base / "model.safetensors.index.json").exists() and len(list(base.glob("*.safetensors"))) > 1
+    # the fused pass is for large vocabularies; here it is forced on (threshold 0) or off
+    monkeypatch.setattr("vocabdrift.api.diff.FUSED_MIN_ELEMENTS", 0 if fused else 1 << 62)
+    calls = []
+    monkeypatch.setattr(D, "bf16_row_sums", lambda b, p: calls.append(len(b)) or _bf16_row_sums(b, p))
     run = vocabdrift.diff(base, post, out=tmp_path / "run", block_rows=37)  # odd block size: blocks cross shards
+    rows = open_checkpoint(base).vocab_size
+    assert sum(calls) == (2 * rows if fused else 0)  # both matrices, every row, when fused
     d = _drift(run)
     for kind, name in (("lm_head", "lm_head.weight"), ("embed", "model.embed_tokens.weight")):
         a, b = read_matrix(base, name), read_matrix(post, name)
@@ -290,6 +301,32 @@ def test_fp8_and_lm_head_bias(tmp_path: Path) -> None:
     np.testing.assert_allclose(d["lm_head_cos"], ref, atol=1e-5)
     assert d["lm_head_cos"][4] == pytest.approx(-1.0, abs=1e-5)
     np.testing.assert_allclose(d["lm_head_bias_delta"], 0.5)
+
+
+def test_fused_bf16_sums_match_float64_with_zero_and_broken_rows() -> None:
+    import torch
+
+    from vocabdrift.analyses.drift import bf16_row_sums, stats_from_sums
+
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(9, 300, generator=g) * 0.02).bfloat16()
+    p = (b.float() + 0.001 * torch.randn(9, 300, generator=g)).bfloat16()
+    p[1] = -b[1]           # turned around: cosine -1
+    b[2] = 0               # a zero row: cosine undefined (NaN), not 0
+    p[3, 5] = float("nan")  # a broken row
+    p[4] = b[4]            # unchanged: cosine 1, distance 0
+    sums = bf16_row_sums(b.view(torch.int16).numpy().view(np.uint16), p.view(torch.int16).numpy().view(np.uint16))
+    x, y = b.double().numpy(), p.double().numpy()
+    np.testing.assert_allclose(sums[:, 0], (x * x).sum(1), rtol=1e-12)
+    ok = np.isfinite(y).all(1)
+    np.testing.assert_allclose(sums[ok, 1], (y[ok] ** 2).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(sums[ok, 2], ((y[ok] - x[ok]) ** 2).sum(1), rtol=1e-12, atol=1e-30)
+    np.testing.assert_allclose(sums[ok, 3], (x[ok] * y[ok]).sum(1), rtol=1e-10, atol=1e-20)
+    st = stats_from_sums(sums)
+    assert st["cos"][1] == pytest.approx(-1.0) and np.isnan(st["cos"][2]) and st["cos"][4] == pytest.approx(1.0)
+    assert not np.isfinite(st["norm_post"][3]) and st["l2"][4] == 0.0
+    with pytest.raises(ValueError, match="uint16"):
+        bf16_row_sums(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32))
 
 
 def test_row_stats_law_of_cosines_matches_float64() -> None:

@@ -242,6 +242,35 @@ def _paired_blocks(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block
     return _prefetched(gen())
 
 
+# Rows x columns of one matrix from which the fused bf16 pass pays for numba's start (about a second per process):
+# Qwen2.5-7B's 152K x 3,584 is 545 M; SmolLM2's 49K x 576 (28 M) takes the float32 path.
+FUSED_MIN_ELEMENTS = 100_000_000
+
+
+def _fused(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, device: torch.device, transformed: bool) -> bool:
+    """Whether `kind` takes the fused bf16 pass (`drift.bf16_row_sums`): on a CPU, both matrices bf16 in
+    safetensors, large, and no fold or centring (those transform the float32 rows); numba installed."""
+    import importlib.util
+
+    return (device.type == "cpu" and not transformed and base.bf16_bits(kind) and post.bf16_bits(kind)
+            and n * base.hidden_size >= FUSED_MIN_ELEMENTS and importlib.util.find_spec("numba") is not None)
+
+
+def _paired_bits(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, base bits, post bits): uint16 blocks of bf16 rows, read ahead on a thread into two buffer pairs."""
+    h = base.hidden_size
+    bufs = [(np.empty(block_rows * h, np.uint16), np.empty(block_rows * h, np.uint16)) for _ in range(2)]
+
+    def gen() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for i, s in enumerate(range(0, n, block_rows)):
+            e = min(n, s + block_rows)
+            ob, op = bufs[i % 2]
+            yield s, base.rows_bits(kind, s, e, ob), post.rows_bits(kind, s, e, op)
+
+    return _prefetched(gen())
+
+
 def _check_pair(base: Checkpoint, post: Checkpoint) -> None:
     if base.hidden_size != post.hidden_size:
         raise VocabdriftError(f"hidden sizes differ: {base.path} has {base.hidden_size}, {post.path} has "
@@ -367,13 +396,23 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
     def scale(kind: Kind) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (g["base"], g["post"]) if kind == "lm_head" and fold_norm else None
 
+    # bf16 on a CPU: the fused pass, unless the rows are transformed first (fold, centring)
+    fused = {k: _fused(b, p, k, n, dev, fold_norm or center) for k in kinds}
     with timer("drift"), _progress(progress) as bar:
         for kind in kinds:
             out = {k: np.empty(n, dtype=np.float32) for k in ("cos", "l2", "norm_base", "norm_post")}
             task = bar.add_task(f"{kind} rows", total=n)
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
-            for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev, scale(kind)):
+            blocks = () if fused[kind] else _paired_blocks(b, p, kind, n, step, dev, scale(kind))
+            for s, ub, up in _paired_bits(b, p, kind, n, step) if fused[kind] else ():
+                e = s + len(ub)
+                st_np = D.stats_from_sums(D.bf16_row_sums(ub, up))  # one pass over the bf16 rows
+                nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
+                for k, v in st_np.items():
+                    out[k][s:e] = v
+                bar.advance(task, e - s)
+            for s, rb, rp in blocks:
                 e = s + len(rb)
                 st = D.row_stats(rb, rp, scratch=scratch)
                 # A NaN or Inf anywhere in a row makes its norm non-finite: free detection of broken rows.

@@ -67,6 +67,7 @@ class _Tensor:
     shape: tuple[int, ...]
     dtype: str
     read: Any  # callable (start, stop) -> torch.Tensor | np.ndarray in the stored dtype, valid until the next read
+    read_into: Any = None  # safetensors: callable (start, stop, buf) -> rows' stored bits in `buf` (any thread)
 
 
 @dataclass
@@ -114,6 +115,23 @@ class Checkpoint:
         return self.tensors[kind]
 
     # ---- reading ------------------------------------------------------------------------------------------
+    def bf16_bits(self, kind: Kind) -> bool:
+        """The matrix is stored as bf16 in a file `rows_bits` can read from (safetensors)."""
+        t = self._tensor(kind)
+        return t.dtype == "BF16" and t.read_into is not None
+
+    def rows_bits(self, kind: Kind, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) of a bf16 matrix as uint16 bits (stop - start, H), read into `out` (uint16, at
+        least that many elements; one per block in flight, so a reading thread never overwrites a block in use)."""
+        t = self._tensor(kind)
+        if not self.bf16_bits(kind):
+            raise ValueError(f"{t.name} is {t.dtype} in a {self.format} file; rows_bits reads bf16 safetensors only")
+        try:
+            return t.read_into(start, min(stop, t.shape[0]), out)
+        except (OSError, ValueError) as e:
+            raise VocabdriftError(f"{self.path}: could not read rows {start}:{stop} of {t.name} ({e}); "
+                                  "the file may be truncated or corrupt") from e
+
     def rows(self, kind: Kind, start: int, stop: int, *, device: str | torch.device | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of a matrix as float32 (stop - start, H), on `device` (default CPU).
@@ -220,6 +238,18 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
 
     scratch = bytearray()  # reused between reads: a fresh buffer per block costs more in page faults than the copy
 
+    def pread(start: int, stop: int, rb: int, view: memoryview) -> None:
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [view], begin + start * rb)
+            if len(shape) > 1 and stop < shape[0] and hasattr(os, "posix_fadvise"):
+                # blocks are read in order: ask the kernel to fetch the next one now, so the disk works while
+                # this one is converted and computed (a cold diff's pass: 6.2 against 6.7 s, bench/diff_bench.py)
+                os.posix_fadvise(f.fileno(), begin + stop * rb, min(len(view), (shape[0] - stop) * rb),
+                                 os.POSIX_FADV_WILLNEED)
+        if got != len(view):
+            raise VocabdriftError(f"{path}: tensor {name} ends early (got {got} of {len(view)} bytes); "
+                                  "the file is truncated — re-download it")
+
     def read(start: int, stop: int) -> Any:
         import torch
 
@@ -233,20 +263,18 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
         if len(scratch) < need:
             scratch = bytearray(need)
         view = memoryview(scratch)[:need]
-        with open(path, "rb", buffering=0) as f:
-            got = os.preadv(f.fileno(), [view], begin + start * rb)
-            if len(shape) > 1 and stop < shape[0] and hasattr(os, "posix_fadvise"):
-                # blocks are read in order: ask the kernel to fetch the next one now, so the disk works while
-                # this one is converted and computed (a cold diff's pass: 6.2 against 6.7 s, bench/diff_bench.py)
-                os.posix_fadvise(f.fileno(), begin + stop * rb, min(need, (shape[0] - stop) * rb),
-                                 os.POSIX_FADV_WILLNEED)
-        if got != need:
-            raise VocabdriftError(f"{path}: tensor {name} ends early (got {got} of {need} bytes); "
-                                  "the file is truncated — re-download it")
+        pread(start, stop, rb, view)
         t = torch.frombuffer(view, dtype=dtype)
         return t.reshape(stop - start, *shape[1:]) if len(shape) > 1 else t.clone()
 
-    return _Tensor(name=name, shape=shape, dtype=info["dtype"], read=read)
+    def read_into(start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor as their stored bits, into `buf` (reused by the caller)."""
+        out = buf.reshape(-1)[: (stop - start) * shape[1]].reshape(stop - start, shape[1])
+        pread(start, stop, row_bytes, memoryview(out).cast("B"))
+        return out
+
+    return _Tensor(name=name, shape=shape, dtype=info["dtype"], read=read,
+                   read_into=read_into if len(shape) == 2 else None)
 
 
 def _torch_has(dtype_name: str) -> bool:
