@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/pytest -q -m 'not gpu and not network'
+	$(BIN)/pytest -q -m 'not gpu and not network' --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
