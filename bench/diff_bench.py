@@ -123,8 +123,8 @@ def ours_drift() -> None:
     """vocabdrift's drift pass alone (no vocabulary table): the fused bf16 pass where `measure` takes it."""
     import torch
 
-    from vocabdrift.analyses.drift import bf16_row_sums, row_stats, stats_from_sums
-    from vocabdrift.api.diff import _fused, _paired_bits, _paired_blocks
+    from vocabdrift.analyses.drift import row_stats
+    from vocabdrift.api.diff import _fused, _paired_blocks, fused_stats
     from vocabdrift.device import best_device
     from vocabdrift.sources.checkpoint import DEFAULT_BLOCK_BYTES, open_checkpoint
 
@@ -134,8 +134,8 @@ def ours_drift() -> None:
     scratch = torch.empty(step, H, device=dev)
     for kind in ("lm_head", "embed"):
         if _fused(b, p, kind, b.vocab_size, dev, False):
-            for _, ub, up in _paired_bits(b, p, kind, b.vocab_size, step):
-                stats_from_sums(bf16_row_sums(ub, up))
+            for _ in fused_stats(b, p, kind, b.vocab_size, step):
+                pass
         else:
             for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
                 row_stats(rb, rp, scratch=scratch)

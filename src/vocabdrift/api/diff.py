@@ -248,17 +248,16 @@ FUSED_MIN_ELEMENTS = 100_000_000
 
 
 def _fused(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, device: torch.device, transformed: bool) -> bool:
-    """Whether `kind` takes the fused bf16 pass (`drift.bf16_row_sums`): on a CPU, both matrices bf16 in
-    safetensors, large, and no fold or centring (those transform the float32 rows); numba installed."""
-    import importlib.util
-
+    """Whether `kind` takes the fused bf16 pass (`fused_stats`): on a CPU, both matrices bf16 in safetensors,
+    large, and no fold or centring (those transform the float32 rows first)."""
     return (device.type == "cpu" and not transformed and base.bf16_bits(kind) and post.bf16_bits(kind)
-            and n * base.hidden_size >= FUSED_MIN_ELEMENTS and importlib.util.find_spec("numba") is not None)
+            and n * base.hidden_size >= FUSED_MIN_ELEMENTS)
 
 
-def _paired_bits(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int
-                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(start, base bits, post bits): uint16 blocks of bf16 rows, read ahead on a thread into two buffer pairs."""
+def fused_stats(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(start, `row_stats`-like float32 arrays) per block of the first `n` rows of two bf16 matrices: one pass
+    over their bits (`drift.bf16_row_sums`), the next block read ahead on a thread into a second buffer pair."""
     h = base.hidden_size
     bufs = [(np.empty(block_rows * h, np.uint16), np.empty(block_rows * h, np.uint16)) for _ in range(2)]
 
@@ -268,7 +267,8 @@ def _paired_bits(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_r
             ob, op = bufs[i % 2]
             yield s, base.rows_bits(kind, s, e, ob), post.rows_bits(kind, s, e, op)
 
-    return _prefetched(gen())
+    for s, ub, up in _prefetched(gen()):
+        yield s, D.stats_from_sums(D.bf16_row_sums(ub, up))
 
 
 def _check_pair(base: Checkpoint, post: Checkpoint) -> None:
@@ -404,29 +404,29 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
             task = bar.add_task(f"{kind} rows", total=n)
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
-            blocks = () if fused[kind] else _paired_blocks(b, p, kind, n, step, dev, scale(kind))
-            for s, ub, up in _paired_bits(b, p, kind, n, step) if fused[kind] else ():
-                e = s + len(ub)
-                st_np = D.stats_from_sums(D.bf16_row_sums(ub, up))  # one pass over the bf16 rows
-                nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
-                for k, v in st_np.items():
-                    out[k][s:e] = v
-                bar.advance(task, e - s)
-            for s, rb, rp in blocks:
-                e = s + len(rb)
-                st = D.row_stats(rb, rp, scratch=scratch)
-                # A NaN or Inf anywhere in a row makes its norm non-finite: free detection of broken rows.
-                bad = ~(torch.isfinite(st["norm_base"]) & torch.isfinite(st["norm_post"])).cpu().numpy()
-                if bad.any():  # reported, and zeroed so they cannot poison the sums
-                    nonfinite[s:e] |= bad
-                    torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
-                    torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
-                for k, v in st.items():
-                    out[k][s:e] = v.cpu().numpy()
-                if center:
-                    sb += rb.sum(0, dtype=torch.float64)
-                    sp += rp.sum(0, dtype=torch.float64)
-                bar.advance(task, len(rb))
+            if fused[kind]:
+                for s, st_np in fused_stats(b, p, kind, n, step):
+                    e = s + len(st_np["cos"])
+                    nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
+                    for k, v in st_np.items():
+                        out[k][s:e] = v
+                    bar.advance(task, e - s)
+            else:
+                for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev, scale(kind)):
+                    e = s + len(rb)
+                    st = D.row_stats(rb, rp, scratch=scratch)
+                    # A NaN or Inf anywhere in a row makes its norm non-finite: free detection of broken rows.
+                    bad = ~(torch.isfinite(st["norm_base"]) & torch.isfinite(st["norm_post"])).cpu().numpy()
+                    if bad.any():  # reported, and zeroed so they cannot poison the sums
+                        nonfinite[s:e] |= bad
+                        torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
+                        torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
+                    for k, v in st.items():
+                        out[k][s:e] = v.cpu().numpy()
+                    if center:
+                        sb += rb.sum(0, dtype=torch.float64)
+                        sp += rp.sum(0, dtype=torch.float64)
+                    bar.advance(task, len(rb))
             out["cos"][nonfinite] = np.nan
             cols.update({f"{kind}_{k}": v for k, v in out.items()})
             means[kind] = ((sb / max(n, 1)).float(), (sp / max(n, 1)).float())

@@ -647,7 +647,10 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         ids = load_tokenizer(mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
         return ids[0]
 
-    heldout_records = functools.cache(lambda: _read_jsonl(data / "heldout.jsonl"))
+    @functools.cache
+    def heldout_records() -> list[dict[str, Any]]:  # written with the corpus (folders from before: made here)
+        f = data / "heldout.jsonl"
+        return _read_jsonl(f) if f.exists() else _heldout_records(seed)
 
     def heldout(name: str, model: Path) -> Stage:
         def go(progress: bool) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class Checkpoint:
             raise ValueError(f"{t.name} is {t.dtype} in a {self.format} file; rows_bits reads bf16 safetensors only")
         try:
             return t.read_into(start, min(stop, t.shape[0]), out)
-        except (OSError, ValueError) as e:
+        except OSError as e:  # a short read says so itself; a too-small `out` is the caller's ValueError
             raise VocabdriftError(f"{self.path}: could not read rows {start}:{stop} of {t.name} ({e}); "
                                   "the file may be truncated or corrupt") from e
 
