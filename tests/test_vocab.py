@@ -133,3 +133,86 @@ def test_vocab_table_cache_is_read_back_and_keyed_by_the_tokenizer(tmp_path: Pat
     other = _tiny_tokenizer_json(tmp_path / "other.json", extra="otter")
     vocab_table(other)
     assert len(list(cache.glob("vocab-*.parquet"))) == 3
+
+
+# ---- the whole-vocabulary paths against their one-token definitions -------------------------------------------
+
+def test_classify_many_equals_classify_on_every_real_qwen_token(qwen_tokenizer_json: Path) -> None:
+    from vocabdrift.analyses.vocab import CATEGORIES, classify_many
+    from vocabdrift.sources.tokenizer import load_vocabulary_tokenizer, read_vocabulary
+
+    v = read_vocabulary(load_vocabulary_tokenizer(qwen_tokenizer_json))
+    want = [classify(t, b, is_special=bool(s)) for t, b, s in zip(v.texts, v.raw, v.is_special, strict=True)]
+    got = [CATEGORIES[i] for i in classify_many(v.texts, v.raw, v.is_special)]
+    assert got == want
+    assert len(set(want)) >= 12  # the real vocabulary exercises most categories
+
+
+def test_classify_many_equals_classify_on_made_up_tokens() -> None:
+    """Strings mixing every kind of character classify tells apart, including the edge cases: whitespace that
+    is stripped or inside, ties between scripts, letters of no known script, joiners, bytes that are not UTF-8."""
+    import random
+
+    from vocabdrift.analyses.vocab import CATEGORIES, classify_many
+
+    pool = list("aZ09 .,!\t\n") + ["\u3000", "\xa0", "\u2028", "\u200b", "\ufffd"] + \
+        list("あアｱ한ᄀ中㐀々жѢΩἀبﭐשअกéẞℓ") + ["😀", "\u200d", "\ufe0f", "\u20e3", "☀", "Ա", "ა", "٣", "\u0301"] + \
+        ["\\frac", "\\{", "$$", "^{", "_{", "\\\\", "<div", "</b", "/>", "&amp;", "&#38;", "<!--", "-->", "](",
+         "```", "<", ">", "&", "-", "`", "$", "\\", "_", "^", "{", "]"]
+    rng = random.Random(0)
+    texts, raws, special = [], [], []
+    for _ in range(4000):
+        t = "".join(rng.choice(pool) for _ in range(rng.randint(0, 5)))
+        kind = rng.random()
+        if kind < 0.6:
+            raw = t.encode("utf-8")
+        elif kind < 0.75:  # not UTF-8 alone: a cut character
+            raw = t.encode("utf-8") + "中".encode()[:rng.randint(1, 2)]
+        else:
+            raw = None
+        texts.append(t)
+        raws.append(raw)
+        special.append(rng.random() < 0.05)
+    want = [classify(t, b, is_special=s) for t, b, s in zip(texts, raws, special, strict=True)]
+    got = [CATEGORIES[i] for i in classify_many(texts, raws, special)]
+    assert [(t, g) for t, g, w in zip(texts, got, want, strict=True) if g != w] == []
+    assert len(set(want)) >= 14
+
+
+def test_show_bytes_writes_each_byte_that_is_not_utf8_alone() -> None:
+    import random
+
+    from vocabdrift.sources.tokenizer import show_bytes
+
+    def reference(b: bytes) -> str:  # decode what decodes, byte by byte where it does not
+        out, i = [], 0
+        while i < len(b):
+            for j in range(min(len(b), i + 4), i, -1):
+                try:
+                    out.append(b[i:j].decode("utf-8"))
+                    i = j
+                    break
+                except UnicodeDecodeError:
+                    continue
+            else:
+                out.append(f"<0x{b[i]:02X}>")
+                i += 1
+        return "".join(out)
+
+    assert show_bytes("相".encode()[:2]) == "<0xE7><0x9B>"
+    rng = random.Random(1)
+    samples = [bytes(rng.choice([0x41, 0x20, 0xE7, 0x9B, 0xB8, 0xD0, 0xB6, 0xF0, 0x9F, 0x98, 0x80, 0xFF, 0xC0])
+                     for _ in range(rng.randint(0, 8))) for _ in range(3000)]
+    assert [show_bytes(b) for b in samples] == [reference(b) for b in samples]
+
+
+def test_pieces_bytes_equals_piece_bytes() -> None:
+    from vocabdrift.sources.tokenizer import piece_bytes, pieces_bytes
+
+    byte_level = ["Ġthe", "ĠçĽ", "¸", "Ċ", "abc", ""]
+    assert pieces_bytes(byte_level, "bytelevel") == [piece_bytes(p, "bytelevel") for p in byte_level]
+    assert pieces_bytes(byte_level, "bytelevel")[:2] == [b" the", b" " + "相".encode()[:2]]
+    outside = [*byte_level, "日本"]  # not in the byte alphabet: None for it, the rest as before
+    assert pieces_bytes(outside, "bytelevel") == [*[piece_bytes(p, "bytelevel") for p in byte_level], None]
+    sp = ["▁the", "<0xE3>", "x"]
+    assert pieces_bytes(sp, "sentencepiece") == [b" the", b"\xe3", b"x"]

@@ -143,9 +143,103 @@ def classify(text: str, raw: bytes | None, *, is_special: bool = False) -> str:
     return "punctuation"
 
 
+# classify_many's per-character kinds: the scripts in descending name order (so that argmax over equal counts
+# picks the greater name, as classify's max over (count, name) does), then the other kinds.
+_SCRIPTS = tuple(sorted({name for _, _, name in _SCRIPT_RANGES}, reverse=True))
+_KINDS = (*_SCRIPTS, "emoji", "digit", "letter", None)
+# A token holding none of these characters cannot match _LATEX or _MARKUP: only those few thousand are searched.
+_REGEX_TRIGGERS = frozenset("\\$^_{<>&]`-")
+
+
+def classify_many(texts: Sequence[str], raw: Sequence[bytes | None], is_special: Sequence[bool]) -> np.ndarray:
+    """`classify` for a whole vocabulary: int8 indices into CATEGORIES, one per token.
+
+    Why: classify's Python loop costs ~5 µs a token, most of a 152K-token table's CPU. Here every character is
+    looked up once per distinct code point and counted per token with numpy; only tokens holding a LaTeX or markup
+    character go through the regular expressions. Equal to classify on every token (tests/test_vocab.py).
+    """
+    import numpy as np
+
+    n = len(texts)
+    # raw bytes that are not UTF-8 keep their bad bytes as lone surrogates (U+DC80-U+DCFF), found below
+    eff = [t if b is None else b.decode("utf-8", "surrogateescape") for t, b in zip(texts, raw, strict=True)]
+    has_raw = np.fromiter((b is not None for b in raw), bool, n)
+    lens = np.fromiter(map(len, eff), np.int64, n)
+    cps = np.frombuffer("".join(eff).encode("utf-32-le", "surrogatepass"), np.uint32)
+    tok = np.repeat(np.arange(n), lens)
+    # per-character facts, computed once per distinct code point and looked up by code point
+    present = np.flatnonzero(np.bincount(cps)) if len(cps) else np.zeros(0, np.int64)
+    chars = [chr(c) for c in present.tolist()]
+    k_none = len(_KINDS) - 1
+
+    def lookup(values: list, dtype: type) -> np.ndarray:
+        table = np.zeros(int(present[-1]) + 1 if len(present) else 1, dtype)
+        table[present] = values
+        return table[cps]
+
+    kind = lookup([k_none if c.isspace() else _KINDS.index(_char_kind(c)) for c in chars], np.int64)
+    space = lookup([c.isspace() for c in chars], bool)
+    fffd = lookup([c == "\ufffd" for c in chars], bool)
+    escaped = lookup(["\udc80" <= c <= "\udcff" for c in chars], bool)
+    trig = lookup([c in _REGEX_TRIGGERS for c in chars], bool)
+
+    nk = len(_KINDS)
+    counts = np.bincount(tok * nk + kind, minlength=n * nk).reshape(n, nk)
+    nonspace = np.bincount(tok[~space], minlength=n)
+    has_fffd = np.bincount(tok[fffd], minlength=n) > 0
+    bad_raw = has_raw & (np.bincount(tok[escaped], minlength=n) > 0)
+    latex = np.zeros(n, bool)
+    markup = np.zeros(n, bool)
+    for i in np.unique(tok[trig]).tolist():
+        s = eff[i].strip()
+        latex[i] = _LATEX.search(s) is not None
+        markup[i] = not latex[i] and _MARKUP.search(s) is not None
+
+    scripts = counts[:, :len(_SCRIPTS)]
+    top = scripts.argmax(1)
+    top_count = scripts[np.arange(n), top]
+    letters, emoji, digits = (counts[:, _KINDS.index(k)] for k in ("letter", "emoji", "digit"))
+    code = {c: i for i, c in enumerate(CATEGORIES)}
+    script_code = np.array([code[s] for s in _SCRIPTS], np.int8)
+    has_script = top_count > 0
+    return np.select(
+        [np.asarray(is_special, bool), bad_raw | has_fffd, nonspace == 0, latex, markup,
+         has_script & (scripts[:, _SCRIPTS.index("japanese")] > 0), has_script & (letters > top_count), has_script,
+         letters > 0, emoji > 0, digits > 0],
+        [code["special"], code["byte"], code["whitespace"], code["latex"], code["markup"], code["japanese"],
+         code["other"], script_code[top], code["other"], code["emoji"], code["number"]],
+        code["punctuation"]).astype(np.int8)
+
+
+def _strings(values: Sequence[str]) -> pa.Array:
+    """A string array built from its buffers. Why not `pa.array`: on a list it imports pandas (0.6 s) only to ask
+    whether the list is a pandas object, and the vocabulary table is often built in a process of its own."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(data) + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, data), np.int64, len(data)), out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+
+
+def _numbers(values: np.ndarray) -> pa.Array:
+    """A numeric or bool array from numpy, without `pa.array`'s pandas import (see `_strings`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if values.dtype == bool:
+        bits = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
 def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence[bytes | None],
                       is_special: np.ndarray, reachable: np.ndarray) -> pa.Table:
     """Columns token_id, piece, text, category, is_special, reachable; one row per id, in id order.
+
+    The category column is dictionary-encoded over CATEGORIES, in that order.
 
     Args:
         pieces: the raw vocabulary strings (e.g. "Ġthe", "▁the", "<0xE3>").
@@ -160,14 +254,14 @@ def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence
     n = len(pieces)
     if not (len(texts) == len(raw) == len(is_special) == len(reachable) == n):
         raise ValueError("pieces, texts, raw, is_special and reachable must have one entry per token")
-    cats = [classify(t, b, is_special=bool(s)) for t, b, s in zip(texts, raw, is_special, strict=True)]
+    cats = classify_many(texts, raw, is_special)
     return pa.table({
-        "token_id": pa.array(np.arange(n, dtype=np.int64)),
-        "piece": pa.array(list(pieces), pa.string()),
-        "text": pa.array(list(texts), pa.string()),
-        "category": pa.array(cats, pa.string()).dictionary_encode(),
-        "is_special": pa.array(np.asarray(is_special, dtype=bool)),
-        "reachable": pa.array(np.asarray(reachable, dtype=bool)),
+        "token_id": _numbers(np.arange(n, dtype=np.int64)),
+        "piece": _strings(pieces),
+        "text": _strings(texts),
+        "category": pa.DictionaryArray.from_arrays(_numbers(cats), _strings(CATEGORIES)),
+        "is_special": _numbers(np.asarray(is_special, dtype=bool)),
+        "reachable": _numbers(np.asarray(reachable, dtype=bool)),
     })
 
 

@@ -1,6 +1,6 @@
 """The vocabulary table built in a process of its own, for `measure` (see `diff._vocab_in_child`).
 
-    python -m vocabdrift.api._vocab_child OUT.parquet '[["tokenizer spec", rows], ...]'
+    python -m vocabdrift.api._vocab_child OUT.arrow '[["tokenizer spec", rows], ...]'
 
 Writes the table of the first candidate that gives one; on bad input, one line on stderr and exit code 2.
 """
@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     from ..errors import VocabdriftError
     from .diff import first_vocab_table
@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     except VocabdriftError as e:
         print(str(e), file=sys.stderr)
         return 2
-    pq.write_table(table, out)
+    with pa.OSFile(out, "wb") as f, pa.ipc.new_file(f, table.schema) as w:  # Arrow IPC: no encoding either way
+        w.write_table(table)
     return 0
 
 

@@ -327,16 +327,17 @@ def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
     import sys
     import tempfile
 
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     with tempfile.TemporaryDirectory(prefix="vocabdrift-vocab-") as d:
-        out = Path(d) / "vocab.parquet"
+        out = Path(d) / "vocab.arrow"
         r = subprocess.run([sys.executable, "-m", "vocabdrift.api._vocab_child", str(out), json.dumps(candidates)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             lines = r.stderr.strip().splitlines()
             raise VocabdriftError(lines[-1] if lines else f"building the vocabulary table failed ({r.returncode})")
-        return pq.read_table(out, memory_map=False)
+        with pa.OSFile(str(out)) as f:
+            return pa.ipc.open_file(f).read_all()
 
 
 def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
@@ -361,7 +362,6 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
         _check_pair(b, p)
-    import pyarrow as pa
     import torch
 
     # The vocabulary table is built on a thread while the rows stream (the pass's torch calls release the GIL). Not
@@ -445,6 +445,8 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
 
     with timer("vocab (not overlapped)"):
         vt = vocab_future.result().slice(0, n)
+    import pyarrow as pa  # (imported by now, on the vocabulary's thread)
+
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
     if bias_b is not None and bias_p is not None:
         cols["lm_head_bias_delta"] = (bias_p[:n] - bias_b[:n]).astype(np.float32)

@@ -5,6 +5,8 @@ special tokens and the raw `tokenizers` backend are all at hand.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import logging
 import os
@@ -120,6 +122,19 @@ def piece_bytes(piece: str, style: str) -> bytes | None:
     return None
 
 
+def pieces_bytes(pieces: list[str], style: str) -> list[bytes | None]:
+    """`piece_bytes` of many pieces. A byte-level vocabulary is translated in one call: each piece's characters
+    stand for one byte each, so the pieces' bytes are slices of the whole's."""
+    if style == "bytelevel":
+        try:
+            whole = "".join(pieces).translate(_byte_table()).encode("latin-1")
+        except UnicodeEncodeError:  # a piece outside the alphabet: piece by piece
+            return [piece_bytes(p, style) for p in pieces]
+        ends = list(itertools.accumulate(map(len, pieces)))
+        return [whole[e - len(p):e] for p, e in zip(pieces, ends, strict=True)]
+    return [piece_bytes(p, style) for p in pieces]
+
+
 def _partial_utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")
@@ -128,18 +143,19 @@ def _partial_utf8(b: bytes) -> bool:
         return True
 
 
-def _show_bytes(b: bytes) -> str:
+def _hex_bytes(e: UnicodeError) -> tuple[str, int]:
+    """A codec error handler: bytes that are not UTF-8 on their own become `<0xE5>` (see `show_bytes`)."""
+    if not isinstance(e, UnicodeDecodeError):
+        raise e
+    return "".join(f"<0x{x:02X}>" for x in e.object[e.start:e.end]), e.end
+
+
+codecs.register_error("vocabdrift.hex", _hex_bytes)
+
+
+def show_bytes(b: bytes) -> str:
     """Decode, writing bytes that are not UTF-8 on their own as `<0xE5>` (a partial character stays visible)."""
-    out, i = [], 0
-    while i < len(b):
-        try:
-            out.append(b[i:].decode("utf-8"))
-            break
-        except UnicodeDecodeError as e:
-            out.append(b[i:i + e.start].decode("utf-8"))
-            out.extend(f"<0x{x:02X}>" for x in b[i + e.start:i + e.end])
-            i += e.end
-    return "".join(out)
+    return b.decode("utf-8", "vocabdrift.hex")
 
 
 @dataclass(frozen=True)
@@ -185,25 +201,19 @@ def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size
     added = backend.get_added_tokens_decoder()  # id -> AddedToken
     special_ids = {i for i, t in added.items() if t.special} | set(getattr(tok, "all_special_ids", []) or [])
 
-    pieces: list[str] = []
-    raw: list[bytes | None] = []
-    for i in range(n):
-        piece = backend.id_to_token(i) if i < n_tok else None
-        if piece is None:
-            pieces.append("")
-            raw.append(None)
-            special_ids.add(i)
-            continue
-        pieces.append(piece)
-        if i in special_ids:
-            raw.append(None)
-        elif i in added:
-            raw.append(piece.encode("utf-8"))
-        else:
-            raw.append(piece_bytes(piece, style))
+    pieces = [backend.id_to_token(i) if i < n_tok else None for i in range(n)]
+    special_ids |= {i for i, piece in enumerate(pieces) if piece is None}
+    pieces = [piece or "" for piece in pieces]
+    raw: list[bytes | None] = [None] * n
+    for i in added:
+        if i not in special_ids:
+            raw[i] = pieces[i].encode("utf-8")
+    plain = [i for i in range(n) if i not in special_ids and i not in added]
+    for i, b in zip(plain, pieces_bytes([pieces[i] for i in plain], style), strict=True):
+        raw[i] = b
     # a piece with known bytes is shown from them; the tokenizer decodes only the others (special and added
     # tokens, unknown piece styles): decoding all 152K ids of a Qwen vocabulary cost 0.5 s
-    texts = [_show_bytes(b) if b is not None else "" for b in raw]
+    texts = [b.decode("utf-8", "vocabdrift.hex") if b is not None else "" for b in raw]
     rest = [i for i in range(n_tok) if raw[i] is None]
     for i, d in zip(rest, backend.decode_batch([[i] for i in rest], skip_special_tokens=False), strict=True):
         texts[i] = d
@@ -212,11 +222,13 @@ def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size
 
     # Reachable: the token's text, encoded alone, gives back exactly this id.
     reachable = np.zeros(n, dtype=bool)
-    idx = [i for i in range(n_tok) if texts[i] and not (raw[i] is not None and _partial_utf8(raw[i]))]
+    # (only a text showing "<0x" can come from bytes that are not UTF-8 alone)
+    idx = [i for i in range(n_tok)
+           if texts[i] and not ("<0x" in texts[i] and raw[i] is not None and _partial_utf8(raw[i]))]
     encs = backend.encode_batch([texts[i] for i in idx], add_special_tokens=False)
     retry = []
     for i, e in zip(idx, encs, strict=True):
-        if e.ids == [i]:
+        if len(e) == 1 and e.ids[0] == i:
             reachable[i] = True
         elif texts[i].startswith(" ") and style == "sentencepiece":
             retry.append(i)  # SentencePiece prepends "▁" itself: " the" is reached by encoding "the"
