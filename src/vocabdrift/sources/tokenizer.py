@@ -213,7 +213,7 @@ def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size
         raw[i] = b
     # a piece with known bytes is shown from them; the tokenizer decodes only the others (special and added
     # tokens, unknown piece styles): decoding all 152K ids of a Qwen vocabulary cost 0.5 s
-    texts = [b.decode("utf-8", "vocabdrift.hex") if b is not None else "" for b in raw]
+    texts = [show_bytes(b) if b is not None else "" for b in raw]
     rest = [i for i in range(n_tok) if raw[i] is None]
     for i, d in zip(rest, backend.decode_batch([[i] for i in rest], skip_special_tokens=False), strict=True):
         texts[i] = d
