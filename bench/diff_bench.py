@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -102,6 +103,42 @@ def floor() -> None:
                     done += os.preadv(fh.fileno(), [memoryview(buf)[:k]], off + done)
 
 
+def floor_direct() -> None:
+    """The same bytes read around the page cache (O_DIRECT, 16 MiB at a time, into page-aligned buffers), base and
+    post in turn as a pass over the pair reads them: the disk's own speed, without the kernel's page-cache work.
+    Written apart from vocabdrift's reader."""
+    import mmap
+
+    chunk = 16 << 20
+    buf = memoryview(mmap.mmap(-1, chunk))  # anonymous maps are page-aligned
+    pairs = zip(_matrix_ranges(ROOT / "base"), _matrix_ranges(ROOT / "post"), strict=True)
+    for (fb, ob, n), (fp, op, _) in pairs:
+        fds = [os.open(fb, os.O_RDONLY | os.O_DIRECT), os.open(fp, os.O_RDONLY | os.O_DIRECT)]
+        try:
+            for pos in range(0, n + 4096, chunk):
+                for fd, off in zip(fds, (ob, op), strict=True):
+                    if os.preadv(fd, [buf], off - off % 4096 + pos) <= 0:
+                        raise SystemExit(f"{fb}: read ended early")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def floor_reader() -> None:
+    """The bytes read by vocabdrift's own reader, as the drift pass reads them (`Checkpoint.rows_bits`, blocks of
+    16 MiB, base and post in turn, on one thread) with no arithmetic: what the pass costs beyond its reads."""
+    from vocabdrift.api.diff import FUSED_BLOCK_BYTES
+    from vocabdrift.sources.checkpoint import open_checkpoint
+
+    b, p = open_checkpoint(ROOT / "base"), open_checkpoint(ROOT / "post")
+    step = FUSED_BLOCK_BYTES // (2 * H)
+    bufs = b.bits_buffer(step), p.bits_buffer(step)
+    for kind in ("lm_head", "embed"):
+        for s in range(0, V, step):
+            b.rows_bits(kind, s, s + step, bufs[0])
+            p.rows_bits(kind, s, s + step, bufs[1])
+
+
 def naive() -> None:
     """Load both state dicts whole, then compute per-row cosine in float32."""
     import torch
@@ -134,7 +171,7 @@ def ours_drift() -> None:
     scratch = torch.empty(step, H, device=dev)
     for kind in ("lm_head", "embed"):
         if _fused(b, p, kind, b.vocab_size, dev, False):
-            for _ in fused_stats(b, p, kind, b.vocab_size, step):
+            for _ in fused_stats(b, p, kind, b.vocab_size):
                 pass
         else:
             for _, rb, rp in _paired_blocks(b, p, kind, b.vocab_size, step, dev):
@@ -181,13 +218,15 @@ def cli_cached() -> None:
     _cli(cache=True)
 
 
-VARIANTS = {"floor": floor, "ours_drift": ours_drift, "ours_measure": ours_measure,
+VARIANTS = {"floor": floor, "floor_direct": floor_direct, "floor_reader": floor_reader,
+            "ours_drift": ours_drift, "ours_measure": ours_measure,
             "ours_measure_cached": ours_measure_cached, "naive": naive, "cli": cli, "cli_cached": cli_cached}
 
 
 # What each variant imports, timed apart: a fixed start-up cost (about 1 s for torch on a quiet machine, several
 # from a cold page cache) that does not grow with the checkpoint.
-IMPORTS = {"floor": [], "naive": ["torch", "safetensors.torch"],
+IMPORTS = {"floor": [], "floor_direct": [], "floor_reader": ["vocabdrift.api.diff"],
+           "naive": ["torch", "safetensors.torch"],
            "ours_drift": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
            "ours_measure": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
            "ours_measure_cached": ["torch", "vocabdrift.api.diff", "vocabdrift.sources.checkpoint"],
@@ -223,8 +262,10 @@ def drop_caches() -> bool:
 
 
 def run(name: str, *, cold: bool = False) -> dict:
-    if cold and not drop_caches():
-        raise SystemExit("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
+    if cold:
+        if not drop_caches():
+            raise SystemExit("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
+        time.sleep(2)  # the guest hands the freed pages back in the background: let it finish before the clock runs
     r = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -234,7 +275,7 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--only", help="comma-separated variants to run (floor is always run)")
+    ap.add_argument("--only", help="comma-separated variants to run (both floors are always run)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every variant (root)")
     args = ap.parse_args()
     if args.child:
@@ -249,25 +290,32 @@ def main() -> None:
     if not args.cold:
         run("floor")  # warm the page cache so every variant reads from the same place
     results: dict[str, list[dict]] = {}
-    order = ["floor", "ours_drift", "ours_measure", "ours_measure_cached", "cli", "cli_cached"]
+    floors = ["floor", "floor_direct", "floor_reader"]
+    order = [*floors, "ours_drift", "ours_measure", "ours_measure_cached", "cli", "cli_cached"]
     order += [] if args.skip_naive else ["naive"]
     if args.only:
-        order = ["floor", *[k for k in args.only.split(",") if k != "floor"]]
+        order = [*floors, *[k for k in args.only.split(",") if k not in floors]]
     if "cli_cached" in order or "ours_measure_cached" in order:
         run("cli_cached")  # fills the vocabulary cache, untimed
-    for _ in range(args.repeat):
-        for name in order:
+    rng = random.Random(0)
+    for i in range(args.repeat):  # a fresh order each round (the same for a given --repeat): every variant reads the
+        for name in order if i == 0 else rng.sample(order, len(order)):  # same bytes, and the host may cache them
             results.setdefault(name, []).append(run(name, cold=args.cold))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
-    fl = best["floor"]["seconds"]
-    print(f"page cache: {'dropped before each variant (cold)' if args.cold else 'warm'}")
-    print(f"{'':<20}{'work':>10}{'':>10}{'work + imports':>21}")
-    fl_all = best["floor"]["seconds"] + best["floor"]["import_seconds"]
-    print(f"{'variant':<20}{'seconds':>10}{'x floor':>10}{'+ imports':>11}{'x floor':>10}{'peak RSS MB':>14}")
+    print(f"page cache: {'dropped before each variant (cold)' if args.cold else 'warm'}; best of {args.repeat}")
+    print(f"{'variant':<20}{'seconds':>10}" + "".join(f"{'x ' + f:>15}" for f in floors)
+          + f"{'+ imports':>11}{'peak RSS MB':>14}")
     for k, r in best.items():
-        t_all = r["seconds"] + r["import_seconds"]
-        print(f"{k:<20}{r['seconds']:>10.2f}{r['seconds'] / fl:>10.2f}{t_all:>11.2f}{t_all / fl_all:>10.2f}"
-              f"{r['peak_rss_mb']:>14.0f}")
+        print(f"{k:<20}{r['seconds']:>10.2f}" + "".join(f"{r['seconds'] / best[f]['seconds']:>15.2f}" for f in floors)
+              + f"{r['seconds'] + r['import_seconds']:>11.2f}{r['peak_rss_mb']:>14.0f}")
+    if args.repeat > 1:  # the machine's speed drifts between rounds: each run against the floors of its round
+        print("every run, by round: " + "; ".join(f"{k} {' '.join(format(r['seconds'], '.2f') for r in v)}"
+                                                  for k, v in results.items()))
+        for f in floors:
+            paired = {k: sorted(r["seconds"] / fr["seconds"] for r, fr in zip(v, results[f], strict=True))
+                      for k, v in results.items() if k not in floors}
+            print(f"x {f} of the same round, sorted (median): " + "; ".join(
+                f"{k} {' '.join(f'{x:.2f}' for x in v)} ({v[len(v) // 2]:.2f})" for k, v in paired.items()))
     if "naive" in best:
         for k in ("ours_drift", "ours_measure", "cli"):
             if k in best:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from factory import cosine_rows, make_gpt2, make_llama, plant_drift, read_matrix, train_bpe
+from factory import cosine_rows, evict, make_gpt2, make_llama, plant_drift, read_matrix, train_bpe
 
 import vocabdrift
 from vocabdrift.analyses.drift import bf16_row_sums as _bf16_row_sums
@@ -32,12 +32,16 @@ def _drift(run: Path) -> dict[str, np.ndarray]:
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["float32-pass", "fused-bf16-pass"])
+@pytest.mark.parametrize(("fused", "cold"), [(False, False), (True, False), (True, True)],
+                         ids=["float32-pass", "fused-bf16-pass", "fused-bf16-pass-from-disk"])
 def test_llama_sharded_bf16_matches_numpy(llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch,
-                                          fused: bool) -> None:
+                                          fused: bool, cold: bool) -> None:
     import vocabdrift.analyses.drift as D
 
     base, post = llama_pair
+    if cold:  # out of the page cache: the rows are read around it (O_DIRECT) where the file system allows
+        for f in [*base.glob("*.safetensors"), *post.glob("*.safetensors")]:
+            evict(f)
     assert (base / "model.safetensors.index.json").exists() and len(list(base.glob("*.safetensors"))) > 1
     # the fused pass is for large vocabularies; here it is forced on (threshold 0) or off
     monkeypatch.setattr("vocabdrift.api.diff.FUSED_MIN_ELEMENTS", 0 if fused else 1 << 62)
@@ -371,10 +375,13 @@ def test_prefetched_stream_splits_torch_threads_and_restores_them() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
-    """From 32,768 rows on, measure builds the vocabulary table in its own process (tokenizers holds the GIL while
-    it parses): the same table as in-process, and a bad tokenizer's one-line error comes back through it."""
+def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> None:
+    """From 32,768 rows on, measure builds or reads back the vocabulary table in its own process (tokenizers holds
+    the GIL while it parses): the same table as in-process, and a bad tokenizer's one-line error comes back through
+    it."""
     import shutil
+
+    import pyarrow as pa
 
     from vocabdrift.api import diff as D
     from vocabdrift.api.diff import measure, vocab_table
@@ -386,10 +393,11 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path, monk
     m = measure(base, post)
     assert m.vocab.equals(vocab_table(post, size=rows, cache=False))
     assert m.vocab.num_rows == rows and int(m.drift.column("lm_head_cos").to_numpy().argmin()) == 3
-    # the child filled the vocabulary cache: the next measure reads it in-process, with no child to start
-    monkeypatch.setattr(D, "_vocab_in_child", lambda c: pytest.fail("the cached table should be read in-process"))
-    assert measure(base, post).vocab.equals(m.vocab)
-    monkeypatch.undo()
+    # the child filled the vocabulary cache, and the next measure's child reads it back: a planted change returns
+    hit = D._cache_path(post, rows)
+    planted = m.vocab.set_column(m.vocab.schema.get_field_index("text"), "text", pa.array(["x"] * rows))
+    pq.write_table(planted, hit)
+    assert measure(base, post).vocab.equals(planted)
     # a tokenizer that knows more tokens than the model has rows: the child's error, one line, in this process
     big = tmp_path / "big"
     shutil.copytree(post, big)

@@ -223,8 +223,9 @@ def _strings(values: Sequence[str]) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
 
 
-def _numbers(values: np.ndarray) -> pa.Array:
-    """A numeric or bool array from numpy, without `pa.array`'s pandas import (see `_strings`)."""
+def arrow_numbers(values: np.ndarray) -> pa.Array:
+    """A numeric or bool array from numpy, without `pa.array`'s pandas import (see `_strings`; the drift table is
+    built this way too)."""
     import numpy as np
     import pyarrow as pa
 
@@ -256,12 +257,12 @@ def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence
         raise ValueError("pieces, texts, raw, is_special and reachable must have one entry per token")
     cats = classify_many(texts, raw, is_special)
     return pa.table({
-        "token_id": _numbers(np.arange(n, dtype=np.int64)),
+        "token_id": arrow_numbers(np.arange(n, dtype=np.int64)),
         "piece": _strings(pieces),
         "text": _strings(texts),
-        "category": pa.DictionaryArray.from_arrays(_numbers(cats), _strings(CATEGORIES)),
-        "is_special": _numbers(np.asarray(is_special, dtype=bool)),
-        "reachable": _numbers(np.asarray(reachable, dtype=bool)),
+        "category": pa.DictionaryArray.from_arrays(arrow_numbers(cats), _strings(CATEGORIES)),
+        "is_special": arrow_numbers(np.asarray(is_special, dtype=bool)),
+        "reachable": arrow_numbers(np.asarray(reachable, dtype=bool)),
     })
 
 

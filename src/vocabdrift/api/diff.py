@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..analyses import drift as D
-from ..analyses.vocab import build_vocab_table
+from ..analyses.vocab import arrow_numbers, build_vocab_table
 from ..device import best_device, cpu_threads
 from ..errors import VocabdriftError
 from ..outputs.run import Timer, open_run
@@ -254,16 +254,22 @@ def _fused(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, device: torch
             and n * base.hidden_size >= FUSED_MIN_ELEMENTS)
 
 
-def fused_stats(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int
+# bf16 bytes of one matrix per block of the fused pass: reads around the page cache get no readahead, so each is
+# a large request (4 MiB reads took 2.5-5.2 s for the bench's 4.4 GB, 16 MiB ones 2.4-2.9 s).
+FUSED_BLOCK_BYTES = 16 << 20
+
+
+def fused_stats(base: Checkpoint, post: Checkpoint, kind: Kind, n: int, block_rows: int | None = None
                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(start, `row_stats`-like float32 arrays) per block of the first `n` rows of two bf16 matrices: one pass
-    over their bits (`drift.bf16_row_sums`), the next block read ahead on a thread into a second buffer pair."""
-    h = base.hidden_size
-    bufs = [(np.empty(block_rows * h, np.uint16), np.empty(block_rows * h, np.uint16)) for _ in range(2)]
+    over their bits (`drift.bf16_row_sums`), the next block read ahead on a thread into a second buffer pair
+    (while the first block's call loads the compiled kernel, the second is read)."""
+    step = block_rows or max(1, FUSED_BLOCK_BYTES // (2 * base.hidden_size))
+    bufs = [(base.bits_buffer(step), post.bits_buffer(step)) for _ in range(2)]
 
     def gen() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        for i, s in enumerate(range(0, n, block_rows)):
-            e = min(n, s + block_rows)
+        for i, s in enumerate(range(0, n, step)):
+            e = min(n, s + step)
             ob, op = bufs[i % 2]
             yield s, base.rows_bits(kind, s, e, ob), post.rows_bits(kind, s, e, op)
 
@@ -298,9 +304,10 @@ def _vocab_for_pair(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) ->
     candidates = [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
     if max(size for _, size in candidates) < _CHILD_ROWS:
         return first_vocab_table(candidates)
-    hit = _cache_path(*candidates[0])  # in the cache: read it here, a child process would only cost its start-up
-    cached = _read_cache(hit) if hit is not None else None
-    return cached if cached is not None else _vocab_in_child(candidates)
+    # From the cache too: read here, on a thread beside the pass, the cache (its key hashes tokenizer.json and
+    # imports tokenizers and pyarrow.parquet, holding the GIL) kept the pass's reads waiting: 4.5-4.7 s against
+    # 3.6-4.6 s from the child (a cold `measure`, 152K rows).
+    return _vocab_in_child(candidates)
 
 
 def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
@@ -316,11 +323,11 @@ def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
 
 
 def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
-    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`).
+    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`), cache included.
 
-    Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass on the main
-    thread needs the GIL between torch calls: built on a thread, the table cost a cold diff of a 152K vocabulary
-    about 5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row).
+    Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass's reading
+    thread needs the GIL between reads: built on a thread, the table cost a cold diff of a 152K vocabulary about
+    5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row).
     """
     import json
     import subprocess
@@ -405,7 +412,7 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
             if fused[kind]:
-                for s, st_np in fused_stats(b, p, kind, n, step):
+                for s, st_np in fused_stats(b, p, kind, n, block_rows):
                     e = s + len(st_np["cos"])
                     nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
                     for k, v in st_np.items():
@@ -451,10 +458,11 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
     if bias_b is not None and bias_p is not None:
         cols["lm_head_bias_delta"] = (bias_p[:n] - bias_b[:n]).astype(np.float32)
 
-    table = pa.table({"token_id": np.arange(n, dtype=np.int64),
-                      **{c: cols[c] for c in D.DRIFT_COLUMNS},
-                      **{c: v for c, v in cols.items() if c not in D.DRIFT_COLUMNS},
-                      "nonfinite": nonfinite})
+    table = pa.table({c: arrow_numbers(v) for c, v in {  # not pa.table of numpy: that imports pandas (0.7 s)
+        "token_id": np.arange(n, dtype=np.int64),
+        **{c: cols[c] for c in D.DRIFT_COLUMNS},
+        **{c: v for c, v in cols.items() if c not in D.DRIFT_COLUMNS},
+        "nonfinite": nonfinite}.items()})
     if nonfinite.any():
         log.warning("%d rows hold NaN or Inf (first: %s); they are left out of the summary",
                     int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..errors import VocabdriftError
+from . import disk
 
 if TYPE_CHECKING:
     import torch
@@ -120,15 +121,23 @@ class Checkpoint:
         t = self._tensor(kind)
         return t.dtype == "BF16" and t.read_into is not None
 
+    def bits_buffer(self, rows: int) -> np.ndarray:
+        """A buffer for `rows_bits` of up to `rows` rows (page-aligned, for reads around the page cache)."""
+        return disk.buffer(rows * self.hidden_size * 2)
+
     def rows_bits(self, kind: Kind, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-        """Rows [start, stop) of a bf16 matrix as uint16 bits (stop - start, H), read into `out` (uint16, at
-        least that many elements; one per block in flight, so a reading thread never overwrites a block in use)."""
+        """Rows [start, stop) of a bf16 matrix as uint16 bits (stop - start, H): a view into `out`, from
+        `bits_buffer` (one per block in flight, so a reading thread never overwrites a block in use)."""
         t = self._tensor(kind)
         if not self.bf16_bits(kind):
             raise ValueError(f"{t.name} is {t.dtype} in a {self.format} file; rows_bits reads bf16 safetensors only")
+        stop = min(stop, t.shape[0])
+        if out.nbytes < (stop - start) * t.shape[1] * 2 + 2 * disk.PAGE:
+            raise ValueError(f"rows_bits: a buffer of {out.nbytes} bytes cannot hold {stop - start} rows; "
+                             "use bits_buffer")
         try:
-            return t.read_into(start, min(stop, t.shape[0]), out)
-        except OSError as e:  # a short read says so itself; a too-small `out` is the caller's ValueError
+            return t.read_into(start, stop, out)
+        except OSError as e:
             raise VocabdriftError(f"{self.path}: could not read rows {start}:{stop} of {t.name} ({e}); "
                                   "the file may be truncated or corrupt") from e
 
@@ -223,8 +232,9 @@ _ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2
 
 
 def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start: int) -> _Tensor:
-    """Rows are read with `os.pread` of exactly their bytes, not through a memory map: a map would leave every
-    page it touched resident, so reading two 1 GB matrices would show as 2 GB of process memory.
+    """Rows are read with `os.preadv` of exactly their bytes (`disk.read`: around the page cache when they are not
+    in it), not through a memory map: a map would leave every page it touched resident, so reading two 1 GB
+    matrices would show as 2 GB of process memory.
 
     Opening does not import torch (only a float8 tensor needs it, to check this torch has the type), so a bad
     checkpoint is reported before torch's seconds of start-up."""
@@ -235,20 +245,19 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
     shape = tuple(info["shape"])
     row_bytes = itemsize * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
     begin = data_start + info["data_offsets"][0]
+    scratch = disk.buffer(0)  # reused between reads: a fresh buffer per block costs more in page faults than the copy
 
-    scratch = bytearray()  # reused between reads: a fresh buffer per block costs more in page faults than the copy
-
-    def pread(start: int, stop: int, rb: int, view: memoryview) -> None:
-        with open(path, "rb", buffering=0) as f:
-            got = os.preadv(f.fileno(), [view], begin + start * rb)
-            if len(shape) > 1 and stop < shape[0] and hasattr(os, "posix_fadvise"):
-                # blocks are read in order: ask the kernel to fetch the next one now, so the disk works while
-                # this one is converted and computed (a cold diff's pass: 6.2 against 6.7 s, bench/diff_bench.py)
-                os.posix_fadvise(f.fileno(), begin + stop * rb, min(len(view), (shape[0] - stop) * rb),
-                                 os.POSIX_FADV_WILLNEED)
-        if got != len(view):
-            raise VocabdriftError(f"{path}: tensor {name} ends early (got {got} of {len(view)} bytes); "
-                                  "the file is truncated — re-download it")
+    def pread(start: int, stop: int, rb: int, buf: np.ndarray) -> np.ndarray:
+        ahead = min(stop - start, shape[0] - stop) * rb if len(shape) > 1 else 0  # blocks are read in order
+        try:
+            got = disk.read(path, begin + start * rb, (stop - start) * rb, buf, ahead=ahead)
+        except EOFError as e:
+            raise VocabdriftError(f"{path}: tensor {name} ends early ({e}); the file is truncated — re-download it"
+                                  ) from e
+        if got.ctypes.data % itemsize:  # an odd offset (a writer that does not pad the header like safetensors)
+            buf[: len(got)] = got  # numpy copies overlapping ranges correctly
+            got = buf[: len(got)]
+        return got
 
     def read(start: int, stop: int) -> Any:
         import torch
@@ -259,22 +268,22 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
             start, stop, rb = 0, 1, row_bytes * shape[0]
         else:
             rb = row_bytes
-        need = rb * (stop - start)
-        if len(scratch) < need:
-            scratch = bytearray(need)
-        view = memoryview(scratch)[:need]
-        pread(start, stop, rb, view)
-        t = torch.frombuffer(view, dtype=dtype)
+        if len(scratch) < rb * (stop - start) + 2 * disk.PAGE:
+            scratch = disk.buffer(rb * (stop - start))
+        t = torch.frombuffer(pread(start, stop, rb, scratch), dtype=dtype)
         return t.reshape(stop - start, *shape[1:]) if len(shape) > 1 else t.clone()
 
     def read_into(start: int, stop: int, buf: np.ndarray) -> np.ndarray:
-        """Rows [start, stop) of a 2-D tensor as their stored bits, into `buf` (reused by the caller)."""
-        out = buf.reshape(-1)[: (stop - start) * shape[1]].reshape(stop - start, shape[1])
-        pread(start, stop, row_bytes, memoryview(out).cast("B"))
-        return out
+        """Rows [start, stop) of a 2-D tensor as their stored bits (stop - start, H), a view into `buf` (from
+        `Checkpoint.bits_buffer`, reused by the caller)."""
+        return pread(start, stop, row_bytes, buf.view(np.uint8)).view(_BITS[itemsize]).reshape(stop - start,
+                                                                                              shape[1])
 
     return _Tensor(name=name, shape=shape, dtype=info["dtype"], read=read,
                    read_into=read_into if len(shape) == 2 else None)
+
+
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _torch_has(dtype_name: str) -> bool:
