@@ -404,3 +404,16 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> N
     train_bpe(big, vocab_size=500)
     with pytest.raises(VocabdriftError, match="the tokenizer has .* tokens but the model has only"):
         D._vocab_in_child([(str(big), 300)])
+
+
+def test_vocabulary_child_given_up_leaves_nothing(tmp_path: Path) -> None:
+    """When the pass fails, measure gives up the table's child process: it is ended and its folder removed."""
+    from vocabdrift.api import diff as D
+
+    train_bpe(tmp_path / "tok")
+    job = D._VocabChild([(str(tmp_path / "tok"), 400)])
+    assert job._proc.poll() is None and job._dir.is_dir()
+    job.cancel()
+    assert job._proc.poll() is not None and not job._dir.exists()
+    done = D._VocabChild([(str(tmp_path / "tok"), 400)])
+    assert done.result().num_rows == 400 and not done._dir.exists()

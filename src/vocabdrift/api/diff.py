@@ -298,16 +298,17 @@ def _progress(enabled: bool):  # -> rich Progress or a no-op
 _CHILD_ROWS = 32_768
 
 
-def _vocab_for_pair(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> pa.Table:
-    """POST's tokenizer first (it knows added tokens), else BASE's; padded to the model's row count."""
+def _start_vocab(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> _VocabJob:
+    """Start building the table: POST's tokenizer first (it knows added tokens), else BASE's; padded to the
+    model's row count. In a child process from _CHILD_ROWS rows on (cached or not), else on a thread."""
     pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
     candidates = [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
     if max(size for _, size in candidates) < _CHILD_ROWS:
-        return first_vocab_table(candidates)
-    # From the cache too: read here, on a thread beside the pass, the cache (its key hashes tokenizer.json and
-    # imports tokenizers and pyarrow.parquet, holding the GIL) kept the pass's reads waiting: 4.5-4.7 s against
-    # 3.6-4.6 s from the child (a cold `measure`, 152K rows).
-    return _vocab_in_child(candidates)
+        return _VocabThread(candidates)
+    # From the cache too: read on a thread beside the pass, the cache (its key hashes tokenizer.json and imports
+    # tokenizers and pyarrow.parquet, holding the GIL) kept the pass's reads waiting: 4.5-4.7 s against 3.6-4.6 s
+    # from the child (a cold `measure`, 152K rows).
+    return _VocabChild(candidates)
 
 
 def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
@@ -322,29 +323,76 @@ def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
     raise err
 
 
-def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
+class _VocabJob:
+    """A vocabulary table being built beside the drift pass: `result()` waits for it, `cancel()` gives it up."""
+
+    def result(self) -> pa.Table:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        pass
+
+
+class _VocabThread(_VocabJob):
+    def __init__(self, candidates: Sequence[tuple[str, int]]) -> None:
+        pool = ThreadPoolExecutor(max_workers=1)
+        self._future = pool.submit(first_vocab_table, candidates)
+        pool.shutdown(wait=False)
+
+    def result(self) -> pa.Table:
+        return self._future.result()
+
+
+class _VocabChild(_VocabJob):
     """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`), cache included.
 
     Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass's reading
     thread needs the GIL between reads: built on a thread, the table cost a cold diff of a 152K vocabulary about
-    5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row).
+    5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row). No thread of
+    ours waits on it either: the table is read back (and pyarrow imported) in `result()`, after the pass.
     """
-    import json
-    import subprocess
-    import sys
-    import tempfile
 
-    import pyarrow as pa
+    def __init__(self, candidates: Sequence[tuple[str, int]]) -> None:
+        import json
+        import subprocess
+        import sys
+        import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="vocabdrift-vocab-") as d:
-        out = Path(d) / "vocab.arrow"
-        r = subprocess.run([sys.executable, "-m", "vocabdrift.api._vocab_child", str(out), json.dumps(candidates)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            lines = r.stderr.strip().splitlines()
-            raise VocabdriftError(lines[-1] if lines else f"building the vocabulary table failed ({r.returncode})")
-        with pa.OSFile(str(out)) as f:
-            return pa.ipc.open_file(f).read_all()
+        self._dir = Path(tempfile.mkdtemp(prefix="vocabdrift-vocab-"))
+        self._stderr = open(self._dir / "stderr", "w+")  # a file, not a pipe: nobody reads it until the end
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "vocabdrift.api._vocab_child", str(self._dir / "vocab.arrow"),
+             json.dumps(candidates)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
+
+    def result(self) -> pa.Table:
+        import pyarrow as pa
+
+        try:
+            code = self._proc.wait()
+            if code != 0:
+                self._stderr.seek(0)
+                lines = self._stderr.read().strip().splitlines()
+                raise VocabdriftError(lines[-1] if lines else f"building the vocabulary table failed ({code})")
+            with pa.OSFile(str(self._dir / "vocab.arrow")) as f:
+                return pa.ipc.open_file(f).read_all()
+        finally:
+            self._close()
+
+    def cancel(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        import shutil
+
+        self._stderr.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
+    return _VocabChild(candidates).result()
 
 
 def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
@@ -369,13 +417,21 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
         _check_pair(b, p)
-    import torch
+    import torch  # noqa: F401  (first: see below)
 
-    # The vocabulary table is built on a thread while the rows stream (the pass's torch calls release the GIL). Not
-    # before torch is imported: the tokenizer's Rust calls hold the GIL for seconds, and the import would wait.
-    pool = ThreadPoolExecutor(max_workers=1)
-    vocab_future = pool.submit(_vocab_for_pair, b, p, tokenizer)
-    pool.shutdown(wait=False)
+    # The vocabulary table is built beside the pass (in a child process for large vocabularies). Not before torch
+    # is imported: on a thread, the tokenizer's Rust calls hold the GIL for seconds, and the import would wait.
+    job = _start_vocab(b, p, tokenizer)
+    try:
+        return _measure(b, p, job, timer, fold_norm=fold_norm, center=center, device=device,
+                        block_rows=block_rows, progress=progress)
+    finally:
+        job.cancel()
+
+
+def _measure(b: Checkpoint, p: Checkpoint, job: _VocabJob, timer: Timer, *, fold_norm: bool, center: bool,
+             device: str | None, block_rows: int | None, progress: bool) -> Measurement:
+    import torch
 
     dev = best_device(device)
     rows = {k: (b.rows_of(k), p.rows_of(k)) for k in ("lm_head", "embed")}
@@ -451,8 +507,8 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
                 cols[f"{kind}_cos_centered"] = cc
 
     with timer("vocab (not overlapped)"):
-        vt = vocab_future.result().slice(0, n)
-    import pyarrow as pa  # (imported by now, on the vocabulary's thread)
+        vt = job.result().slice(0, n)
+    import pyarrow as pa  # (imported by now, by the table's `result`)
 
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
     if bias_b is not None and bias_p is not None:
