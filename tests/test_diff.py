@@ -32,8 +32,8 @@ def _drift(run: Path) -> dict[str, np.ndarray]:
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-@pytest.mark.parametrize(("fused", "cold"), [(False, False), (True, False), (True, True)],
-                         ids=["float32-pass", "fused-bf16-pass", "fused-bf16-pass-from-disk"])
+@pytest.mark.parametrize(("fused", "cold"), [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["float32-pass", "fused-bf16-pass", "float32-pass-from-disk", "fused-bf16-pass-from-disk"])
 def test_llama_sharded_bf16_matches_numpy(llama_pair: tuple[Path, Path], tmp_path: Path, monkeypatch,
                                           fused: bool, cold: bool) -> None:
     import vocabdrift.analyses.drift as D

@@ -298,7 +298,7 @@ def _progress(enabled: bool):  # -> rich Progress or a no-op
 _CHILD_ROWS = 32_768
 
 
-def _start_vocab(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> _VocabJob:
+def _start_vocab(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> _VocabThread | _VocabChild:
     """Start building the table: POST's tokenizer first (it knows added tokens), else BASE's; padded to the
     model's row count. In a child process from _CHILD_ROWS rows on (cached or not), else on a thread."""
     pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
@@ -323,17 +323,9 @@ def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
     raise err
 
 
-class _VocabJob:
-    """A vocabulary table being built beside the drift pass: `result()` waits for it, `cancel()` gives it up."""
+class _VocabThread:
+    """A table built on a thread beside the drift pass (small vocabularies): `result()` waits for it."""
 
-    def result(self) -> pa.Table:
-        raise NotImplementedError
-
-    def cancel(self) -> None:
-        pass
-
-
-class _VocabThread(_VocabJob):
     def __init__(self, candidates: Sequence[tuple[str, int]]) -> None:
         pool = ThreadPoolExecutor(max_workers=1)
         self._future = pool.submit(first_vocab_table, candidates)
@@ -342,9 +334,13 @@ class _VocabThread(_VocabJob):
     def result(self) -> pa.Table:
         return self._future.result()
 
+    def cancel(self) -> None:  # a thread cannot be stopped; it ends with its table, which nobody reads
+        pass
 
-class _VocabChild(_VocabJob):
-    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`), cache included.
+
+class _VocabChild:
+    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`), cache included;
+    `result()` waits for it, `cancel()` ends it.
 
     Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass's reading
     thread needs the GIL between reads: built on a thread, the table cost a cold diff of a 152K vocabulary about
@@ -406,7 +402,8 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         fold_norm: multiply lm_head columns by each model's final-norm weight g first (logits are W·(g⊙x̂)).
         center: also give cosines after subtracting each matrix's mean row (one more pass over the rows).
         device: "cpu", "cuda", ... (default: the best present).
-        block_rows: rows per block (default: 8 MiB of float32 per matrix).
+        block_rows: rows per block (default: 8 MiB of float32 per matrix; in the fused bf16 pass, 16 MiB
+            of bf16).
 
     Returns:
         A `Measurement` with the vocabulary table, the drift table (columns of `DRIFT_COLUMNS`, plus
@@ -429,8 +426,8 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         job.cancel()
 
 
-def _measure(b: Checkpoint, p: Checkpoint, job: _VocabJob, timer: Timer, *, fold_norm: bool, center: bool,
-             device: str | None, block_rows: int | None, progress: bool) -> Measurement:
+def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, timer: Timer, *, fold_norm: bool,
+             center: bool, device: str | None, block_rows: int | None, progress: bool) -> Measurement:
     import torch
 
     dev = best_device(device)
@@ -461,6 +458,7 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabJob, timer: Timer, *, fold
 
     # bf16 on a CPU: the fused pass, unless the rows are transformed first (fold, centring)
     fused = {k: _fused(b, p, k, n, dev, fold_norm or center) for k in kinds}
+    fused_step = block_rows or max(1, FUSED_BLOCK_BYTES // (2 * b.hidden_size))
     with timer("drift"), _progress(progress) as bar:
         for kind in kinds:
             out = {k: np.empty(n, dtype=np.float32) for k in ("cos", "l2", "norm_base", "norm_post")}
@@ -468,7 +466,7 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabJob, timer: Timer, *, fold
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
             if fused[kind]:
-                for s, st_np in fused_stats(b, p, kind, n, block_rows):
+                for s, st_np in fused_stats(b, p, kind, n, fused_step):
                     e = s + len(st_np["cos"])
                     nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
                     for k, v in st_np.items():
@@ -523,7 +521,8 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabJob, timer: Timer, *, fold
         log.warning("%d rows hold NaN or Inf (first: %s); they are left out of the summary",
                     int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())
     info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
-            "fold_norm": fold_norm, "center": center, "device": str(dev), "block_rows": step}
+            "fold_norm": fold_norm, "center": center, "device": str(dev),
+            "block_rows": {k: fused_step if fused[k] else step for k in kinds}}
     return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)
 
 
