@@ -1,7 +1,9 @@
 """Benchmark `diff` on checkpoints with Qwen2.5-7B's vocabulary shape (152,064 x 3,584, bf16, untied, plus 2 GB of
 other layers per checkpoint), against (a) the naive route (load both state dicts whole, compute in float32) and
-(b) the floor (read the four matrices' bytes from disk). Each variant runs in its own process, which reports its
-wall time and peak RSS. Ratios, not absolute times, are the result: this machine is shared and noisy.
+(b) the floor (read the four matrices' bytes from disk: through the page cache, around it with O_DIRECT, and with
+vocabdrift's own reader alone). Each variant runs in its own process, which reports its wall time and peak RSS.
+Ratios, not absolute times, are the result: this machine is shared and noisy, so each variant is also compared
+with the floors of its own round.
 
     python bench/diff_bench.py            # builds bench/out/qwen7b-shape/{base,post} once (~9 GB), then measures
 """
