@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--only", help="comma-separated variants to run (both floors are always run)")
+    ap.add_argument("--only", help="comma-separated variants to run (the three floors are always run)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every variant (root)")
     args = ap.parse_args()
     if args.child:

@@ -59,7 +59,8 @@ def diff(
 
     Writes RUN/vocab.parquet, drift.parquet, neighbors.parquet, summary.json and manifest.json, then prints
     the per-language table and the most drifted tokens. The vocabulary table is cached per tokenizer in
-    ~/.cache/vocabdrift (VOCABDRIFT_CACHE=DIR moves it, VOCABDRIFT_CACHE=off turns it off).
+    ~/.cache/vocabdrift (VOCABDRIFT_CACHE=DIR moves it, VOCABDRIFT_CACHE=off turns it off). On Linux, rows not in
+    the page cache are read around it (O_DIRECT); VOCABDRIFT_DIRECT_IO=0 reads everything through it.
     """
     from rich.console import Console
 
