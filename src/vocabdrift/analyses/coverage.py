@@ -141,12 +141,62 @@ class Renderer:
             return [Rendered(t, None) for t in texts]
         return [self._find_assistant(t, c) for t, c in zip(texts, chats, strict=True)]
 
+    def _render_one(self, chat: list[dict[str, str]]) -> str:
+        if self._compiled is not None:
+            return self._compiled.render(messages=chat, add_generation_prompt=False, **self.kwargs)
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        return render_jinja_template(conversations=[chat], chat_template=self.template, **self.kwargs)[0][0]
+
+    def _find_by_markers(self, text: str, chat: list[dict[str, str]]) -> list[Span] | str | None:
+        """Where each assistant message sits in `text`, by rendering the chat once more with a unique marker in
+        place of each assistant message. A string if a marker is missing from that render (the template hides
+        the assistant's text); None if the render with the markers replaced is not `text` (the template rewrites
+        the content, e.g. strips it), so the caller falls back to searching.
+
+        Why: a short answer ("a", " the") also occurs in the system prompt, the role headers or the question, so
+        searching the text for it finds the wrong place.
+        """
+        tags = {i: f"\ue000{i}\ue001" for i, m in enumerate(chat) if m["role"] == "assistant"}
+        try:
+            marked = self._render_one([{**m, "content": tags[i]} if i in tags else m for i, m in enumerate(chat)])
+        except Exception:  # a template that validates content (raise_exception) may refuse the markers
+            return None
+        pieces: list[str] = []
+        spans: list[Span] = []
+        pos = length = 0
+        for i, tag in tags.items():
+            at = marked.find(tag, pos)
+            if at < 0:
+                return "the chat template does not reproduce an assistant message's text"
+            pieces += [marked[pos:at], chat[i]["content"]]
+            start = length + at - pos
+            length = start + len(chat[i]["content"])
+            spans.append((start, length))
+            pos = at + len(tag)
+        pieces.append(marked[pos:])
+        return spans if "".join(pieces) == text else None
+
     def _find_assistant(self, text: str, chat: list[dict[str, str]]) -> Rendered | str:
+        answers = [m["content"] for m in chat if m["role"] == "assistant"]
+        if any(text.count(a) != 1 for a in answers):  # absent, empty or found more than once: ask the template
+            found = self._find_by_markers(text, chat)
+            if isinstance(found, str):
+                return found
+            if found is not None:
+                return Rendered(text, tuple(self._with_end(text, a, b) for a, b in found))
         spans: list[Span] = []
         cursor = 0
         for m in chat:
             content = m["content"]
-            if m["role"] != "assistant" or not content.strip():
+            if m["role"] != "assistant":
+                # step over the other turns too: an answer that repeats words of its question ("Repeat this
+                # word: cat" -> "cat") must be found in the answer, not in the question
+                at = text.find(content, cursor) if content.strip() else -1
+                if at >= 0:
+                    cursor = at + len(content)
+                continue
+            if not content.strip():
                 continue
             at = text.find(content, cursor)
             if at < 0:
@@ -154,38 +204,61 @@ class Renderer:
                 at = text.find(content, cursor)
             if at < 0:
                 return "the chat template does not reproduce an assistant message's text"
-            end = at + len(content)
-            m = self._end.match(text, end) if self._end else None  # the end-of-turn token is trained too
-            if m:
-                end = m.end()
-            spans.append((at, end))
-            cursor = end
+            span = self._with_end(text, at, at + len(content))
+            spans.append(span)
+            cursor = span[1]
         return Rendered(text, tuple(spans))
+
+    def _with_end(self, text: str, start: int, end: int) -> Span:
+        """The span extended over the special token that closes the turn right after it: it is trained too."""
+        m = self._end.match(text, end) if self._end else None
+        return (start, m.end() if m else end)
 
 
 # ---- counting ---------------------------------------------------------------------------------------------------
 
-def target_ids(ids: list[int], spans: Sequence[Span] | None, enc: Any = None) -> list[int]:
-    """The ids of tokens whose first character lies in one of `spans` (all of them when spans is None).
+def target_ranges(spans: Sequence[Span], enc: Any) -> list[tuple[int, int]]:
+    """Half-open token index ranges of the tokens whose first character lies in one of `spans`.
 
-    `enc` is the `tokenizers.Encoding` of the text: its `char_to_token` finds a span's first and last token
-    without converting every token's offsets to Python.
+    This is THE rule for "a generation target": `coverage` counts these tokens and `sft`/`repair` train on them
+    (labels), so what coverage predicts is exactly what training sees. A token that straddles a span's start began
+    in the prompt and is not a target. `enc` is the `tokenizers.Encoding` of the text: its `char_to_token` finds a
+    span's first and last token without converting every token's offsets to Python.
     """
-    if spans is None:
-        return ids
-    out: list[int] = []
+    out: list[tuple[int, int]] = []
     for a, b in spans:
         if b <= a:
             continue
         first = enc.char_to_token(a)
         last = enc.char_to_token(b - 1)
         if first is None or last is None:  # a character no token covers (stripped): go by offsets
-            out.extend(i for i, (start, _) in zip(ids, enc.offsets, strict=True) if a <= start < b)
+            out.extend((k, k + 1) for k, (start, _) in enumerate(enc.offsets) if a <= start < b)
             continue
         if enc.token_to_chars(first)[0] < a:  # the token straddles the span's start: it began before, not a target
             first += 1
-        out.extend(ids[first:last + 1])
+        if first <= last:
+            out.append((first, last + 1))
     return out
+
+
+def target_ids(ids: list[int], spans: Sequence[Span] | None, enc: Any = None) -> list[int]:
+    """The ids of tokens whose first character lies in one of `spans` (all of them when spans is None)."""
+    if spans is None:
+        return ids
+    out: list[int] = []
+    for a, b in target_ranges(spans, enc):
+        out.extend(ids[a:b])
+    return out
+
+
+def target_mask(n: int, spans: Sequence[Span] | None, enc: Any = None) -> list[bool]:
+    """Per token of an `n`-token encoding: is it a generation target (the same rule as `target_ids`)."""
+    if spans is None:
+        return [True] * n
+    mask = [False] * n
+    for a, b in target_ranges(spans, enc):
+        mask[a:b] = [True] * (b - a)
+    return mask
 
 
 def batch_counts(per_sample: Sequence[list[int]], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ summary.json saying what was done, what it cost in extra training tokens and wha
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,63 @@ def count_tokens(records: Sequence[dict[str, Any]], tok: Any) -> int:
     return sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
 
 
+def mix_coverage(records: list[dict[str, Any]], coverage: list[dict[str, Any]], share: float | None, *,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """The coverage records to train on beside `records`: all of them, or a seeded draw that makes `share` of the
+    training set (cycling through the coverage set in a seeded order when it is smaller than that)."""
+    import random
+
+    if share is None or not coverage:
+        return list(coverage)
+    want = round(share / (1.0 - share) * len(records))
+    order = list(range(len(coverage)))
+    random.Random(seed).shuffle(order)
+    return [coverage[order[k % len(order)]] for k in range(want)]
+
+
+def training_plan(*, sft: int, coverage: int, replay: int, steps: int, batch_size: int, processes: int = 1,
+                  coverage_set: int | None = None) -> dict[str, Any]:
+    """What a run of `steps` will actually see of each part of its data, computed before training.
+
+    Why: on a 49K vocabulary the full coverage set is tens of thousands of samples, and a short run draws a few
+    thousand: most coverage samples (and the tokens only they hold) are never trained on. The trainer shuffles
+    the whole set once per epoch, so a share `min(1, epochs)` of every part is seen. `coverage_set` is the size
+    of the coverage set when only a share of it was mixed in (`mix_coverage`).
+    """
+    total = sft + coverage + replay
+    drawn = steps * batch_size * processes
+    epochs = drawn / max(total, 1)
+    seen = min(1.0, epochs)
+    full = math.ceil(total / max(batch_size * processes, 1))
+    plan = {"samples": total, "sft": sft, "coverage": coverage, "replay": replay, "steps": steps,
+            "batch": batch_size * processes, "drawn": drawn,
+            "epochs": round(epochs, 4), "coverage_share": round(coverage / max(total, 1), 6),
+            "coverage_per_batch": round(coverage / max(total, 1) * batch_size, 3),
+            "coverage_set": coverage if coverage_set is None else coverage_set,
+            "steps_to_see_all": full}
+    distinct = min(coverage, plan["coverage_set"])  # a share drawn with repeats holds each sample once or more
+    plan["coverage_seen"] = round(seen * distinct)
+    plan["coverage_seen_share"] = round(plan["coverage_seen"] / max(plan["coverage_set"], 1), 6)
+    per_step = coverage / max(total, 1) * batch_size * processes  # coverage samples drawn per step
+    plan["steps_for_whole_set"] = math.ceil(plan["coverage_set"] / per_step) if per_step else None
+    return plan
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """The plan as one line for the log."""
+    line = (f"repair: {plan['samples']:,} training samples ({plan['sft']:,} SFT, {plan['coverage']:,} coverage, "
+            f"{plan['replay']:,} replay); {plan['steps']:,} steps x {plan['batch']:,} = {plan['drawn']:,} drawn, "
+            f"{plan['epochs']:.2f} epochs")
+    if plan["coverage"]:
+        line += (f"; coverage is {100 * plan['coverage_share']:.1f}% of the samples (~{plan['coverage_per_batch']:.2f}"
+                 f" per batch); about {plan['coverage_seen']:,} of the coverage set's {plan['coverage_set']:,} "
+                 f"samples will be seen ({100 * plan['coverage_seen_share']:.0f}%)")
+        if plan["coverage_seen_share"] < 1.0:
+            line += (f"; to train on the whole set, take {plan['steps_for_whole_set']:,} steps at this mix, raise "
+                     "--coverage-share, or pass a smaller set (synth --only-below-floor RUN)")
+    return line
+
+
 # ---- repair ---------------------------------------------------------------------------------------------------
 
 def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike,
@@ -82,7 +140,8 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
            freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
            batch_size: int = 8, max_length: int = 256, seed: int = 0, every: int | None = None,
            stop_below: float | None = None, threshold: float = 0.95, device: str | None = None,
-           callbacks: Sequence[Any] = (), progress: bool = True) -> Path:
+           callbacks: Sequence[Any] = (), progress: bool = True, untie: bool = False,
+           coverage_share: float | None = None, log_every: int | None = None) -> Path:
     """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
 
     Args:
@@ -100,6 +159,13 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         every: the drift callback's interval (default: steps / 20); `stop_below` stops training when the
             minimum lm_head cosine falls below it.
         callbacks: more `transformers.TrainerCallback`s for the SFT, beside the drift callback.
+        untie: give a tied BASE its own lm_head (a copy of the embedding) before training, the published setting;
+            a tied model is trained as it is otherwise, with a warning (its lm_head is its input embedding).
+        coverage_share: the share of training samples drawn from the coverage set (a seeded subset, or repeats);
+            None adds the whole set. The plan (what share of the coverage set the run will see) is logged before
+            training and kept in summary.json's "repair" key either way.
+        log_every: a log line every N steps (step, loss, min/mean lm_head cosine, time left); default: every
+            steps/20 when there is no progress bar, off with one.
 
     Returns:
         `out`: OUT/model is the trained checkpoint; vocab.parquet, drift.parquet, neighbors.parquet,
@@ -137,6 +203,8 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
     bad = [f for f in freeze if f not in remedies.FREEZABLE]
     if bad:
         raise VocabdriftError(f"--freeze {bad[0]!r}: choose from {', '.join(remedies.FREEZABLE)}")
+    if coverage_share is not None and not 0.0 < coverage_share < 1.0:
+        raise VocabdriftError(f"--coverage-share must be in (0, 1), not {coverage_share}")
     if coverage is not None and str(coverage) != "auto" and not Path(coverage).exists():
         raise VocabdriftError(f"--coverage {coverage}: no such file; pass a coverage JSONL, 'auto' or nothing")
 
@@ -162,6 +230,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
     with open_run(out) if main else _scratch_run() as run:
         cov_records: list[dict[str, Any]] = []
         cov_info: dict[str, Any] | None = None
+        cov_set = 0
         if coverage is not None:
             with timer("coverage set"):
                 if str(coverage) == "auto":
@@ -179,6 +248,12 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                     cov_path = Path(coverage)
                     cov_info = {"source": str(coverage)}
                 cov_records = read_records(cov_path, what="coverage")
+                cov_set = len(cov_records)
+                if cov_info is not None:
+                    cov_info["records"] = cov_set
+                cov_records = mix_coverage(records, cov_records, coverage_share, seed=seed)
+                if coverage_share is not None and cov_info is not None:
+                    cov_info["share"] = coverage_share
 
         with timer("train"):
             try:
@@ -202,9 +277,17 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                 train_records = remedies.replay_mix(train_records, replay_records, replay_ratio, seed=seed)
                 ids = {id(r) for r in replay_records}
                 replay_added = [r for r in train_records if id(r) in ids]
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            plan = training_plan(sft=len(records), coverage=len(cov_records), replay=len(replay_added),
+                                 steps=steps, batch_size=batch_size, processes=world,
+                                 coverage_set=cov_set if cov_records else None)
+            if main:
+                log.info("%s", describe_plan(plan))
+            encoded: dict[str, Any] = {}
             sft(model, train_records, out=model_dir, steps=steps, lr=lr, betas=betas, batch_size=batch_size,
                 max_length=max_length, seed=seed, callbacks=[cb, *callbacks], loss_terms=terms, freeze=tuple(freeze),
-                progress=progress)
+                progress=progress, untie=untie, stats=encoded,
+                log_every=(max(1, steps // 20) if not progress else 0) if log_every is None else log_every)
             del model
             if not main:
                 return out
@@ -228,7 +311,9 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                          "gate": gate, "freeze": list(freeze)},
             "training": {"steps": steps, "lr": lr, "betas": list(betas), "batch_size": batch_size,
                          "max_length": max_length, "seed": seed, "stopped": cb.stop_reason,
-                         "processes": int(os.environ.get("WORLD_SIZE", "1"))},
+                         "processes": world, "untied": bool(untie and base_ck.tied),
+                         "targets": encoded},
+            "plan": plan,
             "cost": {"sft_records": len(records), "coverage_records": len(cov_records),
                      "replay_records": len(replay_added), "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens,
                      "replay_tokens": replay_tokens, "extra_tokens": cov_tokens + replay_tokens,
@@ -248,7 +333,8 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                                         "replay": str(replay or ""), "replay_ratio": replay_ratio, "anchor": anchor,
                                         "anchor_rarity": anchor_rarity, "gate": gate, "freeze": list(freeze),
                                         "steps": steps, "lr": lr, "batch_size": batch_size,
-                                        "max_length": max_length, "every": cb.every, "stop_below": stop_below},
+                                        "max_length": max_length, "every": cb.every, "stop_below": stop_below,
+                                        "untie": untie, "coverage_share": coverage_share},
                    inputs={"base": str(base), "data": summary["repair"]["data"][0],
                            "checkpoints": {"base": m.info["base"]}},
                    seed=seed, timings={**timer.timings, **m.timings})

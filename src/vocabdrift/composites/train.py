@@ -194,37 +194,71 @@ def _fast(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_length: int) -> list[dict[str, list]]:
-    """Pre-tokenize records: chats through the chat template with the assistant mask, plain text with eos.
+def _record_sample(r: Any, i: int) -> Any:
+    """A training record as coverage's `Sample`: {"messages": [...]} or {"text": ...}."""
+    from ..sources.data import Sample
 
-    Returns rows {"input_ids", "labels"} with labels -100 where there is no loss (outside assistant spans).
-    Records with no trainable token after truncation are dropped (logged).
+    if isinstance(r, dict) and isinstance(r.get("messages"), list):
+        return Sample(f"record {i}", messages=r["messages"])
+    if isinstance(r, dict) and isinstance(r.get("text"), str):
+        return Sample(f"record {i}", text=r["text"])
+    raise VocabdriftError(f"record {i} has neither \"messages\" nor \"text\"; sft takes chats or plain text")
+
+
+def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_length: int,
+                   stats: dict[str, Any] | None = None) -> list[dict[str, list]]:
+    """Pre-tokenize records: labels are the generation targets that `coverage` counts, token for token.
+
+    Chats go through the tokenizer's chat template; the assistant's spans come from `analyses.coverage.Renderer`
+    (the template's `{% generation %}` markers where it has them, else each assistant message found in the
+    rendered text, with its end-of-turn token), so real templates without markers (SmolLM2, Qwen2.5, Llama 3,
+    Gemma) train on the assistant's tokens too. Plain text gets eos and a loss on every token (replay).
+
+    Returns rows {"input_ids", "labels"} with labels -100 where there is no loss. Records the template cannot
+    render, or whose assistant text it does not reproduce, are dropped (logged, as `coverage` skips them), and so
+    are records with no trainable token after truncation. `stats`, when given, receives the counts.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    from ..analyses.coverage import Renderer, target_mask
+
+    records = list(records)
+    samples = [_record_sample(r, i) for i, r in enumerate(records)]
+    if any(s.messages is not None for s in samples) and not getattr(tokenizer, "chat_template", None):
         raise VocabdriftError("the model's tokenizer has no chat template; sft needs one to find the assistant "
                               "tokens (save a tokenizer with chat_template beside the model)")
-    rows, dropped = [], 0
-    for i, r in enumerate(records):
-        if "messages" in r:
-            enc = tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
-            ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
-        elif isinstance(r.get("text"), str):
-            ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            mask = [1] * len(ids)
-        else:
-            raise VocabdriftError(f"record {i} has neither \"messages\" nor \"text\"; sft takes chats or plain text")
-        ids, mask = ids[:max_length], mask[:max_length]
+    renderer = Renderer(tokenizer, targets="assistant")
+    rendered = renderer.render(samples)
+    bad = [(s.source, r) for s, r in zip(samples, rendered, strict=True) if isinstance(r, str)]
+    good = [r for r in rendered if not isinstance(r, str)]
+    if bad and not good:
+        raise VocabdriftError(f"sft: the chat template renders no record usably ({bad[0][0]}: {bad[0][1]}); a "
+                              "template that hides or rewrites the assistant's text cannot be trained on with "
+                              "vocabdrift's loss mask")
+    if bad:
+        log.warning("sft: skipped %d of %d records the chat template cannot render (first: %s: %s)", len(bad),
+                    len(samples), bad[0][0], bad[0][1])
+    encs = tokenizer.backend_tokenizer.encode_batch([r.text for r in good], add_special_tokens=False)
+    rows, dropped, targets, kept_targets = [], 0, 0, 0
+    for r, enc in zip(good, encs, strict=True):
+        mask = target_mask(len(enc.ids), r.spans, enc)
+        targets += sum(mask[1:])  # position 0 predicts nothing: not a target training can reach
+        ids, mask = list(enc.ids[:max_length]), mask[:max_length]
         labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
         if all(x == -100 for x in labels[1:]):
             dropped += 1
             continue
+        kept_targets += sum(m for m in mask[1:])
         rows.append({"input_ids": ids, "labels": labels})
     if dropped:
         log.warning("sft: dropped %d records with no trainable token within max_length=%d", dropped, max_length)
+    if kept_targets < targets:
+        log.warning("sft: max_length=%d cuts %d of the data's %d target tokens (%.1f%%); raise it to train on them",
+                    max_length, targets - kept_targets, targets, 100 * (targets - kept_targets) / max(targets, 1))
+    if stats is not None:
+        stats.update(records=len(samples), unrenderable=len(bad), dropped=dropped, rows=len(rows),
+                     target_tokens=targets, trained_tokens=kept_targets, render=renderer.mode)
     if not rows:
-        raise VocabdriftError("sft: no record has a trainable token (empty assistant answers, or max_length too "
-                              "short)")
+        raise VocabdriftError(f"sft: no record has a trainable token within max_length={max_length} (empty "
+                              "assistant answers, or max_length too short for the prompts)")
     return rows
 
 
@@ -243,7 +277,8 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         lr: float = 2e-4, batch_size: int = 8, max_length: int = 256, seed: int = 0, betas=(0.9, 0.999),
         weight_decay: float = 0.1, warmup_steps: int = 0, callbacks: Sequence = (),
         loss_terms: Sequence[Callable] = (), freeze: Sequence[str] = (), replay: Iterable[dict] | None = None,
-        replay_ratio: float = 0.0, progress: bool = True) -> Path:
+        replay_ratio: float = 0.0, progress: bool = True, untie: bool = False, log_every: int = 0,
+        stats: dict[str, Any] | None = None) -> Path:
     """Supervised fine-tuning of a causal LM; the model and its tokenizer are saved to `out`.
 
     Args:
@@ -256,6 +291,11 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         loss_terms: callables `(model, inputs) -> Tensor | None` added to each step's loss (e.g. `LmHeadAnchor`).
         freeze: "lm_head" and/or "embed": those parameters get requires_grad False.
         replay: plain-text records blended in at `replay_ratio` of the data, deterministically.
+        untie: give a tied model its own lm_head before training (`untie_lm_head`); a tied model trained as it is
+            moves its input embedding with every lm_head row (a warning says so).
+        log_every: write a log line every N steps (step, loss, the drift callback's cosines, time left); 0: off.
+            For runs whose output goes to a file, where there is no progress bar.
+        stats: if given, receives `encode_records`' counts (records, rows, target and trained tokens).
 
     Returns:
         `out`.
@@ -298,7 +338,15 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     records = list(records)
     if replay is not None and replay_ratio > 0:
         records = remedies.replay_mix(records, list(replay), replay_ratio, seed=seed)
-    rows = encode_records(tokenizer, records, max_length=max_length)
+    rows = encode_records(tokenizer, records, max_length=max_length, stats=stats)
+    if untie:
+        if untie_lm_head(model):
+            log.warning("sft: untied lm_head from the input embedding (a copy of it); the saved model is untied")
+    elif getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None \
+            and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        log.warning("sft: the model ties lm_head to the input embedding, so training moves how each token is read "
+                    "along with how it is said; pass untie=True (repair --untie) to train a separate lm_head, as "
+                    "the published investigation did")
     if freeze:
         remedies.freeze(model, freeze)
 
@@ -325,6 +373,8 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
 
         # both print a dict per log step; keep the bar, drop the dicts (callbacks still get on_log)
         trainer.remove_callback(PrinterCallback)
+        if log_every > 0:
+            trainer.add_callback(_step_lines(steps, log_every))
         if progress:
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(_quiet_progress())
@@ -436,6 +486,91 @@ def _quiet_progress() -> Any:
             pass
 
     return QuietProgress()
+
+
+def _step_lines(steps: int, every: int) -> Any:
+    """A callback that writes a line every `every` steps (step, loss, the drift callback's lm_head cosines, time
+    left) to the log: with no terminal there is no bar, and a long run must still say what it is doing."""
+    import time
+
+    from transformers.trainer_callback import TrainerCallback
+
+    class StepLines(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+            self.cos: dict[str, float] = {}
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            logs = logs or {}
+            for k in ("vocabdrift/lm_head/min_cos", "vocabdrift/lm_head/mean_cos"):
+                if k in logs:
+                    self.cos[k.rsplit("/", 1)[1]] = float(logs[k])
+            step = state.global_step
+            if "loss" not in logs or (step % every and step != steps):
+                return
+            spent = time.monotonic() - self.start
+            left = spent / max(step, 1) * (steps - step)
+            cos = "".join(f" lm_head {k} {v:.4f}" for k, v in sorted(self.cos.items(), reverse=True))
+            log.info("sft: step %d/%d loss %.4f%s, %s left", step, steps, float(logs["loss"]), cos,
+                        _clock(left))
+
+    return StepLines()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def untie_lm_head(model: Any) -> bool:
+    """Give a tied model its own lm_head (a copy of the embedding); True if it was tied.
+
+    Why: in a tied model lm_head *is* the input embedding, so every row a fine-tune moves changes how the token
+    is read as well as how it is said, and "drift of lm_head" is drift of the embedding. The published
+    investigation trained an untied model; untying first reproduces that setting (the saved model is untied).
+    """
+    import torch
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        return False
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    if getattr(model, "_tied_weights_keys", None):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    return True
+
+
+def to_hf_folder(model: PathLike, out: PathLike, *, untie: bool = False) -> Path:
+    """Save a model that transformers can load (a `.gguf` file, a folder, a hub id) as a Hugging Face folder.
+
+    Why: training needs a Hugging Face folder; a GGUF (dequantized to float32 by transformers) becomes one here,
+    untied on request. `out` is written atomically and never overwritten.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(model).expanduser()
+    kw: dict[str, Any] = {"gguf_file": src.name} if src.suffix == ".gguf" else {}
+    where = src.parent if kw else src
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        raise VocabdriftError(f"{src}: transformers cannot load it as a causal LM ({e})") from e
+    if kw:  # transformers marks a model read from GGUF as quantized, but its weights are plain float32 by now
+        m.hf_quantizer = None
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+    if untie:
+        untie_lm_head(m)
+    with _atomic_dir(Path(out)) as tmp:
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(out)
 
 
 def seed_everything(seed: int) -> None:
