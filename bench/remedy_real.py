@@ -14,7 +14,11 @@ Chinese, Japanese) on the 40 most drifted tokens of the no-remedy run and on a f
 on 200 held-out conversations of the same mix, and wall time. Results go to WORK/results.json and a Markdown
 table to WORK/remedies.md; finished runs are reused.
 
-    python bench/remedy_real.py [--work runs/remedy_real] [--steps 160] [--lr 6e-4] [--only none,gate]
+    python bench/remedy_real.py [--work runs/remedy_real] [--steps 60] [--batch-size 4] [--lr 2e-3] [--only none,gate]
+
+The defaults (60 steps of 4 conversations at lr 2e-3) keep each run under ten minutes on one CPU core (run it with
+OMP_NUM_THREADS=1 on a shared machine: two threads fighting other processes were five times slower); at lr 6e-4
+these 60 steps left the minimum lm_head cosine at 0.976, no row below 0.95.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from pathlib import Path
 RUNS: dict[str, list[str]] = {
     "none": ["--coverage", "none"],
     "coverage": ["--coverage", "auto"],
-    "coverage_20": ["--coverage", "auto", "--coverage-share", "0.2"],
-    "replay": ["--coverage", "none", "--replay", "{work}/replay.jsonl", "--replay-ratio", "0.2"],
     "anchor": ["--coverage", "none", "--anchor", "0.1"],
     "gate": ["--coverage", "none", "--gate"],
+    "replay": ["--coverage", "none", "--replay", "{work}/replay.jsonl", "--replay-ratio", "0.2"],
+    "coverage_20": ["--coverage", "auto", "--coverage-share", "0.2"],
 }
 NAMES = [" Paul", " Sam", " Jack", " Anna", " Maria"]
 
@@ -133,9 +137,9 @@ def measure(work: Path, name: str, wall: float, worst: list[int], names: list[in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/remedy_real"))
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--sft", type=int, default=1290, help="SFT conversations")
     ap.add_argument("--only", default=",".join(RUNS), help="runs, comma-separated; 'none' is always run first")
@@ -148,7 +152,10 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
+    from vocabdrift.composites.train import eval_loss
     from vocabdrift.sources.tokenizer import load_tokenizer
+
+    heldout = [json.loads(line) for line in (work / "heldout.jsonl").read_text().splitlines()]
 
     d = pq.read_table(work / "runs" / "none" / "drift.parquet").to_pylist()
     v = {r["token_id"]: r for r in pq.read_table(work / "runs" / "none" / "vocab.parquet").to_pylist()}
@@ -163,19 +170,36 @@ def main() -> None:
     base_share = top1(base_ranks)
     results = {"settings": vars(args) | {"work": str(work)}, "worst40": worst,
                "names": [n for n in NAMES if len(encoded[n]) == 1],
-               "base": {"top1_worst40": base_share, "ranks_worst40": base_ranks, "name_ranks": base_name_ranks},
+               "base": {"top1_worst40": base_share, "ranks_worst40": base_ranks, "name_ranks": base_name_ranks,
+                        "heldout_loss": round(eval_loss(work / "base", heldout, max_length=256), 4)},
                "runs": [measure(work, n, walls[n], worst, name_ids) for n in names]}
     (work / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    lines = ["| run | wall | lm_head mean / min cos | rows below 0.95 | top-1 on the 40 most drifted | ranks of "
-             + ", ".join(repr(n) for n in NAMES) + " | held-out loss | most drifted |",
+    (work / "remedies.md").write_text(table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """The Markdown table of results.json. The probe's ranks are the best over its chat templates; a token with a
+    leading space (" cut") is rarely the very first answer token (the model answers "cut"), so the table gives the
+    median rank and the share of the 40 most drifted tokens at rank 0 or 1 beside the top-1 share."""
+    import statistics
+
+    def ranks(r: dict) -> str:
+        w = r["ranks_worst40"]
+        return (f"{sum(x == 0 for x in w) / len(w):.0%} / {sum(x <= 1 for x in w) / len(w):.0%} / "
+                f"{statistics.median(w):g}")
+
+    names = ", ".join(repr(n) for n in results["names"])
+    lines = ["| run | wall | lm_head mean / min cos | rows below 0.95 | 40 most drifted: top-1 / rank <= 1 / median "
+             f"rank | ranks of {names} | held-out loss | most drifted |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
-             f"| base | | 1 / 1 | 0 | {base_share:.0%} | {base_name_ranks} | | |"]
+             f"| base | | 1 / 1 | 0 | {ranks(results['base'])} | {results['base']['name_ranks']} | "
+             f"{results['base'].get('heldout_loss', float('nan')):.3f} | |"]
     for r in results["runs"]:
         lines.append(f"| {r['run']} | {r['wall_s'] / 60:.1f} min | {r['mean_cos']:.4f} / {r['min_cos']:.4f} | "
-                     f"{r['below_0.95']} | {r['top1_worst40']:.0%} | {r['name_ranks']} | {r['heldout_loss']:.3f} | "
+                     f"{r['below_0.95']:,} | {ranks(r)} | {r['name_ranks']} | {r['heldout_loss']:.3f} | "
                      + ", ".join(f"{t!r} {c}" for t, c in r["most_drifted"][:4]) + " |")
-    (work / "remedies.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -180,3 +180,16 @@ def test_a_small_coverage_set_is_repeated_to_its_share() -> None:
     mixed = mix_coverage([{"text": "s"}] * 90, [{"text": "a"}, {"text": "b"}], 0.1, seed=0)
     assert len(mixed) == 10 and sorted({r["text"] for r in mixed}) == ["a", "b"]
     assert abs(sum(r["text"] == "a" for r in mixed) - 5) <= 1
+
+
+def test_model_folders_written_by_training_follow_the_umask(tmp_path: Path) -> None:
+    from vocabdrift.composites.train import train_tokenizer
+
+    old = os.umask(0o027)
+    try:
+        train_tokenizer(["hello world", "the cat sat"] * 20, vocab_size=300, out=tmp_path / "tok")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "tok").stat().st_mode & 0o777 == 0o750
+    files = [f for f in (tmp_path / "tok").iterdir() if f.is_file()]
+    assert files and all(f.stat().st_mode & 0o777 == 0o640 for f in files)

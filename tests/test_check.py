@@ -148,8 +148,10 @@ def test_cli_exit_codes_and_verdicts(pair: dict, tmp_path: Path) -> None:
     assert r.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["check"]["passed"] is False and "overall" in summary
-    assert json.loads(r.stdout.split("\n", 1)[1])["rules"][0]["below"] == int((pair["cos"] < 0.95).sum())
-    r = _cli("--run", out, "--max-below", "0.95:5%")
+    assert json.loads(r.stdout)["rules"][0]["below"] == int((pair["cos"] < 0.95).sum())  # JSON alone
+    r = _cli("--run", out, "--max-below", "0.95:5%")  # judges without writing
+    assert r.returncode == 0 and json.loads((out / "summary.json").read_text())["check"]["passed"] is False
+    r = _cli("--run", out, "--max-below", "0.95:5%", "--write")
     assert r.returncode == 0 and json.loads((out / "summary.json").read_text())["check"]["passed"] is True
 
 

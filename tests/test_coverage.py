@@ -252,8 +252,14 @@ def test_spearman_with_drift_and_prune_suggest(tok_dir: Path, tmp_path: Path) ->
 
     p = prune_suggest(run, threshold=0.93)
     cnt = r.table.column("count").to_numpy()
-    want = set(np.nonzero(ok & (cnt < 5) & (cos < 0.93))[0].tolist())
+    from vocabdrift.analyses.advice import common_words  # common words of ordinary text are never proposed
+
+    common = np.asarray(common_words(vocab.column("text").to_pylist(),
+                                     vocab.column("category").cast(pa.string()).to_pylist())[0], dtype=bool)
+    rare = ok & (cnt < 5) & (cos < 0.93)
+    want = set(np.nonzero(rare & ~common)[0].tolist())
     assert set(p.table.column("token_id").to_pylist()) == want and want
+    assert p.common_words_kept == int((rare & common).sum())
     assert sum(v["candidates"] for v in p.categories.values()) == len(want)
     assert p.table.column("lm_head_cos").to_pylist() == sorted(p.table.column("lm_head_cos").to_pylist())
 

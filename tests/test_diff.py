@@ -206,8 +206,10 @@ def test_added_tokens_and_nan_rows(tmp_path: Path) -> None:
     d = _drift(run)
     assert np.isnan(d["lm_head_cos"][9]) and d["nonfinite"][9]
     assert summary["overall"]["lm_head"]["min_cos"] == pytest.approx(-1.0, abs=1e-5)
+    # the broken row is counted, below every threshold (not dropped: a destroyed row must fail a gate)
     assert summary["overall"]["lm_head"]["tokens"] == int((~pq.read_table(run / "vocab.parquet")
-                                                            .column("is_special").to_numpy()).sum()) - 1
+                                                            .column("is_special").to_numpy()).sum())
+    assert summary["overall"]["lm_head"]["undefined"] == 1 and summary["undefined_rows"]["lm_head"] == [9]
 
 
 def test_neighbors_before_and_after(tmp_path: Path) -> None:
@@ -386,6 +388,7 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> N
     from vocabdrift.api import diff as D
     from vocabdrift.api.diff import measure, vocab_table
     from vocabdrift.errors import VocabdriftError
+    from vocabdrift.sources import vocabulary as V
 
     rows = D._CHILD_ROWS
     base = make_llama(tmp_path / "base", vocab=rows, hidden=8, dtype="float32")
@@ -394,7 +397,7 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> N
     assert m.vocab.equals(vocab_table(post, size=rows, cache=False))
     assert m.vocab.num_rows == rows and int(m.drift.column("lm_head_cos").to_numpy().argmin()) == 3
     # the child filled the vocabulary cache, and the next measure's child reads it back: a planted change returns
-    hit = D._cache_path(post, rows)
+    hit = V._cache_path(post, rows)
     planted = m.vocab.set_column(m.vocab.schema.get_field_index("text"), "text", pa.array(["x"] * rows))
     pq.write_table(planted, hit)
     assert measure(base, post).vocab.equals(planted)
@@ -403,12 +406,12 @@ def test_large_vocabulary_table_is_built_in_a_child_process(tmp_path: Path) -> N
     shutil.copytree(post, big)
     train_bpe(big, vocab_size=500)
     with pytest.raises(VocabdriftError, match="the tokenizer has .* tokens but the model has only"):
-        D._vocab_in_child([(str(big), 300)])
+        V._vocab_in_child([(str(big), 300)])
 
 
 def test_vocabulary_child_given_up_leaves_nothing(tmp_path: Path) -> None:
     """When the pass fails, measure gives up the table's child process: it is ended and its folder removed."""
-    from vocabdrift.api import diff as D
+    from vocabdrift.sources import vocabulary as D
 
     train_bpe(tmp_path / "tok")
     job = D._VocabChild([(str(tmp_path / "tok"), 400)])

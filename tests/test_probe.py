@@ -286,7 +286,9 @@ def test_undertrained_finds_planted_tokens_and_verifies_them(tmp_path: Path) -> 
     import pyarrow.parquet as pq
 
     t = pq.read_table(tmp_path / "run" / "undertrained.parquet")
-    assert t.column_names == ["token_id", "unembed_score", "embed_norm", "embed_norm_percentile", "verified"]
+    assert t.column_names == ["token_id", "unembed_score", "embed_norm", "embed_norm_percentile", "verified",
+                              "lm_head_collapse_group", "lm_head_collapse_size", "embed_collapse_group",
+                              "embed_collapse_size"]
 
 
 def test_indicators_match_an_independent_computation() -> None:

@@ -97,6 +97,12 @@ def test_bad_input(setup: dict[str, Path], tmp_path: Path) -> None:
         repair(setup["base"], setup["data"], out=tmp_path / "a", freeze=["norm"], coverage=None)
     with pytest.raises(VocabdriftError, match="no such file"):
         repair(setup["base"], setup["data"], out=tmp_path / "b", coverage=tmp_path / "missing.jsonl")
+    for kw, what in ((dict(anchor=float("nan")), "--anchor"), (dict(lr=float("inf")), "--lr"),
+                     (dict(coverage_share=1.0), "--coverage-share"), (dict(stop_below=2.0), "--stop-below"),
+                     (dict(replay_ratio=float("nan")), "--replay-ratio")):
+        with pytest.raises(VocabdriftError, match=what):
+            repair(setup["base"], setup["data"], out=tmp_path / "n", coverage=None, **kw)  # type: ignore[arg-type]
+        assert not (tmp_path / "n").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     r = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "repair", str(setup["base"]),
                         str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "c"), "--coverage", "none"],

@@ -196,12 +196,12 @@ def test_markdown_has_the_tables(tmp_path: Path) -> None:
     drifted = _md_rows(md, "The 50 most drifted tokens (lm_head)")
     ids = np.flatnonzero(judged)[np.argsort(cos[judged], kind="stable")][:50]
     assert [int(r[0]) for r in drifted] == ids.tolist()
-    assert drifted[0][1] == "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert drifted[0][1] == "\\</script\\>\\<script\\>alert(1)\\</script\\>"  # Markdown escapes, not HTML entities
     assert drifted[1][1] == "嘉祺"
     assert drifted[0][-2:] == ["✓", "✗"]  # sayable in base, not in post
 
     lost = _md_rows(md, "Lost tokens: 2 sayable in base, not after post-training")
-    assert [r[1] for r in lost] == ["&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;", "嘉祺"]
+    assert [r[1] for r in lost] == ["\\</script\\>\\<script\\>alert(1)\\</script\\>", "嘉祺"]
     cases = _md_rows(md, "Cases: 2/3 passed (post)")
     assert [(r[0], r[1]) for r in cases] == [("tnt-leader", "✗ fail"), ("repeat-kichinto", "✓ pass"),
                                              ("planted", "✓ pass")]
@@ -214,7 +214,7 @@ def test_markdown_has_the_tables(tmp_path: Path) -> None:
     assert "coverage count" in md and "Spearman correlation" in md
 
     # no raw markup from a token anywhere in the Markdown; each plot is a PNG beside it
-    assert PLANTED not in md and "<script" not in md
+    assert PLANTED not in md and not re.search(r"(?<!\\)<script", md)  # every < of a token escaped: \<
     pngs = re.findall(r"!\[[^\]]*\]\((report_files/[\w-]+\.png)\)", md)
     assert len(pngs) == 6
     for rel in pngs:
@@ -334,8 +334,11 @@ def test_big_vocabulary_stays_small(tmp_path: Path) -> None:
 def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
     a = make_run(tmp_path / "sft", ("confusion", "cases"))
     b = make_run(tmp_path / "fixed", ("confusion", "cases"), drifted=False, seed=1)
+    own = report(a)[1].read_bytes()
     html_path, md_path = report(a, compare=b, names="baseline,repaired")
-    assert md_path == a / "report.md" and not (b / "report.md").exists()
+    # beside RUN's own report, named for both runs; RUN's own report untouched, nothing written into RUN_B
+    assert md_path == a / "compare_baseline_vs_repaired.md" and html_path.name == "compare_baseline_vs_repaired.html"
+    assert (a / "report.md").read_bytes() == own and not (b / "report.md").exists()
     md = md_path.read_text()
     rows = {r[0]: r[1:] for r in _md_rows(md, "baseline vs repaired")}
 
@@ -355,7 +358,8 @@ def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
                                                    f"{sb['below_0.90'] - sa['below_0.90']:+,}"
     assert rows["qualitative cases passed (post)"] == ["2/3", "2/3", "+0"]
     assert "**baseline: " not in md and "baseline: " in md and "repaired: No lm_head row fell below 0.95" in md
-    assert md.count("](report_files/") == 5  # cosine, L2, read/say, confusion, the two runs' histograms
+    assert md.count("](compare_baseline_vs_repaired_files/") == 5  # cosine, L2, read/say, confusion, the two runs
+    assert "click" not in md.lower() and "&lt;" not in md  # no HTML-only caption, no HTML entity
     assert "baseline vs repaired" in html_path.read_text()
 
 
@@ -441,7 +445,8 @@ class Chromium:
         profile.mkdir(parents=True)
         self.log = profile.parent / "chromium.log"
         exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-        assert exe, "the browser test needs Chromium: apt-get install -y chromium (.ci/run does this)"
+        assert exe, ("the browser test needs Chromium, and none is installed: `make test` installs it with apt-get "
+                     "as root; else run `sudo apt-get install -y chromium`")
         cmd_r, self._cmd_w = os.pipe()
         self._evt_r, evt_w = os.pipe()
         # the child's `3<&CMD_R 4>&EVT_W` must not clobber one with the other: move both above 9 first

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vocabdrift.analyses.vocab import classify
-from vocabdrift.api.diff import vocab_table
+from vocabdrift.sources.vocabulary import vocab_table
 
 # (text of a single Qwen2 token, its category) — each checked to be one token below.
 LABELLED = [
@@ -82,7 +82,7 @@ def _tiny_tokenizer_json(path: Path, extra: str = "") -> Path:
 def test_vocab_cache_keeps_only_the_most_recently_used_tables(tmp_path: Path, monkeypatch) -> None:
     import os
 
-    import vocabdrift.api.diff as D
+    import vocabdrift.sources.vocabulary as D
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("VOCABDRIFT_CACHE", str(cache))

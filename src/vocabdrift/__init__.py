@@ -46,3 +46,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vocabdrift' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy verbs too: `dir(vocabdrift)` and tab completion show what the package offers."""
+    return sorted({*__all__, *(k for k in globals() if k.startswith("__"))})

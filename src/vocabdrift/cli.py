@@ -1,7 +1,8 @@
 """The command line: one thin handler per command, each calling one function of the Python API.
 
 Heavy imports (torch, transformers, pyarrow) happen inside handlers so that `vocabdrift --help` is instant.
-A `VocabdriftError` becomes one line on stderr and exit code 2; anything else keeps its traceback.
+A `VocabdriftError` becomes one line on stderr and exit code 2; anything unexpected is a bug: one line, exit
+code 70, and its traceback with VOCABDRIFT_DEBUG=1 (see `main`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from .analyses.tokens import TOKEN_RULE
 from .errors import VocabdriftError
 
 app = typer.Typer(
@@ -28,10 +30,38 @@ app = typer.Typer(
 
 Out = Annotated[Path, typer.Option("-o", "--out", help="Run folder to write (created atomically; an existing "
                                                          "run folder gets new files beside the old).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON alone on stdout (for scripts); "
+                                                     "messages go to stderr.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (.bin/.pt, loaded with "
+                                                                  "weights_only=True); refused otherwise.")]
 
 
 def _echo(msg: str) -> None:
     typer.echo(msg)
+
+
+def _echo_json(obj: object) -> None:
+    """`--json`: the result as JSON, alone on stdout (everything else goes to stderr or nowhere)."""
+    import json
+
+    from .outputs.run import _json_default
+
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"vocabdrift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Measure, explain, predict, prove, repair and guard against lm_head vocabulary drift after SFT/RL."""
 
 
 # ---- measure: diff, vocab, neighbors ------------------------------------------------------------------------
@@ -49,13 +79,24 @@ def diff(
     fold_norm: Annotated[bool, typer.Option("--fold-norm", help="Fold the final norm weight g into lm_head "
                                                                 "rows first (logits are W·(g⊙x̂)).")] = False,
     center: Annotated[bool, typer.Option("--center", help="Also give mean-centred cosines (one more pass).")] = False,
+    collapse: Annotated[bool, typer.Option("--collapse", help="Also find groups of near-identical lm_head rows in "
+                                                              "BASE and POST (three more passes each): which tokens "
+                                                              "collapsed during post-training.")] = False,
     neighbors_of: Annotated[list[str] | None, typer.Option("--neighbors-of", help="Also store lm_head neighbours "
-                                                           "of this token (text, piece or id); repeatable.")] = None,
+                                                           "of this token; repeatable. " + TOKEN_RULE)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle .bin/.pt checkpoints "
                                                                       "(loaded with weights_only=True).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Recompute even when RUN already holds this diff (same "
+                                                        "BASE, POST and options).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json alone on stdout (for "
+                                                         "scripts).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")] = False,
 ) -> None:
     """Measure how far every lm_head and embedding row moved from BASE to POST.
+
+    A run folder holds one BASE/POST pair: diffing another pair into a folder that holds another pair's results
+    removes those results (coverage joins, probe, cases, confusion, check, report) and says so on stderr.
 
     Writes RUN/vocab.parquet, drift.parquet, neighbors.parquet, summary.json and manifest.json, then prints
     the per-language table and the most drifted tokens. The vocabulary table is cached per tokenizer in
@@ -66,19 +107,40 @@ def diff(
 
     from .analyses.drift import most_drifted
     from .api.diff import diff as run_diff
+    from .outputs import run as R
     from .outputs.console import drift_summary_table, drifted_tokens_table
     from .outputs.run import Run
 
     path = run_diff(base, post, out=out, tokenizer=tokenizer, threshold=threshold, fold_norm=fold_norm,
                     center=center, neighbors_of=neighbors_of or (), device=device, allow_pickle=allow_pickle,
-                    progress=sys.stderr.isatty())
+                    progress=sys.stderr.isatty() and not (as_json or quiet), force=force, collapse=collapse)
     run = Run(path)
-    summary = run.read_json("summary.json")
+    from .outputs.shapes import SUMMARY, check_shape
+
+    summary = check_shape(run.read_json(R.SUMMARY), SUMMARY, path / R.SUMMARY,  # a damaged file: one line
+                          fix=f"rerun `vocabdrift diff {base} {post} -o {out} --force`")
+    if not isinstance(summary, dict) or "overall" not in summary:
+        raise VocabdriftError(f"{path / R.SUMMARY}: holds no drift summary; rerun `vocabdrift diff {base} {post} "
+                              f"-o {out} --force`")
+    if as_json or quiet:
+        if as_json:
+            _echo_json(summary)
+        return
     con = Console()
     con.print(drift_summary_table(summary))
-    con.print(drifted_tokens_table(most_drifted(run.read_table("drift.parquet"), run.read_table("vocab.parquet"), top)))
+    if summary.get("centered"):
+        con.print(drift_summary_table(summary, centered=True))
+    con.print(drifted_tokens_table(most_drifted(run.read_table(R.DRIFT), run.read_table(R.VOCAB), top)))
     if summary.get("added_tokens"):
         con.print(f"{len(summary['added_tokens'])} tokens exist only in POST (ids {summary['added_tokens'][0]}..).")
+    if summary.get("neighbors"):
+        from .outputs.console import intrusion_line
+
+        con.print(intrusion_line(summary["neighbors"]))
+    if summary.get("collapse"):
+        from .outputs.console import collapse_line
+
+        con.print(collapse_line(summary["collapse"]))
     _echo(f"wrote {path}/ (vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
 
 
@@ -87,36 +149,42 @@ def diff(
 def vocab(
     model: Annotated[str, typer.Argument(help="Model folder, tokenizer folder, tokenizer.json, .gguf or hub id.")],
     out: Out,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write the vocabulary table (RUN/vocab.parquet): piece, decoded text, category, special, reachable.
 
     Cached per tokenizer in ~/.cache/vocabdrift (VOCABDRIFT_CACHE=DIR moves it, VOCABDRIFT_CACHE=off turns it off).
     """
     from rich.console import Console
-    from rich.table import Table
 
-    from .analyses.vocab import category_counts
     from .api.diff import vocab as run_vocab
+    from .outputs.console import vocab_categories_table
 
     table = run_vocab(model, out=out)
-    t = Table(title=f"{table.num_rows:,} tokens by category", title_justify="left")
-    t.add_column("category")
-    t.add_column("tokens", justify="right")
-    for cat, n in category_counts(table).items():
-        t.add_row(cat, f"{n:,}")
-    Console().print(t)
-    _echo(f"wrote {out}/vocab.parquet")
+    if as_json:
+        import pyarrow.compute as pc
+
+        counts = pc.value_counts(table["category"].cast("string")).to_pylist()
+        _echo_json({"tokens": table.num_rows, "categories": {c["values"]: c["counts"] for c in counts},
+                    "path": str(out)})
+        return
+    if not quiet:
+        Console().print(vocab_categories_table(table))
+        _echo(f"wrote {out}/vocab.parquet")
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift neighbors ./post 嘉祺 --base ./base\n\n"
                     "    vocabdrift neighbors ./post 12345 --space embed -k 20")
 def neighbors(
     model: Annotated[str, typer.Argument(help="The checkpoint to look in (POST when --base is given).")],
-    token: Annotated[str, typer.Argument(help="The token: its exact text, raw piece (Ġthe) or id.")],
+    token: Annotated[str, typer.Argument(help="The token. " + TOKEN_RULE)],
     base: Annotated[str | None, typer.Option(help="Also look in BASE, side by side.")] = None,
     space: Annotated[str, typer.Option(help="lm_head (what the model says) or embed (what it reads).")] = "lm_head",
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (default: MODEL's).")] = None,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
 ) -> None:
     """The nearest neighbours of a token by cosine; special tokens among them are marked ★."""
     from rich.console import Console
@@ -126,8 +194,14 @@ def neighbors(
 
     if space not in ("lm_head", "embed"):
         raise VocabdriftError(f"--space must be lm_head or embed, not {space!r}")
-    nt = run_neighbors(model, token, base=base, space=space, k=k, tokenizer=tokenizer)  # type: ignore[arg-type]
-    Console().print(neighbors_console_table(nt, title=f"{space} neighbours of {token!r}"))
+    nt = run_neighbors(model, token, base=base, space=space, k=k, tokenizer=tokenizer,  # type: ignore[arg-type]
+                       allow_pickle=allow_pickle)
+    if as_json:
+        _echo_json(nt.to_pylist())
+        return
+    from .analyses.vocab import printable
+
+    Console().print(neighbors_console_table(nt, title=f"{space} neighbours of {printable(token)}"))
 
 # ---- commands from other modules are added below this line, one section per module -------------------------
 
@@ -160,8 +234,13 @@ def check(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle .bin/.pt checkpoints.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON after the verdict.")]
-    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON alone on stdout (the "
+                                                         "verdict is in it); for scripts.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code is the "
+                                                              "verdict.")] = False,
+    write: Annotated[bool, typer.Option("--write", help="With --run: record the result in the run folder "
+                                                        "(summary.json's \"check\" key); off by default, a gate "
+                                                        "only reads.")] = False,
 ) -> None:
     """A CI gate: exit 0 if POST's vocabulary rows stayed within the limits, 1 if not, with a one-line verdict.
 
@@ -172,13 +251,17 @@ def check(
 
     from .api.check import check as run_check
 
+    if write and run is None:
+        raise VocabdriftError("--write records the result in the folder given by --run; with BASE and POST, "
+                              "-o writes the run folder and the result")
     result = run_check(base, post, run=run, min_cos=min_cos, max_below=max_below or None,
                        categories=category or (), space=space, population="all" if all_tokens else "reachable",
                        out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle,
-                       progress=sys.stderr.isatty())
-    _echo(result.verdict)
+                       progress=sys.stderr.isatty() and not (as_json or quiet), write=write)
     if as_json:
-        _echo(json.dumps(result.to_json(), indent=2))
+        _echo(json.dumps({"verdict": result.verdict, **result.to_json()}, indent=2, ensure_ascii=False))
+    elif not quiet:
+        _echo(result.verdict)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -217,8 +300,23 @@ def repair(
     stop_below: Annotated[float | None, typer.Option(help="Stop training if the minimum lm_head cosine falls "
                                                           "below this.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+    untie: Annotated[bool, typer.Option("--untie", help="Give a tied BASE its own lm_head (a copy of the "
+                                                        "embedding) before training, as the published model had; "
+                                                        "without it a tied model's embedding moves with every "
+                                                        "lm_head row.")] = False,
+    coverage_share: Annotated[float | None, typer.Option(help="Share of training samples drawn from the coverage "
+                                                              "set (a seeded subset or repeats); default: the "
+                                                              "whole set is added.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="A log line every N steps (step, loss, lm_head cosines, "
+                                                       "time left); default steps/20 when stderr is not a "
+                                                       "terminal, 0 turns it off.")] = None,
 ) -> None:
     """Fine-tune BASE on DATA with drift remedies on and the drift callback watching, then diff against BASE.
+
+    The loss falls on what `coverage` counts as targets, token for token: the assistant's turns of each chat
+    (found through the model's own chat template, with or without {% generation %} markers) and all of plain
+    text. Before training it logs what the run will see: how many samples of each part, and what share of the
+    coverage set a run of --steps draws.
 
     Writes OUT/model (the trained checkpoint), the coverage set it used, and diff's tables, with what each
     remedy cost in extra training tokens in summary.json's "repair" key.
@@ -226,6 +324,8 @@ def repair(
     from rich.console import Console
 
     from .composites.repair import repair as run_repair
+
+    logging.getLogger("vocabdrift.composites").setLevel(logging.INFO)  # the plan and the step lines
     from .device import process_rank
     from .outputs.console import drift_summary_table
     from .outputs.run import Run
@@ -234,7 +334,8 @@ def repair(
                       min_per_token=min_per_token, replay=replay, replay_ratio=replay_ratio, anchor=anchor,
                       anchor_rarity=anchor_rarity, gate=gate, freeze=freeze or (), steps=steps, lr=lr,
                       batch_size=batch_size, max_length=max_length, seed=seed, every=every, stop_below=stop_below,
-                      device=device, progress=sys.stderr.isatty())
+                      device=device, progress=sys.stderr.isatty(), untie=untie, coverage_share=coverage_share,
+                      log_every=log_every)
     if process_rank() != 0:  # under torchrun / `accelerate launch`, the main process reports
         return
     summary = Run(path).read_json("summary.json")
@@ -271,6 +372,10 @@ def coverage(
     engine: Annotated[str, typer.Option(help="local (streaming, this process) or ray (Ray Data; connects to "
                                              "RAY_ADDRESS, else starts a local Ray).")] = "local",
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray (--engine ray).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Count again even when RUN already holds this coverage "
+                                                        "(same data, tokenizer and options).")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Count each token as a generation target in SFT data: which tokens and languages the data leaves uncovered.
 
@@ -278,40 +383,34 @@ def coverage(
     (from `diff`), also the Spearman correlation of log(count+1) with lm_head cosine and coverage_drift.parquet.
     """
     from rich.console import Console
-    from rich.table import Table
 
-    from .analyses.vocab import LANGUAGE_NAMES, LANGUAGES
+    from .analyses.advice import advice_lines
     from .api.coverage import coverage as run_coverage
+    from .outputs.console import below_floor_table, coverage_categories_table
 
     r = run_coverage(data, tokenizer=tokenizer, out=out, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
-                     strict=strict, progress=sys.stderr.isatty(), engine=engine, num_cpus=num_cpus)
+                     strict=strict, progress=sys.stderr.isatty() and not (as_json or quiet), engine=engine,
+                     num_cpus=num_cpus, force=force)
     s, con = r.summary, Console()
-    t = Table(title=f"Coverage as a generation target ({s['samples']:,} samples, {s['target_tokens']:,} target "
-                    f"tokens, floor {floor})", title_justify="left")
-    for c in ("category", "tokens", f">= {floor}", "zero share", ""):
-        t.add_column(c, justify="left" if c in ("category", "") else "right")
-    order = [c for c in LANGUAGES if c in s["categories"]] + [c for c in s["categories"] if c not in LANGUAGES]
-    for cat in order:  # the reported languages first, then the other categories
-        v = s["categories"][cat]
-        mark = "under-covered" if cat in r.under_covered else ""
-        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['at_or_above_floor']:,}",
-                  f"{v['zero_share']:.1%}", mark)
-    con.print(t)
+    if as_json or quiet:
+        if as_json:
+            _echo_json(s)
+        if s["malformed"]:
+            typer.echo(f"{s['malformed']} malformed records skipped", err=True)
+        return
+    con.print(coverage_categories_table(s, r.under_covered, floor=floor))
     if "correlation" in s:
         o = s["correlation"]["overall"]
         rho = "n/a" if o["spearman_rho"] is None else f"{o['spearman_rho']:+.3f} (p={o['p_value']:.2g})"
         con.print(f"Spearman rho, log(count+1) vs lm_head cosine over {o['n']:,} tokens: {rho}")
-    bf = r.below_floor
-    if bf.num_rows:
-        b = Table(title=f"{bf.num_rows:,} tokens below the floor (rarest first)", title_justify="left")
-        for c in ("id", "text", "category", "count", "samples"):
-            b.add_column(c)
-        for row in bf.slice(0, top).to_pylist():
-            b.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]), str(row["samples"]))
-        con.print(b)
-    if r.under_covered:
-        con.print("Under-covered languages: " + ", ".join(LANGUAGE_NAMES.get(x, x) for x in r.under_covered)
-                  + f" — fill them with `vocabdrift synth {tokenizer} --only-below-floor {out} -o synth.jsonl`")
+    if r.below_floor.num_rows:
+        con.print(below_floor_table(r.below_floor, top=top))
+    advice = advice_lines(s["advice"]) if s.get("advice") else []
+    for line in advice:
+        con.print(line, highlight=False)
+    if any(x["verdict"] in ("needs data", "rare") for x in s.get("advice", {}).get("languages", [])):
+        con.print(f"Fill them with `vocabdrift synth {tokenizer} --only-below-floor {out} -o synth.jsonl`, then "
+                  "`vocabdrift mix` at the share above.", highlight=False)
     if s["malformed"]:
         shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
         typer.echo(f"{s['malformed']} malformed records skipped: {shown}{' ...' if s['malformed'] > 5 else ''}",
@@ -328,8 +427,10 @@ def synth(
                                                            "beside it).")],
     min_per_token: Annotated[int, typer.Option(help="Verified occurrences of each token as a target.")] = 2,
     tokens_per_sample: Annotated[int, typer.Option(help="Tokens per conversation.")] = 8,
-    only_below_floor: Annotated[Path | None, typer.Option(help="A coverage run folder: cover only the tokens it "
-                                                               "found below its floor, up to the floor.")] = None,
+    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", "--run", help="A coverage run "
+                                                          "folder: cover only the tokens it found below its "
+                                                          "floor, up to the floor (--run, as in check, works "
+                                                          "too).")] = None,
     format: Annotated[str, typer.Option(help="messages, sharegpt, alpaca or prompt-completion.")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for phrasings and order.")] = 0,
 ) -> None:
@@ -338,6 +439,7 @@ def synth(
     Every answer is re-tokenized: each target id must come back as that id. Tokens that cannot be placed are
     listed in NAME.stats.json with the reason.
     """
+    from .analyses.vocab import printable
     from .api.coverage import synth as run_synth
 
     r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
@@ -347,7 +449,7 @@ def synth(
           f"in {st['samples']:,} samples; {st['unreachable']['count']:,} unreachable and {st['special']:,} special "
           "tokens not targeted")
     for sk in st["skipped"][:10]:
-        typer.echo(f"  skipped {sk['token_id']} {sk['text']!r}: {sk['reason']}", err=True)
+        typer.echo(f"  skipped {printable(sk['text'])} ({sk['token_id']}): {sk['reason']}", err=True)
     if len(st["skipped"]) > 10:
         typer.echo(f"  ... {len(st['skipped']) - 10} more skipped, see {r.stats_path}", err=True)
     _echo(f"wrote {r.path} and {r.stats_path}")
@@ -370,9 +472,10 @@ def mix(
     if len(inputs) < 2:
         raise VocabdriftError("give at least one SFT input and the synthetic set: vocabdrift mix SFT... SYNTH -o OUT")
     r = run_mix(inputs[:-1], inputs[-1], out=out, ratio=ratio, count=count, seed=seed, strict=strict)
-    if r.n_malformed:
-        typer.echo(f"{r.n_malformed} malformed SFT records skipped, first: {r.malformed[0].source}: "
-                   f"{r.malformed[0].reason}", err=True)
+    if r.n_malformed:  # each skipped record named (the first five here), none copied into the mix
+        shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
+        typer.echo(f"{r.n_malformed} malformed SFT records skipped (not copied): {shown}"
+                   f"{' ...' if r.n_malformed > 5 else ''}", err=True)
     _echo(f"wrote {r.path}: {r.sft:,} SFT + {r.synth:,} synthetic records "
           f"({r.synth / max(1, r.sft + r.synth):.1%} synthetic)")
 
@@ -387,35 +490,34 @@ def prune_suggest(
     threshold: Annotated[float, typer.Option(help="lm_head cosine below which a token counts as drifted.")] = 0.95,
     top: Annotated[int, typer.Option(help="How many candidates to print.")] = 30,
     csv: Annotated[Path | None, typer.Option(help="Also write the full candidate list to this CSV file.")] = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Suggest tokens to prune from the next tokenizer: rare in the downstream data and drifted. Reports only."""
     from rich.console import Console
-    from rich.table import Table
 
-    from .analyses.vocab import LANGUAGE_NAMES
     from .api.coverage import prune_suggest as run_prune
+    from .outputs.console import prune_candidates_table, prune_categories_table
 
     r = run_prune(run, floor=floor, threshold=threshold)
-    con = Console()
-    t = Table(title=f"Prune candidates: count < {r.floor} and lm_head cos < {r.threshold}", title_justify="left")
-    for c in ("category", "tokens", "candidates", "share"):
-        t.add_column(c, justify="left" if c == "category" else "right")
-    for cat, v in r.categories.items():
-        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['candidates']:,}",
-                  f"{v['candidates'] / max(1, v['tokens']):.1%}")
-    con.print(t)
-    if r.table.num_rows:
-        b = Table(title=f"Most drifted of {r.table.num_rows:,} candidates", title_justify="left")
-        for c in ("id", "text", "category", "count", "cos"):
-            b.add_column(c)
-        for row in r.table.slice(0, top).to_pylist():
-            b.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]),
-                      f"{row['lm_head_cos']:.4f}")
-        con.print(b)
     if csv is not None:
         import pyarrow.csv as pacsv
 
         pacsv.write_csv(r.table, csv)
+    if as_json or quiet:
+        if as_json:
+            _echo_json({"floor": r.floor, "threshold": r.threshold, "categories": r.categories,
+                        "common_words_kept": r.common_words_kept, "candidates": r.table.to_pylist()})
+        return
+    con = Console()
+    con.print(prune_categories_table(r.categories, floor=r.floor, threshold=r.threshold))
+    if r.common_words_kept:
+        con.print(f"{r.common_words_kept:,} rare, drifted tokens are common words of ordinary text and are not "
+                  "proposed" + ("" if r.word_list else " (wordfreq is not installed: every word-like token was "
+                                "kept; `pip install wordfreq` for a finer list)"), highlight=False)
+    if r.table.num_rows:
+        con.print(prune_candidates_table(r.table, top=top))
+    if csv is not None:
         _echo(f"wrote {csv}")
 
 
@@ -423,16 +525,18 @@ def prune_suggest(
 
 @app.command(epilog="Examples:\n\n    vocabdrift probe ./sft --base ./base --from runs/sft1 --top 500 -o runs/sft1\n\n"
                     "    vocabdrift probe ./sft --tokens 嘉祺 --tokens 地税 --tokens 12345 -o runs/p\n\n"
+                    "    vocabdrift probe ./sft --base ./base --tokens-file names.txt -o runs/sft1 --json\n\n"
                     "    vocabdrift probe SmolLM2-135M-Instruct.Q4_1.gguf --all -o runs/smol --batch-size 128")
 def probe(
     model: Annotated[str, typer.Argument(help="The (post-trained) model: folder, .gguf or hub id.")],
     out: Out,
     base: Annotated[str | None, typer.Option(help="Also probe BASE and list LOST tokens (sayable in BASE, "
                                                   "not in MODEL).")] = None,
-    tokens: Annotated[list[str] | None, typer.Option("--tokens", help="A token to probe: text, raw piece or id; "
-                                                                      "repeatable.")] = None,
-    from_run: Annotated[Path | None, typer.Option("--from", help="Probe the most drifted tokens of this diff "
-                                                                 "run.")] = None,
+    tokens: Annotated[list[str] | None, typer.Option("--tokens", help="A token to probe; repeatable. "
+                                                                      + TOKEN_RULE)] = None,
+    from_run: Annotated[Path | None, typer.Option("--from", "--run", help="Probe the most drifted tokens of this "
+                                                                          "diff run (--run, as in check, works "
+                                                                          "too).")] = None,
     top: Annotated[int, typer.Option(help="With --from: how many of the most drifted tokens.")] = 200,
     all_tokens: Annotated[bool, typer.Option("--all", help="Probe every non-special token.")] = False,
     template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family (repeat_en, quoted_en, "
@@ -449,37 +553,75 @@ def probe(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own code.")
                                  ] = False,
+    allow_pickle: AllowPickle = False,
+    tokens_file: Annotated[Path | None, typer.Option("--tokens-file", help="A file of tokens to probe, one a line "
+                                                     "(blank lines and # comments skipped); with --tokens, "
+                                                     "both.")] = None,
+    control: Annotated[int, typer.Option(help="With --base: also probe this many undrifted control tokens, "
+                                              "drawn (seeded) from the most stable rows of the diff in RUN or "
+                                              "--from, to compare against (0: none).")] = 40,
+    force: Annotated[bool, typer.Option("--force", help="Replace the probe RUN holds even when this one is "
+                                                        "narrower or made another way.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary[\"probe\"] (and per-token rows) as JSON "
+                                                         "alone on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")] = False,
 ) -> None:
     """Ask the model to say each token ("Repeat this word three times: X"); write RUN/probe.parquet.
 
-    Records the token's probability and rank as the first answer token and whether top-p 0.95 keeps it.
-    Resumable: rerun the same command after an interruption and it continues where it stopped.
+    Records the token's probability and rank as the first answer token and whether top-p 0.95 keeps it. With
+    --base the headline is the change BASE -> POST in top-1 answers (the model's first choice is the token) and
+    in the token's probability, beside the same figures for undrifted control tokens: a fall on the probed
+    tokens far beyond the control's is the drift's effect. Resumable: rerun the same command after an
+    interruption and it continues where it stopped; a rerun of a finished probe says so and recomputes nothing.
     """
     from rich.console import Console
-    from rich.table import Table
 
+    from .analyses.probe import headline_lines, per_token
     from .api.probe import probe as run_probe
+    from .outputs.console import probe_headline_table, probe_outcomes_table, probe_tokens_table
 
     r = run_probe(model, out=out, tokens=tokens or None, base=base, from_run=from_run, top=top,
                   all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
                   tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
-                  trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                  progress=sys.stderr.isatty() and not (as_json or quiet), tokens_file=tokens_file,
+                  control=control, force=force)
     s = r.summary
-    t = Table(title=f"{s['tokens']:,} tokens probed (sayable = kept by top-p {top_p})", title_justify="left")
-    for c in ("model", "sayable", "top1", "nucleus", "weak", "unsayable"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for m in s["models"]:
-        o = s["outcomes"][m]
-        t.add_row(m, f"{s['sayable'][m]:,}", *(f"{o[k]:,}" for k in ("top1", "nucleus", "weak", "unsayable")))
+    asked = tokens or tokens_file
+    rows: list[dict] = []
+    if asked:
+        import pyarrow.compute as pc
+
+        from .sources.tokenizer import load_tokenizer
+
+        tab = r.table.filter(pc.invert(r.table["control"])) if "control" in r.table.column_names else r.table
+        rows = per_token(tab, tab["token_id"].unique().to_pylist())
+        tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code) if not endpoint or tokenizer \
+            else None
+        for row in rows:
+            row["text"] = tok.decode([row["token_id"]]) if tok is not None else ""
+    if as_json or quiet:
+        if as_json:
+            _echo_json({**s, **({"per_token": rows} if asked else {})})
+        return
     con = Console()
-    con.print(t)
+    for line in headline_lines(s.get("headline") or {}):
+        con.print(line, highlight=False)
+    if s.get("headline"):
+        con.print(probe_headline_table(s["headline"]))
+    if rows:
+        con.print(probe_tokens_table(rows))
+    con.print(probe_outcomes_table(s, top_p=top_p))
     if base is not None:
         con.print(f"LOST (sayable in base, not in post): {len(s['lost']):,} tokens")
         if s["lost"]:
             from .sources.tokenizer import load_tokenizer
 
             tok = load_tokenizer(tokenizer or model)
-            con.print("  " + ", ".join(f"{i}:{tok.decode([i])!r}" for i in s["lost"][:30]))
+            from .analyses.vocab import printable
+
+            con.print("  " + ", ".join(f"{printable(tok.decode([i]))} ({i})" for i in s["lost"][:30]),
+                      highlight=False)  # tokens shown as everywhere else: ␣ for a space, the id beside
     _echo(f"wrote {out}/probe.parquet")
 
 
@@ -495,24 +637,25 @@ def cases(
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run user-written cases greedily and print a pass/fail table. Exit 1 when any case fails."""
     from rich.console import Console
-    from rich.table import Table
 
     from .api.probe import cases as run_cases
+    from .outputs.console import cases_table
 
     r = run_cases(model, cases_file, out=out, endpoint=endpoint, max_tokens=max_tokens, device=device,
-                  trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
-    t = Table(title=f"{r.model}: {r.passed}/{r.total} cases passed", title_justify="left")
-    for c in ("case", "expected", "answer", ""):
-        t.add_column(c)
-    for c in r.cases:
-        t.add_row(c["name"], c["expected"], c["output"].strip().replace("\n", " ")[:60],
-                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
-    Console().print(t)
-    if out is not None:
-        _echo(f"wrote {out}/cases.json")
+                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                  progress=sys.stderr.isatty() and not (as_json or quiet))
+    if as_json:
+        _echo_json(r.to_json())
+    elif not quiet:
+        Console().print(cases_table(r.model, r.cases, passed=r.passed, total=r.total))
+        if out is not None:
+            _echo(f"wrote {out}/cases.json")
     if r.passed < r.total:
         raise typer.Exit(1)
 
@@ -524,33 +667,46 @@ def undertrained(
                                               "only to verify).")],
     out: Out,
     token: Annotated[list[str] | None, typer.Option("--token", help="Answer 'was this token trained at all?': "
-                                                    "its embedding-norm percentile; repeatable.")] = None,
+                                                    "its embedding-norm percentile; repeatable. " + TOKEN_RULE)]
+    = None,
     share: Annotated[float, typer.Option(help="Share of the vocabulary to verify (most suspicious first).")] = 0.02,
+    unused: Annotated[list[str] | None, typer.Option("--unused", help="A token known to be unused, added to the "
+                                                     "reference rows (reserved names, GGUF UNUSED, padding); "
+                                                     "repeatable. " + TOKEN_RULE)] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Probe the candidates (verified when the "
                                                                       "best p < 0.01).")] = True,
+    collapse: Annotated[bool, typer.Option("--collapse/--no-collapse", help="Find groups of near-identical rows "
+                                                                          "(tokens that cannot be told apart).")]
+    = True,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Magikarp-style indicators of under-trained tokens; writes RUN/undertrained.parquet."""
     from rich.console import Console
-    from rich.table import Table
 
     from .api.probe import undertrained as run_ut
+    from .outputs.console import undertrained_tokens_table
 
-    r = run_ut(model, out=out, tokens=token or (), share=share, verify=verify, device=device,
-               trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    r = run_ut(model, out=out, tokens=token or (), share=share, unused=unused or (), verify=verify, collapse=collapse,
+               device=device,
+               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=sys.stderr.isatty())
     s = r.summary
+    if as_json or quiet:  # --json: summary["undertrained"] alone on stdout
+        if as_json:
+            _echo_json(s)
+        return
     con = Console()
-    con.print(f"{s['candidates']:,} candidates ({share:.0%} most suspicious); {s['verified']:,} of "
+    con.print(f"{s['candidates']:,} candidates ({share * 100:g}% most suspicious); {s['verified']:,} of "
               f"{s['probed']:,} probed verified under-trained; reference rows: {s['reference']}")
+    if s.get("collapse"):
+        from .outputs.console import collapse_line
+
+        con.print(collapse_line(s["collapse"]))
     if s["tokens"]:
-        t = Table(title="Hypothesis 1: was the token trained?", title_justify="left")
-        for c in ("token", "id", "embed norm", "percentile", "unembed rank"):
-            t.add_column(c, justify="left" if c == "token" else "right")
-        for k, v in s["tokens"].items():
-            t.add_row(k, str(v["token_id"]), f"{v['embed_norm']:.4f}", f"{v['embed_norm_percentile']:.1f}",
-                      f"{v['unembed_rank']:,}")
-        con.print(t)
+        con.print(undertrained_tokens_table(s["tokens"]))
     _echo(f"wrote {out}/undertrained.parquet")
 
 
@@ -574,26 +730,28 @@ def confusion(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/confusion.json.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Sample answers and count those with letters of a script foreign to the language (Wilson 95% interval)."""
     from rich.console import Console
-    from rich.table import Table
 
     from .api.probe import confusion as run_confusion
+    from .outputs.console import confusion_table
 
     if prompt and prompts:
         raise VocabdriftError("give --prompt or --prompts, not both")
     doc = run_confusion(model, prompts=prompt or prompts, language=language, n=n, temperature=temperature,
                         top_p=top_p, max_tokens=max_tokens, seed=seed, base=base, endpoint=endpoint, out=out,
-                        device=device, trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
-    t = Table(title="Answers with letters of a foreign script", title_justify="left")
-    for c in ("prompt", "lang", "model", "rate", "95% interval", "scripts"):
-        t.add_column(c)
-    for r in doc["results"]:
-        t.add_row(r["prompt"][:30], r["language"], r["model"], f"{r['hits']}/{r['n']} = {r['rate']:.0%}",
-                  f"{r['ci_low']:.0%}–{r['ci_high']:.0%}", ", ".join(f"{k} {v}" for k, v in r["by_script"].items()))
+                        device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        progress=sys.stderr.isatty() and not (as_json or quiet))
+    if as_json or quiet:
+        if as_json:
+            _echo_json(doc)
+        return
     con = Console()
-    con.print(t)
+    con.print(confusion_table(doc["results"]))
     for x in doc["tests"]:
         con.print(f"Fisher exact test, {x['prompt'][:30]!r}: odds ratio {x['odds_ratio']:.3g}, "
                   f"p = {x['p_value']:.3g}")
@@ -612,8 +770,8 @@ def report(
     run_b: Annotated[Path | None, typer.Argument(help="A second run folder to put side by side with RUN.")] = None,
     names: Annotated[str | None, typer.Option(help="Names of RUN and RUN_B in the comparison, e.g. "
                                                    "baseline,repaired (default: the folder names).")] = None,
-    token: Annotated[list[str] | None, typer.Option("--token", help="Mark this token (text, raw piece or id) and "
-                                                                    "show its neighbours; repeatable.")] = None,
+    token: Annotated[list[str] | None, typer.Option("--token", help="Mark this token and show its neighbours; "
+                                                                    "repeatable. " + TOKEN_RULE)] = None,
     top: Annotated[int, typer.Option(help="Rows in the tables of most drifted and lost tokens.")] = 50,
 ) -> None:
     """Write RUN/report.html (self-contained, interactive) and RUN/report.md (with PNG plots in
@@ -628,7 +786,7 @@ def report(
 # ---- the lab ---------------------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n    vocabdrift lab -o runs/lab\n\n    vocabdrift lab -o runs/lab-quick --quick\n\n"
-                    "    vocabdrift report runs/lab/baseline --compare runs/lab/repaired")
+                    "    vocabdrift report runs/lab/baseline runs/lab/repaired --names baseline,repaired")
 def lab(
     out: Out,
     quick: Annotated[bool, typer.Option("--quick", help="The same models, fewer probes, no remedies (for tests; "
@@ -665,23 +823,116 @@ def lab(
           f"({sum(r.timings.values()):.0f} s of stages over all runs of this folder)")
 
 
+# Exit codes: 0 success (check: pass), 1 check failed (drift found) or cases failed, 2 bad input, 70 a bug in
+# vocabdrift (EX_SOFTWARE), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+EXIT_BAD_INPUT = 2
+EXIT_BUG = 70
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+_terminated = False
+# The environment, not the input, is wrong: no space, no permission, a read-only file system. The user fixes those.
+_ENVIRONMENT_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EMFILE", "ENFILE"}
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM is handled like Ctrl-C: the exception unwinds through every `finally`, so partial run folders,
+    temporary files and the vocabulary child process are removed before the exit (143)."""
+    global _terminated
+    if os.getpid() != _MAIN_PID[0]:  # a forked worker inherited this handler: die as it would have
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _terminated:  # a second SIGTERM during the clean-up: let the clean-up finish
+        return
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+_MAIN_PID = [0]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _bug(e: BaseException) -> None:
+    """An exception vocabdrift did not expect is a bug: its own exit code (70, never 1, which `check` uses for
+    "drift found"), one line, and the traceback on request."""
+    import traceback
+
+    if os.environ.get("VOCABDRIFT_DEBUG", "").strip() not in ("", "0"):
+        traceback.print_exception(e)
+        typer.echo(f"vocabdrift: internal error (a bug in vocabdrift): {type(e).__name__}", err=True)
+    else:
+        typer.echo(f"vocabdrift: internal error (a bug in vocabdrift): {type(e).__name__}: "
+                   f"{_one_line(str(e))[:300]}; rerun with VOCABDRIFT_DEBUG=1 for the traceback and report it",
+                   err=True)
+    sys.exit(EXIT_BUG)
+
+
 def main() -> None:
-    """Entry point: run the app, turning a VocabdriftError into one line and exit code 2."""
+    """Entry point and the one error boundary: a VocabdriftError (bad input) becomes one line and exit code 2,
+    a full disk or a missing permission one line and 2, Ctrl-C 130 and SIGTERM 143 after cleaning up, and
+    anything else one line saying it is a bug, exit code 70 (VOCABDRIFT_DEBUG=1 prints the traceback)."""
+    import errno
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():  # a log file or CI: our bars are off there, and so are the libraries' own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it when imported
+    from .outputs.console import quiet_third_party
+
+    quiet_third_party(terminal=sys.stderr.isatty())  # before any library is imported: tqdm reads it then
+    _MAIN_PID[0] = os.getpid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # typer parses with its own copy of click; its exception classes are reached through the public BadParameter
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
-        app()
-    except VocabdriftError as e:
-        typer.echo(f"vocabdrift: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        rv = app(standalone_mode=False)  # usage errors come back here, to be one line like every other error
+    except usage_error as e:  # a bad option value, a missing argument, an unknown command
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `vocabdrift` alone, or a command without its arguments
+            typer.echo(ctx.get_help() if ctx is not None else e.format_message())
+            sys.exit(EXIT_BAD_INPUT)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"vocabdrift: error: {_one_line(e.format_message()).rstrip('.')}{where}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except click_exception as e:  # a file option click could not open, and the like
+        typer.echo(f"vocabdrift: error: {_one_line(e.format_message())}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Abort:  # an interrupted prompt
         typer.echo("vocabdrift: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except VocabdriftError as e:
+        typer.echo(f"vocabdrift: error: {_one_line(str(e))}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        typer.echo("vocabdrift: terminated" if _terminated else "vocabdrift: interrupted", err=True)
+        sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
     except SystemExit as e:
-        if e.code == 130:  # typer turns Ctrl-C into a silent exit 130 itself
-            typer.echo("vocabdrift: interrupted", err=True)
+        if e.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C (and our SIGTERM) into a silent exit 130 itself
+            typer.echo("vocabdrift: terminated" if _terminated else "vocabdrift: interrupted", err=True)
+            sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
         raise
+    except MemoryError:
+        typer.echo("vocabdrift: error: out of memory; free memory, or give smaller inputs", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as e:
+        if errno.errorcode.get(e.errno or -1) in _ENVIRONMENT_ERRNOS:
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"vocabdrift: error: {where}{e.strerror or e}; free space or fix the permissions, or pick "
+                       "another location", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        _bug(e)
+    except Exception as e:
+        _bug(e)
+    if rv == EXIT_INTERRUPTED:  # typer turns Ctrl-C (and our SIGTERM) into exit code 130 itself
+        typer.echo("vocabdrift: terminated" if _terminated else "vocabdrift: interrupted", err=True)
+        sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

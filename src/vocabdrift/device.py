@@ -16,12 +16,39 @@ def best_device(requested: str | None = None) -> torch.device:
     import torch
 
     if requested:
-        return torch.device(requested)
+        return _checked_device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _checked_device(requested: str) -> torch.device:
+    """The device the user named, refused in one line when it is not a device or is not here (torch would fail
+    later, deep inside the first copy to it)."""
+    import torch
+
+    from .errors import VocabdriftError
+
+    try:
+        dev = torch.device(requested.strip())
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise VocabdriftError(f"--device {requested!r}: not a device; use cpu, cuda, cuda:1 or mps") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise VocabdriftError(f"--device {requested}: no CUDA device here (this torch, {torch.__version__}, "
+                                  "sees none); use --device cpu, or leave --device out to take the best present")
+        if dev.index is not None and dev.index >= n:
+            raise VocabdriftError(f"--device {requested}: there are only {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise VocabdriftError(f"--device {requested}: Apple's MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise VocabdriftError(f"--device {requested}: vocabdrift runs on cpu, cuda or mps, not {dev.type}")
+    return dev
 
 
 def usable_cpus() -> int:

@@ -196,10 +196,10 @@ class Renderer:
                 if at >= 0:
                     cursor = at + len(content)
                 continue
-            if not content.strip():
+            if not content:  # nothing to find (the markers, above, place an empty answer's end token)
                 continue
             at = text.find(content, cursor)
-            if at < 0:
+            if at < 0 and content.strip():  # a template that strips the answer
                 content = content.strip()
                 at = text.find(content, cursor)
             if at < 0:

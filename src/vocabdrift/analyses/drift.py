@@ -3,7 +3,7 @@
 The row of token t in lm_head is the direction the model pushes its hidden state toward to say t. Its cosine to
 the pre-trained row is the headline (as in the published investigation); L2 and both norms say whether it shrank
 (weight decay) or turned (push-down gradients). A mean-centred cosine removes the shared direction that rows of
-never-targeted tokens drift toward together (LAB_NOTES.md).
+never-targeted tokens drift toward together (docs/ARCHITECTURE.md, "Why a never-targeted row drifts").
 """
 
 from __future__ import annotations
@@ -166,14 +166,39 @@ def topk_cosine(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]
 
 # ---- summaries over the drift table ---------------------------------------------------------------------------
 
-def _stats(cos: np.ndarray, threshold: float) -> dict[str, Any]:
+def undefined_rows(drift: pa.Table, space: str) -> np.ndarray:
+    """Rows of `space` whose cosine is undefined although the row moved: a row that became zero (in POST or in
+    BASE) or holds NaN/Inf. Bool (n,).
+
+    Why: a destroyed row has no direction to compare, so its cosine is NaN; left out, an all-zero lm_head would
+    leave "no tokens to judge" and pass every gate. Such a row counts as drifted, below every threshold. A row zero
+    in both checkpoints did not move (its L2 distance is 0) and stays out: padding rows are often all zero.
+    """
+    cos = drift.column(f"{space}_cos").to_numpy(zero_copy_only=False)
+    undefined = ~np.isfinite(cos)
+    l2_col = f"{space}_l2"
+    if l2_col in drift.column_names:
+        l2 = drift.column(l2_col).to_numpy(zero_copy_only=False)
+        undefined &= ~(l2 == 0)  # NaN distance (a broken row) counts; a zero distance (unchanged) does not
+    elif "nonfinite" in drift.column_names:  # a table without distances: only the rows known to be broken
+        undefined &= drift.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)
+    if "nonfinite" in drift.column_names:
+        undefined |= drift.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)
+    return undefined
+
+
+def _stats(cos: np.ndarray, threshold: float, undefined: np.ndarray | None = None) -> dict[str, Any]:
+    """One summary block. `undefined` rows (see `undefined_rows`) count as tokens below every threshold; the mean
+    and minimum are over the rows with a cosine."""
+    n_undef = int(undefined.sum()) if undefined is not None else 0
     cos = cos[np.isfinite(cos)]
+    n = int(cos.size) + n_undef
     if cos.size == 0:
-        return {"tokens": 0, "mean_cos": None, "min_cos": None, "below_0.95": 0, "below_0.90": 0,
-                "below_threshold": 0}
-    return {"tokens": int(cos.size), "mean_cos": round(float(cos.mean()), 6), "min_cos": round(float(cos.min()), 6),
-            "below_0.95": int((cos < 0.95).sum()), "below_0.90": int((cos < 0.90).sum()),
-            "below_threshold": int((cos < threshold).sum())}
+        return {"tokens": n, "mean_cos": None, "min_cos": None, "below_0.95": n_undef, "below_0.90": n_undef,
+                "below_threshold": n_undef, "undefined": n_undef}
+    return {"tokens": n, "mean_cos": round(float(cos.mean()), 6), "min_cos": round(float(cos.min()), 6),
+            "below_0.95": int((cos < 0.95).sum()) + n_undef, "below_0.90": int((cos < 0.90).sum()) + n_undef,
+            "below_threshold": int((cos < threshold).sum()) + n_undef, "undefined": n_undef}
 
 
 def summarize(drift: pa.Table, vocab: pa.Table, *, threshold: float = 0.95) -> dict[str, Any]:
@@ -181,7 +206,8 @@ def summarize(drift: pa.Table, vocab: pa.Table, *, threshold: float = 0.95) -> d
 
     "overall" counts every non-special token (special and padding rows are often untrained and would only add
     noise); "reachable" counts the tokens a text can produce, the set a coverage repair is judged on. Category
-    "special" is reported on its own.
+    "special" is reported on its own. Rows whose cosine is undefined because they became zero or NaN count as
+    tokens below every threshold (each block's "undefined"); "undefined_rows" lists their ids per space.
     """
     d = {c: drift.column(c).to_numpy(zero_copy_only=False) for c in ("lm_head_cos", "embed_cos")}
     ids = drift.column("token_id").to_numpy()
@@ -189,13 +215,22 @@ def summarize(drift: pa.Table, vocab: pa.Table, *, threshold: float = 0.95) -> d
     reachable = vocab.column("reachable").to_numpy(zero_copy_only=False)[ids]
     cats = np.asarray(vocab.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)[ids]
 
+    undef = {space: undefined_rows(drift, space) for space in ("lm_head", "embed")}
+
     def block(mask: np.ndarray) -> dict[str, Any]:
-        return {space: _stats(d[f"{space}_cos"][mask], threshold) for space in ("lm_head", "embed")}
+        return {space: _stats(d[f"{space}_cos"][mask], threshold, undef[space][mask]) for space in ("lm_head", "embed")}
 
     out: dict[str, Any] = {"threshold": threshold, "overall": block(~special), "reachable": block(reachable & ~special)}
     out["categories"] = {c: block(cats == c) for c in dict.fromkeys(cats.tolist())}
+    # rows that are no tokens: out of "overall" and "reachable" (they are special), counted here ("padding_rows",
+    # "unused_rows")
+    from .vocab import NOT_TOKENS
+
+    for c in NOT_TOKENS:
+        out[f"{c}_rows"] = int((cats == c).sum())
     if "nonfinite" in drift.column_names:
         out["nonfinite_rows"] = ids[drift.column("nonfinite").to_numpy(zero_copy_only=False)].tolist()
+    out["undefined_rows"] = {space: ids[u].tolist()[:1000] for space, u in undef.items()}  # the first 1,000
     return out
 
 
@@ -208,6 +243,117 @@ def most_drifted(drift: pa.Table, vocab: pa.Table, n: int, *, space: str = "lm_h
     t = drift.join(vocab.select(["token_id", "text", "category", "is_special", "reachable"]), "token_id")
     if not include_special:
         t = t.filter(pc.invert(t.column("is_special")))
-    t = t.filter(pc.is_finite(t.column(f"{space}_cos")))
-    t = t.sort_by([(f"{space}_cos", "ascending"), ("token_id", "ascending")])
+    undef = pa.array(undefined_rows(t, space))
+    # the rows without a cosine that moved come first (below every threshold); unchanged zero rows are left out
+    t = t.filter(pc.or_(pc.is_finite(t.column(f"{space}_cos")), undef))
+    t = t.sort_by([(f"{space}_cos", "ascending"), ("token_id", "ascending")])  # NaN sorts last ...
+    if t.num_rows:
+        u = undefined_rows(t, space)
+        t = pa.concat_tables([t.filter(pa.array(u)), t.filter(pa.array(~u))])  # ... so they are moved first
     return t.slice(0, n).combine_chunks() if t.num_rows else pa.table({c: [] for c in t.column_names})
+
+
+def most_drifted_ids(drift: pa.Table, vocab: pa.Table | None, n: int | None = None, *,
+                     space: str = "lm_head") -> list[int]:
+    """The token ids of `most_drifted` (THE definition of "most drifted"), for callers that need only the order:
+    `probe --from`, the report's tables, the lab. `vocab` may be None (no special tokens known) or hold only
+    token_id and is_special; `n` None means every judged row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if vocab is None:
+        ids, special = drift.column("token_id"), pa.array(np.zeros(drift.num_rows, dtype=bool))
+    else:
+        ids, special = vocab.column("token_id"), pc.fill_null(vocab.column("is_special"), False)
+    k = len(ids)
+    view = pa.table({"token_id": ids, "text": pa.array([""] * k), "category": pa.array([""] * k),
+                     "is_special": special, "reachable": pa.array(np.ones(k, dtype=bool))})
+    top = most_drifted(drift, view, drift.num_rows if n is None else n, space=space)
+    return [int(t) for t in top.column("token_id").to_pylist()] if top.num_rows else []
+
+
+# ---- neighbour intrusion --------------------------------------------------------------------------------------
+
+# Categories that intrude on a word's neighbourhood when its row drifts (the published case: after SFT a name's
+# lm_head neighbours filled with tool-call markers and noise tokens): special-like rows, markup, byte pieces.
+INTRUDER_CATEGORIES: tuple[str, ...] = ("special", "unused", "padding", "markup", "byte")
+
+
+def neighbor_intrusion(neighbors: pa.Table, vocab: pa.Table, *, space: str = "lm_head") -> pa.Table:
+    """Per query token of a neighbours table (`neighbors.parquet`'s columns), the share of intruders
+    (INTRUDER_CATEGORIES) among its neighbours and the share of its own category, one column pair per model.
+
+    Why: a drifted row's cosine says it moved, not where to; a neighbourhood that fills with special, markup and
+    byte rows says it moved toward the shared "push-down" direction that those never-targeted rows sit in.
+
+    Returns:
+        token_id, category, then `intrusion_{model}` and `own_{model}` (float) for each model in the table's
+        order, and `intrusion_change` / `own_change` (last model minus first) when there are two models.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    nt = neighbors.filter(pc.equal(neighbors.column("space"), space)) \
+        if "space" in neighbors.column_names else neighbors
+    cats = np.asarray(vocab.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)
+    vid = vocab.column("token_id").to_numpy()
+    cat_of = np.full(int(vid.max()) + 1 if len(vid) else 0, "", dtype=object)
+    cat_of[vid] = cats
+    q = nt.column("token_id").to_numpy()
+    nid = nt.column("neighbor_id").to_numpy()
+    models = list(dict.fromkeys(nt.column("model").to_pylist()))
+    mo = np.asarray(nt.column("model").to_pylist(), dtype=object)
+    ok = (nid >= 0) & (nid < len(cat_of))
+    ncat = np.where(ok, cat_of[np.clip(nid, 0, max(len(cat_of) - 1, 0))], "")
+    intruder = np.isin(ncat, INTRUDER_CATEGORIES)
+    queries = list(dict.fromkeys(q.tolist()))
+    out: dict[str, list] = {"token_id": queries, "category": [str(cat_of[t]) if t < len(cat_of) else ""
+                                                              for t in queries]}
+    for m in models:
+        inn, own = [], []
+        for t, c in zip(queries, out["category"], strict=True):
+            sel = (q == t) & (mo == m) & ok
+            n = int(sel.sum())
+            inn.append(float(intruder[sel].mean()) if n else float("nan"))
+            own.append(float((ncat[sel] == c).mean()) if n else float("nan"))
+        out[f"intrusion_{m}"], out[f"own_{m}"] = inn, own
+    if len(models) == 2:
+        a, b = models
+        out["intrusion_change"] = (np.asarray(out[f"intrusion_{b}"]) - np.asarray(out[f"intrusion_{a}"])).tolist()
+        out["own_change"] = (np.asarray(out[f"own_{b}"]) - np.asarray(out[f"own_{a}"])).tolist()
+    return pa.table({k: pa.array(v, pa.int64() if k == "token_id" else pa.string() if k == "category"
+                                 else pa.float64()) for k, v in out.items()})
+
+
+def summarize_intrusion(intrusion: pa.Table, vocab: pa.Table, *, k: int, top: int = 50) -> dict[str, Any]:
+    """summary.json's "neighbors" block: mean intrusion and own-category shares per model over the query tokens,
+    their change, and the tokens whose intrusion grew most (with text and category)."""
+    rows = intrusion.to_pylist()
+    models = [c[len("intrusion_"):] for c in intrusion.column_names
+              if c.startswith("intrusion_") and c != "intrusion_change"]
+
+    def mean(col: str) -> float | None:
+        v = np.asarray([r[col] for r in rows], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        return round(float(v.mean()), 6) if v.size else None
+
+    texts = vocab.column("text").to_pylist()
+    out: dict[str, Any] = {"k": k, "tokens": len(rows), "intruder_categories": list(INTRUDER_CATEGORIES),
+                           "intrusion": {m: mean(f"intrusion_{m}") for m in models},
+                           "own_category": {m: mean(f"own_{m}") for m in models}}
+    if "intrusion_change" in intrusion.column_names:
+        out["intrusion"]["change"] = mean("intrusion_change")
+        out["own_category"]["change"] = mean("own_change")
+        order = sorted(rows, key=lambda r: (-(r["intrusion_change"] if np.isfinite(r["intrusion_change"])
+                                              else -9.0), r["token_id"]))
+    else:
+        order = rows
+
+    def rnd(x: float) -> float | None:
+        return round(float(x), 4) if np.isfinite(x) else None
+
+    out["per_token"] = [{"token_id": r["token_id"], "text": texts[r["token_id"]] if r["token_id"] < len(texts)
+                         else "", "category": r["category"],
+                         **{c: rnd(r[c]) for c in intrusion.column_names if c not in ("token_id", "category")}}
+                        for r in order[:top]]
+    return out

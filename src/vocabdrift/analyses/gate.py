@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import VocabdriftError
+from .drift import undefined_rows
 from .vocab import CATEGORIES, LANGUAGE_NAMES, printable
 
 if TYPE_CHECKING:
@@ -58,23 +59,27 @@ class RuleResult:
     below: int = 0
     worst: tuple[int, ...] = ()
     worst_text: str | None = None  # the worst token's text, for the verdict
+    undefined: int = 0  # tokens without a cosine (row became zero or NaN): below every threshold, among `below`
 
     def describe(self) -> str:
         r = self.rule
         where = f"{r.category} " if r.category else ""
         if self.tokens == 0:
             return f"{where}no tokens to judge"
+        who = ""
+        if not self.passed and self.worst:
+            who = f" (token {self.worst[0]}" + (f" '{printable(self.worst_text)}')" if self.worst_text is not None
+                                                else ")")
         if r.kind == "min_cos":
             op = ">=" if self.passed else "<"
-            who = ""
-            if not self.passed and self.worst:
-                who = f" (token {self.worst[0]}" + (f" '{printable(self.worst_text)}')" if self.worst_text is not None
-                                                    else ")")
+            if self.undefined:
+                return f"{where}min cos undefined ({self.undefined:,} zero or NaN rows) < {r.threshold:g}{who}"
             return f"{where}min cos {self.value:.4f} {op} {r.threshold:g}{who}"
         limit = f"{r.share * 100:g}%" if r.share is not None else f"{r.count}"
         op = "<=" if self.passed else ">"
+        undef = f", {self.undefined:,} of them zero or NaN" if self.undefined else ""
         return (f"{where}{self.below:,}/{self.tokens:,} ({(self.value or 0) * 100:.2f}%) below {r.threshold:g} "
-                f"{op} {limit}")
+                f"{op} {limit}{undef}")
 
 
 @dataclass(frozen=True)
@@ -87,15 +92,16 @@ class CheckResult:
     space: str = "lm_head"
     population: str = "reachable"
     nonfinite: tuple[int, ...] = field(default=())
+    undefined: tuple[int, ...] = field(default=())  # judged rows that became zero or NaN (nonfinite among them)
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's "check" key."""
         return {"passed": self.passed, "verdict": self.verdict, "space": self.space, "population": self.population,
-                "nonfinite_rows": list(self.nonfinite),
+                "nonfinite_rows": list(self.nonfinite), "undefined_rows": list(self.undefined),
                 "rules": [{"rule": r.rule.describe(), "kind": r.rule.kind, "category": r.rule.category,
                            "threshold": r.rule.threshold, "share": r.rule.share, "count": r.rule.count,
                            "passed": r.passed, "value": r.value, "tokens": r.tokens, "below": r.below,
-                           "worst": list(r.worst)} for r in self.results]}
+                           "undefined": r.undefined, "worst": list(r.worst)} for r in self.results]}
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def _limit(text: str, spec: str) -> tuple[float | None, int | None]:
 
 
 def category_name(name: str, spec: str = "") -> str:
-    """A category of DESIGN.md, from its name or an everyday alias (russian, chinese, korean, english)."""
+    """A category of docs/ARCHITECTURE.md, from its name or an everyday alias (russian, chinese, korean, english)."""
     n = name.strip().lower()
     n = ALIASES.get(n, n)
     if n not in CATEGORIES:
@@ -165,18 +171,22 @@ def parse_category(spec: str) -> Rule:
 # ---- judging --------------------------------------------------------------------------------------------------
 
 def _judge(rule: Rule, cos: np.ndarray, ids: np.ndarray, worst_n: int) -> RuleResult:
+    """`cos` holds -inf for the rows without a cosine that moved: below every threshold, worst first."""
     n = int(cos.size)
     if n == 0:  # nothing of that kind in this vocabulary: nothing can have drifted
         return RuleResult(rule, True, None, 0)
     order = np.argsort(cos, kind="stable")[:worst_n]
     worst = tuple(int(i) for i in ids[order])
+    undefined = int(np.isneginf(cos).sum())
+    below = int((cos < rule.threshold).sum())
     if rule.kind == "min_cos":
         m = float(cos.min())
-        return RuleResult(rule, m >= rule.threshold, m, n, int((cos < rule.threshold).sum()), worst)
-    below = int((cos < rule.threshold).sum())
+        finite = cos[np.isfinite(cos)]
+        value = m if np.isfinite(m) else (float(finite.min()) if finite.size else None)  # JSON has no -inf
+        return RuleResult(rule, m >= rule.threshold, value, n, below, worst, undefined=undefined)
     share = below / n
     ok = below <= rule.count if rule.count is not None else share <= (rule.share or 0.0) + 1e-12
-    return RuleResult(rule, ok, share, n, below, worst)
+    return RuleResult(rule, ok, share, n, below, worst, undefined=undefined)
 
 
 def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...], *, space: str = "lm_head",
@@ -188,8 +198,10 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
         vocab: vocab.parquet's table (token_id, category, is_special, reachable).
         population: "reachable" (reachable, non-special tokens) or "all" (every non-special token).
     Returns:
-        A `CheckResult`. Rows holding NaN or Inf in POST fail the check whatever the rules; rows whose cosine
-        is undefined (a zero row in both) are left out.
+        A `CheckResult`. Rows holding NaN or Inf fail the check whatever the rules and the population (a NaN
+        logit poisons every softmax); rows of the population that became zero (in
+        POST or BASE) have no cosine and count as below every threshold; rows zero in both (unchanged) are left
+        out.
     """
     if space not in ("lm_head", "embed"):
         raise VocabdriftError(f"space must be lm_head or embed, not {space!r}")
@@ -206,8 +218,12 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
     cats = np.asarray(vocab.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)[ids]
     nonfinite = (drift.column("nonfinite").to_numpy(zero_copy_only=False) if "nonfinite" in drift.column_names
                  else np.zeros(len(ids), dtype=bool))
-    bad = tuple(int(i) for i in ids[nonfinite & keep])
-    keep &= np.isfinite(cos)
+    # NaN/Inf anywhere fails, whatever the population: one NaN logit makes every softmax NaN, special rows too
+    bad = tuple(int(i) for i in ids[nonfinite])
+    undef = undefined_rows(drift, space) & keep
+    cos[undef] = -np.inf  # no direction left: below every threshold
+    keep &= np.isfinite(cos) | undef
+    gone = tuple(int(i) for i in ids[undef])
 
     texts = vocab.column("text").to_pylist() if "text" in vocab.column_names else None
     results = []
@@ -217,10 +233,13 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
         if texts is not None and r.worst:
             r = replace(r, worst_text=texts[r.worst[0]])
         results.append(r)
-    passed = all(r.passed for r in results) and not bad
+    passed = all(r.passed for r in results) and not bad and not gone
     shown = [r for r in results if not r.passed] if not passed else results
     parts = [r.describe() for r in shown]
+    zero = [i for i in gone if i not in set(bad)]
+    if zero:
+        parts.insert(0, f"{len(zero)} rows became zero (first id {zero[0]})")
     if bad:
         parts.insert(0, f"{len(bad)} rows hold NaN/Inf (first id {bad[0]})")
     verdict = f"{'PASS' if passed else 'FAIL'} {space}: " + "; ".join(parts)
-    return CheckResult(passed, verdict, tuple(results), space, population, bad)
+    return CheckResult(passed, verdict, tuple(results), space, population, bad, gone)

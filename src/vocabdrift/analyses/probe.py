@@ -23,11 +23,35 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
 
-    from ..engines.base import Score
-
 MARKER = "\ue000"  # private-use: no tokenizer merges it with its neighbours into anything we keep
 TOP_P = 0.95
 VERIFY_P = 0.01  # magikarp: a token is verified under-trained when its best probability stays below this
+
+
+# ---- what an engine answers (owned here, below the engines, which import it) -----------------------------------
+
+@dataclass(frozen=True)
+class Score:
+    """How a model rates one target token as the next token.
+
+    Attributes:
+        logprob: natural-log probability of the target.
+        rank: 1 when the target is the most likely token; 1 + the number of tokens more likely than it.
+        in_top_p: top-p sampling at `top_p` keeps the target (the tokens strictly more likely than it hold less
+            than `top_p` of the mass; the most likely token is always kept, so top_p=0 is greedy).
+        top_p: the nucleus used for `in_top_p`.
+    """
+
+    logprob: float
+    rank: int
+    in_top_p: bool
+    top_p: float = TOP_P
+
+    @property
+    def p(self) -> float:
+        import math
+
+        return math.exp(self.logprob)
 
 
 # ---- prompt families ------------------------------------------------------------------------------------------
@@ -199,6 +223,80 @@ def summarize_probe(table: pa.Table, models: Sequence[str], *, base: str | None 
         lost.sort(key=lambda t: best[post][t]["p_target"])
         out["lost"] = lost
     return out
+
+
+def _group(best_b: dict[int, dict[str, Any]], best_p: dict[int, dict[str, Any]], ids: Sequence[int]
+           ) -> dict[str, Any] | None:
+    """Top-1 and nucleus counts in BASE and POST over `ids`, and the median change of the target's probability."""
+    import math
+    import statistics
+
+    ids = [t for t in ids if t in best_b and t in best_p]
+    if not ids:
+        return None
+    ratio = [math.log(max(best_p[t]["p_target"], 1e-30)) - math.log(max(best_b[t]["p_target"], 1e-30)) for t in ids]
+    return {"n": len(ids),
+            "top1": {"base": sum(best_b[t]["rank"] == 1 for t in ids),
+                     "post": sum(best_p[t]["rank"] == 1 for t in ids)},
+            "nucleus": {"base": sum(bool(best_b[t]["sayable"]) for t in ids),
+                        "post": sum(bool(best_p[t]["sayable"]) for t in ids)},
+            "median_p": {"base": statistics.median(best_b[t]["p_target"] for t in ids),
+                         "post": statistics.median(best_p[t]["p_target"] for t in ids)},
+            "p_ratio": math.exp(statistics.median(ratio))}  # median of POST/BASE per token
+
+
+def per_token(table: pa.Table, token_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per asked token and model (in the order asked, then BASE before POST): its best template's row."""
+    models = list(dict.fromkeys(table["model"].to_pylist()))
+    best = {m: best_per_token(table, m) for m in models}
+    return [{**best[m][t], "token_id": int(t)} for t in dict.fromkeys(token_ids) for m in models if t in best[m]]
+
+
+def headline(table: pa.Table, *, base: str = "base", post: str = "post") -> dict[str, Any]:
+    """The probe's main signal: how often each model's first choice is the token (top-1) and how the target's
+    probability changed against BASE, for the probed tokens and for a control set of undrifted tokens (the
+    `control` column) probed the same way, so a model-wide change (a new chat style) is told apart from the
+    drifted tokens' own. Per template too. Counts use each token's best template, as `sayable` does.
+
+    The nucleus count ("sayable") alone hides the signal: at top-p 0.95 a base model's nucleus is wide, so most
+    tokens stay inside it while the top-1 answers collapse."""
+    import pyarrow.compute as pc
+
+    ctrl = set(table.filter(table["control"])["token_id"].to_pylist()) if "control" in table.column_names else set()
+    bb, bp = best_per_token(table, base), best_per_token(table, post)
+    asked = sorted(t for t in bp if t not in ctrl)
+    out: dict[str, Any] = {"tokens": _group(bb, bp, asked), "control": _group(bb, bp, sorted(ctrl)),
+                           "templates": {}}
+    for tmpl in sorted(set(table["template"].to_pylist())):
+        sub = table.filter(pc.equal(table["template"], tmpl))
+        g = _group(best_per_token(sub, base), best_per_token(sub, post), asked)
+        if g is not None:
+            out["templates"][tmpl] = g
+    return out
+
+
+def headline_lines(h: dict[str, Any]) -> list[str]:
+    """The headline as sentences, for the console and the report: top-1 share and target probability, BASE ->
+    POST, for the probed tokens and the control set."""
+    def top1(g: dict[str, Any]) -> str:
+        b, p, n = g["top1"]["base"], g["top1"]["post"], g["n"]
+        verb = "fell" if p < b else "rose" if p > b else "stayed"
+        return (f"from {b:,} to {p:,} of {n:,} ({b / n:.0%} -> {p / n:.0%})" if verb != "stayed"
+                else f"at {b:,} of {n:,} ({b / n:.0%})"), verb
+
+    t, c = h.get("tokens"), h.get("control")
+    if t is None:
+        return []
+    s, verb = top1(t)
+    lines = [f"Top-1 answers (the model's first choice is the token) {verb} {s}"]
+    if c is not None:
+        cs, cverb = top1(c)
+        lines[0] += f"; on {c['n']:,} undrifted control tokens they {cverb} {cs}"
+    line = f"Median target probability x{t['p_ratio']:.2g} of BASE's"
+    if c is not None:
+        line += f" (control tokens x{c['p_ratio']:.2g})"
+    lines.append(line)
+    return lines
 
 
 # ---- cases ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The vocabulary table: one row per token id, with its text and category.
 
 Pure: it takes the pieces, their raw bytes and flags (read by `sources.tokenizer`) and returns a pyarrow table.
-Categories follow DESIGN.md. A token is classified by the script of its letters after decoding; any kana makes it
-Japanese (kana is what tells Japanese from Chinese), Han alone is Chinese.
+Categories follow docs/ARCHITECTURE.md ("Categories"). A token is classified by the script of its letters after
+decoding; any kana makes it Japanese (kana is what tells Japanese from Chinese), Han alone is Chinese.
 """
 
 from __future__ import annotations
@@ -18,13 +18,30 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 CATEGORIES: tuple[str, ...] = (
-    "special", "byte", "whitespace", "number", "punctuation", "latex", "markup", "emoji",
+    "special", "unused", "padding", "byte", "whitespace", "number", "punctuation", "latex", "markup", "emoji",
     "latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai", "hangul", "japanese", "han", "other",
 )
-# The languages reported on their own, in the order of DESIGN.md's reference table.
+# The languages reported on their own, in the order of the reference table of docs/ARCHITECTURE.md.
 LANGUAGES: tuple[str, ...] = ("japanese", "hangul", "arabic", "cyrillic", "han", "latin")
 LANGUAGE_NAMES = {"japanese": "Japanese", "hangul": "Korean", "arabic": "Arabic", "cyrillic": "Russian",
                   "han": "Chinese", "latin": "English/Latin"}
+# Rows that are never ordinary tokens: "unused" (reserved names, GGUF type UNUSED) and "padding" (matrix rows past
+# the tokenizer's entries). Both are marked special, so `overall`, `reachable` and every "non-special" set leave them
+# out; they are counted on their own in the drift summary.
+NOT_TOKENS: tuple[str, ...] = ("unused", "padding")
+
+# Reserved or unused token names per tokenizer family (full matches against the vocabulary piece): the reference
+# rows of the tied-model indicator in `undertrained`, and category "unused" in the vocabulary table. A caller may
+# pass its own table (`reserved_ids(..., names=...)`); `undertrained --unused` adds ids.
+RESERVED_NAMES: dict[str, str] = {
+    "llama3": r"<\|reserved_special_token_\d+\|>",
+    "gemma": r"<unused\d+>",
+    "qwen": r"\[PAD\d+\]|<\|extra_\d+\|>",
+    "mistral": r"<SPECIAL_\d+>|\[control_\d+\]",
+}
+
+# GGUF `tokenizer.ggml.token_type` values (llama.cpp's enum, as the `gguf` package's TokenType).
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6
 
 # (first, last, script) code point ranges for letters; checked in order.
 _SCRIPT_RANGES: tuple[tuple[int, int, str], ...] = (
@@ -236,11 +253,28 @@ def arrow_numbers(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
-def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence[bytes | None],
-                      is_special: np.ndarray, reachable: np.ndarray) -> pa.Table:
-    """Columns token_id, piece, text, category, is_special, reachable; one row per id, in id order.
+def reserved_ids(pieces: Sequence[str], names: dict[str, str] | None = None) -> np.ndarray:
+    """Ids whose piece is a reserved or unused name of any family in `names` (default `RESERVED_NAMES`): int64,
+    sorted. Full matches only, so a real word containing "unused" is never taken for a reserved row."""
+    import numpy as np
 
-    The category column is dictionary-encoded over CATEGORIES, in that order.
+    table = RESERVED_NAMES if names is None else names
+    if not table:
+        return np.zeros(0, np.int64)
+    rx = re.compile("|".join(f"(?:{p})" for p in table.values()))
+    return np.asarray([i for i, p in enumerate(pieces) if p and rx.fullmatch(p)], dtype=np.int64)
+
+
+def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence[bytes | None],
+                      is_special: np.ndarray, reachable: np.ndarray, *, token_type: np.ndarray | None = None,
+                      tokens: int | None = None, reserved: dict[str, str] | None = None) -> pa.Table:
+    """Columns token_id, piece, text, category, is_special, reachable, token_type; one row per id, in id order.
+
+    The category column is dictionary-encoded over CATEGORIES, in that order. What the tokenizer says about a
+    token outranks its text: GGUF CONTROL and UNKNOWN tokens are special, UNUSED ones and reserved names
+    (`reserved`, default `RESERVED_NAMES`) are "unused", BYTE ones are "byte", and rows past the tokenizer's
+    `tokens` entries are "padding"; unused and padding rows are marked special, so that no "non-special" figure
+    counts them.
 
     Args:
         pieces: the raw vocabulary strings (e.g. "Ġthe", "▁the", "<0xE3>").
@@ -248,6 +282,8 @@ def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence
         raw: each token's bytes (None where unknown).
         is_special: bool (V,).
         reachable: bool (V,): decoding then re-encoding gives back this single id.
+        token_type: int (V,) GGUF token types, when the source is a GGUF (0 where unknown).
+        tokens: how many entries the tokenizer has (the rest of the V rows are padding); default V.
     """
     import numpy as np
     import pyarrow as pa
@@ -255,14 +291,28 @@ def build_vocab_table(pieces: Sequence[str], texts: Sequence[str], raw: Sequence
     n = len(pieces)
     if not (len(texts) == len(raw) == len(is_special) == len(reachable) == n):
         raise ValueError("pieces, texts, raw, is_special and reachable must have one entry per token")
-    cats = classify_many(texts, raw, is_special)
+    special = np.array(is_special, dtype=bool)
+    tt = np.zeros(n, np.int8) if token_type is None else np.asarray(token_type, np.int8)[:n]
+    if len(tt) < n:
+        tt = np.concatenate([tt, np.zeros(n - len(tt), np.int8)])
+    unused = tt == GGUF_UNUSED
+    unused[reserved_ids(pieces, reserved)] = True
+    padding = np.arange(n) >= (n if tokens is None else tokens)
+    unused &= ~padding
+    special |= (tt == GGUF_CONTROL) | (tt == GGUF_UNKNOWN) | unused | padding
+    cats = classify_many(texts, raw, special)
+    code = {c: i for i, c in enumerate(CATEGORIES)}
+    cats[(tt == GGUF_BYTE) & ~special] = code["byte"]
+    cats[unused] = code["unused"]
+    cats[padding] = code["padding"]
     return pa.table({
         "token_id": arrow_numbers(np.arange(n, dtype=np.int64)),
         "piece": _strings(pieces),
         "text": _strings(texts),
         "category": pa.DictionaryArray.from_arrays(arrow_numbers(cats), _strings(CATEGORIES)),
-        "is_special": arrow_numbers(np.asarray(is_special, dtype=bool)),
-        "reachable": arrow_numbers(np.asarray(reachable, dtype=bool)),
+        "is_special": arrow_numbers(special),
+        "reachable": arrow_numbers(np.asarray(reachable, dtype=bool) & ~(unused | padding)),
+        "token_type": arrow_numbers(tt),
     })
 
 

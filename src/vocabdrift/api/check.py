@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from ..analyses.gate import CheckResult, Rule, judge, parse_category, parse_max_below, parse_min_cos
 from ..errors import VocabdriftError
+from ..outputs import run as R
 
 PathLike = str | os.PathLike
 
@@ -32,7 +33,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
           min_cos: float | str | None = None, max_below: str | Sequence[str] | None = None,
           categories: Sequence[str] = (), space: str = "lm_head", population: str = "reachable",
           out: PathLike | None = None, tokenizer: PathLike | None = None, device: str | None = None,
-          allow_pickle: bool = False, progress: bool = False) -> CheckResult:
+          allow_pickle: bool = False, progress: bool = False, write: bool = False) -> CheckResult:
     """Judge the drift from BASE to POST against limits; the result has a one-line `verdict`.
 
     Args:
@@ -43,6 +44,8 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         space: "lm_head" (what the model says) or "embed" (what it reads).
         population: "reachable" (reachable, non-special tokens; the default) or "all" (every non-special one).
         out: also write the run folder (diff's tables, and summary.json's "check" key).
+        write: with `run`, record the result in the run folder (summary.json's "check" key); a gate reads
+            and judges, so by default it leaves the folder as it was.
     Returns:
         A `CheckResult`: `.passed`, `.verdict`, per-rule `.results`.
 
@@ -58,14 +61,18 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         if base is not None or post is not None:
             raise VocabdriftError("give either BASE and POST, or --run RUN, not both")
         r = Run(run)
-        for name in ("drift.parquet", "vocab.parquet"):
+        for name in (R.DRIFT, R.VOCAB):
             if not r.has(name):
                 raise VocabdriftError(f"{run}: no {name}; run `vocabdrift diff BASE POST -o {run}` first")
-        result = judge(r.read_table("drift.parquet"), r.read_table("vocab.parquet"), rules, space=space,
+        mixed = r.disagreements()
+        if mixed:
+            raise VocabdriftError(f"{run}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}")
+        result = judge(r.read_table(R.DRIFT), r.read_table(R.VOCAB), rules, space=space,
                        population=population)
-        with open_run(run, create=False) as w:
-            w.update_summary(check=result.to_json())
-            w.record("check", arguments=_arguments(rules, space, population), inputs={"run": str(run)})
+        if write:
+            with open_run(run, create=False) as w:
+                w.update_summary(check=result.to_json())
+                w.record("check", arguments=_arguments(rules, space, population), inputs={"run": str(run)})
         return result
     if base is None or post is None:
         raise VocabdriftError("check needs BASE and POST checkpoints (or --run RUN)")
@@ -74,7 +81,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
 
         diff(base, post, out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
         return check(run=out, min_cos=min_cos, max_below=max_below, categories=categories, space=space,
-                     population=population)
+                     population=population, write=True)
     from .diff import measure
 
     m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)

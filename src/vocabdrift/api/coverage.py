@@ -23,11 +23,15 @@ import numpy as np
 
 from ..analyses import coverage as C
 from ..analyses import synth as S
-from ..analyses.vocab import build_vocab_table
+from ..analyses.advice import common_words, coverage_advice
+from ..analyses.vocab import LANGUAGE_NAMES
 from ..errors import VocabdriftError
-from ..outputs.run import Timer, open_run
+from ..outputs import run as R
+from ..outputs.location import check_out
+from ..outputs.run import Timer, open_run, write_lines_atomic
 from ..sources.data import DataReader, Malformed, Sample, detect_shape
-from ..sources.tokenizer import load_tokenizer, read_vocabulary
+from ..sources.tokenizer import load_tokenizer
+from ..sources.vocabulary import table_of_tokenizer, vocab_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -53,9 +57,12 @@ def _tokenizer(spec: Any) -> Any:
                           "tokenizer object")
 
 
-def _vocab_of(tok: Any) -> pa.Table:
-    v = read_vocabulary(tok)
-    return build_vocab_table(v.pieces, v.texts, v.raw, v.is_special, v.reachable)
+def _vocab_of(spec: Any, tok: Any) -> pa.Table:
+    """The vocabulary table through its one home (`sources.vocabulary`): read from the cache for a tokenizer named
+    by a path (built and cached the first time), built afresh for a tokenizer object."""
+    if isinstance(spec, (str, os.PathLike)):
+        return vocab_table(spec)
+    return table_of_tokenizer(tok)
 
 
 def _check_same_tokenizer(vocab: pa.Table, tok: Any, where: Path) -> None:
@@ -241,10 +248,31 @@ def count_targets_ray(files: Sequence[Path | str], tok: Any, *, vocab_size: int,
     return count, nsamp, stats
 
 
+def _covered_before(run: Path, arguments: dict[str, Any], inputs: dict[str, Any]) -> CoverageResult | None:
+    """RUN's coverage when it already holds this one (same data, tokenizer and options; and, when RUN holds a
+    drift table, the join with it): a rerun says so and reads it back instead of counting again."""
+    if not run.is_dir():
+        return None
+    done = R.Run(run)
+    if not done.holds(R.COVERAGE, command="coverage", arguments=arguments, inputs=inputs) or (
+            done.has(R.DRIFT) and not done.holds(R.COVERAGE_DRIFT, command="coverage", arguments=arguments,
+                                                 inputs=inputs)):
+        return None
+    summary = done.read_json(R.SUMMARY, default={}).get("coverage")
+    if not isinstance(summary, dict) or "categories" not in summary:
+        return None
+    log.warning("%s already holds this coverage (same data, tokenizer and options); nothing recounted "
+                "(--force counts again)", run)
+    table, vocab = done.read_contract(R.COVERAGE), done.read_contract(R.VOCAB)
+    scatter = done.read_contract(R.COVERAGE_DRIFT) if done.has(R.COVERAGE_DRIFT) else None
+    return CoverageResult(run, table, summary, C.below_floor(table, vocab, floor=int(summary.get("floor", 5))),
+                          C.under_covered(summary["categories"]), [], scatter, {})
+
+
 def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, tokenizer: Any, out: PathLike | None = None,
              targets: C.Targets = "assistant", floor: int = 5, field: str | None = None, strict: bool = False,
              batch_size: int = 512, progress: bool = False, engine: str = "local",
-             num_cpus: int | None = None) -> CoverageResult:
+             num_cpus: int | None = None, force: bool = False) -> CoverageResult:
     """Count, per token id, its occurrences as a generation target in DATA and the samples that hold it.
 
     Args:
@@ -259,6 +287,8 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
         strict: stop at the first malformed record instead of counting it.
         engine: "local" (this process, streaming) or "ray" (Ray Data over the files, for corpora larger than one
             machine; `num_cpus` sizes a local Ray). Both give the same counts.
+        force: count again even when `out` already holds this coverage (same data files, tokenizer and
+            options, and its join with the folder's drift); without it such a rerun says so and reads it back.
 
     Example:
         >>> r = coverage("sft.jsonl", tokenizer="Qwen/Qwen2.5-7B", out="runs/sft1")
@@ -280,21 +310,30 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
     remote = [str(p) for p in paths if "://" in str(p)]
     if remote and engine != "ray":
         raise VocabdriftError(f"{remote[0]}: a remote path needs --engine ray (the local engine reads local files)")
+    if out is not None:  # before the counting: never into the tokenizer's model folder or a data folder
+        check_out(out, models=[tokenizer] if isinstance(tokenizer, (str, os.PathLike)) else [], data=paths)
+    arguments = {"data": [str(p) for p in paths] or "records in memory", "targets": targets, "floor": floor,
+                 "field": field, "strict": strict, "engine": engine}
+    inputs = {f"data{i}": str(p) for i, p in enumerate(paths)} \
+        | ({"tokenizer": str(tokenizer)} if isinstance(tokenizer, (str, os.PathLike)) else {})
+    if not force and out is not None and in_memory is None and not remote:
+        done = _covered_before(Path(out), arguments, inputs)
+        if done is not None:
+            return done
     timer = Timer()
     tok = _tokenizer(tokenizer)
     reader = DataReader([p for p in paths if "://" not in str(p)], field=field, strict=strict, in_memory=in_memory)
     if in_memory is not None and engine == "ray":
         raise VocabdriftError("--engine ray reads files; pass paths, or use the local engine for records in memory")
     run_path = Path(out) if out is not None else None
-    existing = run_path is not None and (run_path / "vocab.parquet").exists()
+    existing = run_path is not None and (run_path / R.VOCAB).exists()
     with timer("vocab"):
-        if existing:
-            import pyarrow.parquet as pq
-
-            vocab = pq.read_table(run_path / "vocab.parquet")  # type: ignore[operator]
+        if existing:  # through the run folder's reader: a damaged table is one clear error
+            cols = ("token_id", "piece", "text", "category", "is_special", "reachable")
+            vocab = R.Run(run_path).read_table(R.VOCAB, columns=cols)  # type: ignore[arg-type]
             _check_same_tokenizer(vocab, tok, run_path)  # type: ignore[arg-type]
         else:
-            vocab = _vocab_of(tok)
+            vocab = _vocab_of(tokenizer, tok)
     v_size = max(vocab.num_rows, tok.backend_tokenizer.get_vocab_size(with_added_tokens=True))
 
     t0 = time.perf_counter()
@@ -325,33 +364,34 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
     summary: dict[str, Any] = {
         "floor": floor, "targets": targets, "samples": stats["samples"], "target_tokens": stats["target_tokens"],
         "tokens": stats["tokens"], "render": stats["render"], "malformed": reader.n_malformed, "categories": cats,
+        "category_names": {c: LANGUAGE_NAMES.get(c, c) for c in cats},  # the keys, and the names shown on screen
     }
     scatter = None
-    if run_path is not None and (run_path / "drift.parquet").exists():
-        import pyarrow.parquet as pq
-
-        drift = pq.read_table(run_path / "drift.parquet")
+    if run_path is not None and (run_path / R.DRIFT).exists():
+        drift = R.Run(run_path).read_table(R.DRIFT)
         if drift.num_rows != vocab.num_rows:
             raise VocabdriftError(f"{run_path}/drift.parquet has {drift.num_rows} rows but vocab.parquet has "
                                   f"{vocab.num_rows}; the run folder is inconsistent — rerun diff")
         scatter = C.scatter_table(table, drift, vocab)
         summary["correlation"] = C.correlate(scatter)
-    result = CoverageResult(run_path, table, summary, C.below_floor(table, vocab, floor=floor),
-                            C.under_covered(cats), reader.malformed, scatter, timer.timings)
+    below = C.below_floor(table, vocab, floor=floor)
+    drift_cats = None
+    if scatter is not None and (run_path / R.SUMMARY).exists():  # type: ignore[operator]
+        drift_cats = json.loads((run_path / R.SUMMARY).read_text()).get("categories")  # type: ignore[operator]
+    summary["advice"] = coverage_advice(  # how much coverage data, sized against this SFT data
+        cats, samples=stats["samples"], floor=floor, below_floor=below.num_rows, drift=drift_cats,
+        placements_needed=int(np.maximum(floor - below.column("count").to_numpy(), 0).sum()))
+    result = CoverageResult(run_path, table, summary, below, C.under_covered(cats), reader.malformed, scatter,
+                            timer.timings)
     if run_path is not None:
         with open_run(run_path) as run:
             if not existing:
-                run.write_table("vocab.parquet", vocab)
-            run.write_table("coverage.parquet", table)
+                run.write_table(R.VOCAB, vocab)
+            run.write_table(R.COVERAGE, table)
             if scatter is not None:
-                run.write_table("coverage_drift.parquet", scatter)
+                run.write_table(R.COVERAGE_DRIFT, scatter)
             run.update_summary(coverage=summary)
-            run.record("coverage", arguments={"data": [str(p) for p in paths] or "records in memory",
-                                              "targets": targets, "floor": floor, "field": field, "strict": strict,
-                                              "engine": engine},
-                       inputs={f"data{i}": str(p) for i, p in enumerate(paths)}
-                       | ({"tokenizer": str(tokenizer)} if isinstance(tokenizer, (str, os.PathLike)) else {}),
-                       timings=timer.timings)
+            run.record("coverage", arguments=arguments, inputs=inputs, timings=timer.timings)
     return result
 
 
@@ -377,21 +417,8 @@ def load_tasks() -> dict[str, Any]:
 
 
 def _atomic_lines(path: Path, lines: Iterator[str]) -> int:
-    """Write lines to a temporary file beside `path`, then rename: a failed write leaves nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    """Write lines through the one atomic writer: a failed write leaves nothing, the file follows the umask."""
+    return write_lines_atomic(path, lines)
 
 
 def _stats_path(out: Path) -> Path:
@@ -423,36 +450,36 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         raise VocabdriftError(f"--min-per-token must be at least 1, not {min_per_token}")
     if tokens_per_sample < 1:
         raise VocabdriftError(f"--tokens-per-sample must be at least 1, not {tokens_per_sample}")
-    out = Path(out)
-    if out.is_dir():
-        raise VocabdriftError(f"{out}: is a folder; -o takes the JSONL file to write, e.g. {out}/coverage.jsonl")
+    out = check_out(out, file=True, models=[model_or_tokenizer] if isinstance(model_or_tokenizer, (str, os.PathLike))
+                    else [])
     timer = Timer()
     with _progress(progress, "") as bar:
         task = bar.add_task("reading the vocabulary", total=None, rate="")
         with timer("vocab"):
             tok = _tokenizer(model_or_tokenizer)
-            vocab = _vocab_of(tok)
+            vocab = _vocab_of(model_or_tokenizer, tok)
         n = vocab.num_rows
         reach = vocab.column("reachable").to_numpy(zero_copy_only=False)
         special = vocab.column("is_special").to_numpy(zero_copy_only=False)
         need = np.where(reach & ~special, min_per_token, 0).astype(np.int64)
         floor = None
         if only_below_floor is not None:
-            import pyarrow.parquet as pq
-
             rp = Path(only_below_floor)
-            if not (rp / "coverage.parquet").exists():
+            if not (rp / R.COVERAGE).exists():
                 raise VocabdriftError(f"{rp}/coverage.parquet: not found; run `vocabdrift coverage DATA --tokenizer "
                                       f"MODEL -o {rp}` first")
-            if (rp / "vocab.parquet").exists():
-                _check_same_tokenizer(pq.read_table(rp / "vocab.parquet"), tok, rp)
-            cov = pq.read_table(rp / "coverage.parquet").column("count").to_numpy()
+            prev = R.Run(rp)  # its reader turns a damaged table into one clear error
+            if (rp / R.VOCAB).exists():
+                _check_same_tokenizer(prev.read_table(R.VOCAB), tok, rp)
+            cov = prev.read_table(R.COVERAGE).column("count").to_numpy()
             if len(cov) < n:
                 raise VocabdriftError(f"{rp}/coverage.parquet covers {len(cov)} tokens, this tokenizer has {n}; "
                                       "pass the tokenizer the coverage run used")
-            cov_summary = json.loads((rp / "summary.json").read_text()).get("coverage", {}) \
-                if (rp / "summary.json").exists() else {}
-            floor = int(cov_summary.get("floor", 5))
+            cov_summary = prev.read_json(R.SUMMARY, default={"coverage": {}}).get("coverage") or {}
+            floor = cov_summary.get("floor", 5)
+            if isinstance(floor, bool) or not isinstance(floor, int) or floor < 1:
+                raise VocabdriftError(f"{rp}/{R.SUMMARY}: coverage.floor is {floor!r}, not a count; rerun "
+                                      f"`vocabdrift coverage DATA --tokenizer MODEL -o {rp}`")
             need = np.where(reach & ~special, np.maximum(floor - cov[:n], 0), 0).astype(np.int64)
         ids = np.nonzero(need > 0)[0]
         texts = vocab.column("text").to_pylist()
@@ -520,6 +547,22 @@ def _shape_of(reader: DataReader, what: str) -> str:
     raise VocabdriftError(f"{what}: no record with a known shape (messages, conversations, prompt/completion, text)")
 
 
+def _check_mix_space(out: Path, sft_files: Sequence[Path], syn_bytes: int, n_syn: int) -> None:
+    """Refuse a mix the disk cannot hold, before writing any of it: the buckets and the output exist side by side
+    at the end, so twice the output's size must be free. (A --count of a billion once wrote 15 GB.) Compressed SFT
+    files are counted at four times their size."""
+    sft_bytes = sum(f.stat().st_size * (4 if f.name.endswith(".gz") else 1) for f in sft_files if f.is_file())
+    need = 2 * (sft_bytes + syn_bytes) + (64 << 20)
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise VocabdriftError(f"{out}: the mix would need about {need / 1e9:.1f} GB ({n_syn:,} synthetic records, "
+                              f"written to buckets and then to the output) but {folder} has {free / 1e9:.1f} GB free; "
+                              "ask for fewer records (--count, --ratio) or free space")
+
+
 def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, ratio: float | None = None,
         count: int | None = None, seed: int = 0, strict: bool = False, progress: bool = False) -> MixResult:
     """Mix SYNTH into the SFT data: a deterministic, seeded shuffle that streams through disk buckets.
@@ -541,7 +584,7 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     if count is not None and count < 0:
         raise VocabdriftError(f"--count must be >= 0, not {count}")
     sft_paths = [sft] if isinstance(sft, (str, os.PathLike)) else list(sft)
-    out = Path(out)
+    out = check_out(out, file=True, data=[*sft_paths, synth])
     sft_reader = DataReader(sft_paths, strict=strict)
     syn_reader = DataReader([synth], strict=True)
     resolved_out = out.resolve()
@@ -557,12 +600,16 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
         raise VocabdriftError(f"the SFT data is {a} records but {synth} holds {b} records; regenerate it with "
                               f"`vocabdrift synth ... --format {fix}` so a trainer reads one shape")
     rng = random.Random(seed)
-    n_sft = sum(1 for _ in sft_reader.records())
+    n_sft = sum(1 for _ in sft_reader.valid_records())  # only records a trainer can use are copied
     sft_malformed, sft_bad = list(sft_reader.malformed), sft_reader.n_malformed
-    n_syn_avail = sum(1 for _ in syn_reader.records())
+    syn_sizes = [len(json.dumps(rec, ensure_ascii=False, default=str).encode()) + 1
+                 for _, rec in syn_reader.valid_records()]
+    n_syn_avail = len(syn_sizes)
     if n_syn_avail == 0:
         raise VocabdriftError(f"{synth}: no records")
     n_syn = count if count is not None else round(ratio * n_sft / (1 - ratio))  # type: ignore[operator]
+    # Python integers: a count of 10**18 must be refused, not overflow into a small number
+    _check_mix_space(out, sft_reader.files, n_syn * sum(syn_sizes) // n_syn_avail, n_syn)
     full, part = divmod(n_syn, n_syn_avail)
     times = np.full(n_syn_avail, full, dtype=np.int64)
     times[rng.sample(range(n_syn_avail), part)] += 1
@@ -573,15 +620,17 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     n_buckets = max(1, min(4096, int(total_bytes * max(1.0, float(times.max(initial=1))) // _BUCKET_BYTES) + 1))
     tmpdir = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.mix-"))
     try:
-        buckets = [open(tmpdir / f"{k:04d}.jsonl", "w", encoding="utf-8") for k in range(n_buckets)]
-        try:
+        buckets: list[Any] = []
+        try:  # opened inside the try: a SIGTERM among the opens still closes those already open
+            buckets.extend(open(tmpdir / f"{k:04d}.jsonl", "w", encoding="utf-8") for k in range(n_buckets))
+
             def put(rec: Any) -> None:
                 buckets[rng.randrange(n_buckets)].write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
 
             sft_reader2 = DataReader(sft_paths, strict=strict)
-            for _, rec in sft_reader2.records():
+            for _, rec in sft_reader2.valid_records():
                 put(rec)
-            for j, (_, rec) in enumerate(DataReader([synth], strict=True).records()):
+            for j, (_, rec) in enumerate(DataReader([synth], strict=True).valid_records()):
                 for _ in range(int(times[j])):
                     put(rec)
         finally:
@@ -610,6 +659,8 @@ class PruneResult:
     categories: dict[str, dict[str, int]]  # category -> {"tokens", "candidates"}
     floor: int
     threshold: float
+    common_words_kept: int = 0  # rare here and drifted, but common words of ordinary text: never proposed
+    word_list: bool = True  # False: wordfreq is not installed, and every word-like token was kept
 
 
 def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float = 0.95) -> PruneResult:
@@ -624,14 +675,18 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if not -1.0 <= threshold <= 1.0:  # NaN fails this too
+        raise VocabdriftError(f"--threshold {threshold}: a cosine threshold lies in [-1, 1] (0.95, say)")
+    if floor is not None and floor < 1:
+        raise VocabdriftError(f"--floor must be at least 1, not {floor}")
     with open_run(run, create=False) as r:
-        missing = [n for n in ("vocab.parquet", "drift.parquet", "coverage.parquet") if not r.has(n)]
+        missing = [n for n in (R.VOCAB, R.DRIFT, R.COVERAGE) if not r.has(n)]
         if missing:
             raise VocabdriftError(f"{run}: missing {', '.join(missing)}; run `vocabdrift diff BASE POST -o {run}` and "
                                   f"`vocabdrift coverage DATA --tokenizer BASE -o {run}` first")
-        vocab, drift = r.read_table("vocab.parquet"), r.read_table("drift.parquet")
-        cov = r.read_table("coverage.parquet")
-        summary = r.read_json("summary.json", default={"_": 0})
+        vocab, drift = r.read_table(R.VOCAB), r.read_table(R.DRIFT)
+        cov = r.read_table(R.COVERAGE)
+        summary = r.read_json(R.SUMMARY, default={"_": 0})
     floor = int(floor if floor is not None else summary.get("coverage", {}).get("floor", 5))
     scatter = C.scatter_table(cov, drift, vocab)
     cnt = scatter.column("count").to_numpy()
@@ -645,7 +700,15 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
                       "category": pc.take(scatter.column("category"), pa.array(idx)),
                       "count": pa.array(cnt[idx]), "samples": pc.take(cov.column("samples"), take),
                       "lm_head_cos": pa.array(cos[idx])})
+    # never propose a word of ordinary text (` Jack`, ` Paul`): rare in one SFT set is not rare in the language
+    common, checked = common_words(table.column("text").to_pylist(), table.column("category").to_pylist())
+    keep = np.asarray([not c for c in common], dtype=bool)
+    if keep.size:
+        kept_ids = set(table.column("token_id").to_numpy()[~keep].tolist())
+        hit &= ~np.isin(scatter.column("token_id").to_numpy(), list(kept_ids))
+        table = table.filter(pa.array(keep))
     cats = np.asarray(scatter.column("category").to_pylist(), dtype=object)
     per = {str(c): {"tokens": int((cats == c).sum()), "candidates": int((hit & (cats == c)).sum())}
            for c in sorted(set(cats.tolist()))}
-    return PruneResult(table, per, floor, threshold)
+    return PruneResult(table, per, floor, threshold, common_words_kept=int((~keep).sum()),
+                       word_list=checked)

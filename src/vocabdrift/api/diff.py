@@ -5,8 +5,6 @@ I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come fro
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -18,12 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..analyses import drift as D
-from ..analyses.vocab import arrow_numbers, build_vocab_table
+from ..analyses import tokens as T
+from ..analyses.vocab import LANGUAGE_NAMES, arrow_numbers
 from ..device import best_device, cpu_threads
 from ..errors import VocabdriftError
+from ..outputs import run as R
+from ..outputs.location import check_out
 from ..outputs.run import Timer, open_run
 from ..sources.checkpoint import DEFAULT_BLOCK_BYTES, Checkpoint, Kind, open_checkpoint
-from ..sources.tokenizer import load_tokenizer, load_vocabulary_tokenizer, read_vocabulary
+from ..sources.spec import parse_model_spec
+from ..sources.tokenizer import load_tokenizer
+from ..sources.vocabulary import _VocabChild, _VocabThread, first_vocab_table, vocab_table
+
+__all__ = ["Measurement", "diff", "first_vocab_table", "measure", "neighbor_table", "neighbors", "resolve_token",
+           "vocab", "vocab_table"]
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,136 +53,25 @@ class Measurement:
         s = D.summarize(self.drift, self.vocab, threshold=threshold)
         s["added_tokens"] = self.info.get("added_tokens", [])
         s["tied"] = {"base": self.info["base"]["tied"], "post": self.info["post"]["tied"]}
+        # one naming of categories: the keys (latin, cyrillic...) and, as labels, the names shown on screen
+        s["category_names"] = {c: LANGUAGE_NAMES.get(c, c) for c in s["categories"]}
+        # the options that change what a cosine means: shown by the console and the report, not only stored
+        s["options"] = {"fold_norm": bool(self.info.get("fold_norm")), "center": bool(self.info.get("center"))}
+        centred = [c for c in ("lm_head_cos_centered", "embed_cos_centered") if c in self.drift.column_names]
+        if len(centred) == 2:  # the same summary over the mean-centred cosines
+            t = self.drift.drop_columns(["lm_head_cos", "embed_cos"])
+            t = t.append_column("lm_head_cos", t["lm_head_cos_centered"]).append_column("embed_cos",
+                                                                                     t["embed_cos_centered"])
+            c = D.summarize(t, self.vocab, threshold=threshold)
+            s["centered"] = {k: c[k] for k in ("overall", "reachable", "categories")}
         return s
 
 
 # ---- the vocabulary table -------------------------------------------------------------------------------------
 
-def _tokenizer_spec(ck: Checkpoint) -> Path:
-    return ck.path if ck.path.is_dir() or ck.format == "gguf" else ck.path.parent
-
-
-CACHE_KEEP = 16  # vocabulary tables kept in the cache, the most recently used (a 152K table is ~3.6 MB)
-
-
-def _cache_dir() -> Path | None:
-    """Where finished vocabulary tables are kept: $VOCABDRIFT_CACHE, else $XDG_CACHE_HOME/vocabdrift, else
-    ~/.cache/vocabdrift. VOCABDRIFT_CACHE=off turns the cache off."""
-    env = os.environ.get("VOCABDRIFT_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "0", "off", "no", "false") else Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vocabdrift"
-
-
-def _cache_key(model: PathLike, size: int | None) -> str | None:
-    """A key for a table built from a `tokenizer.json` (a folder holding one, or the file): the file's bytes, the
-    row count asked for, the source of the code that builds the table and the versions of `tokenizers` and Python,
-    so that a changed tokenizer, classification or library never reads an old table. None for other sources
-    (GGUF files, hub ids, tokenizers without a tokenizer.json)."""
-    import hashlib
-
-    p = Path(model)
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not (f.is_file() and f.name.endswith(".json")):
-        return None
-    h = hashlib.sha256(f.read_bytes())
-    h.update(f"{size} {_table_code_digest()}".encode())
-    return h.hexdigest()[:32]
-
-
-@functools.cache
-def _table_code_digest() -> str:
-    """The source of the code that builds a vocabulary table, and the versions of `tokenizers` and Python
-    (unicodedata follows Python's): read once per process."""
-    import hashlib
-    import sys
-
-    import tokenizers
-
-    from ..analyses import vocab as vocab_module
-    from ..sources import tokenizer as tokenizer_module
-
-    h = hashlib.sha256(f"{tokenizers.__version__} {sys.version}".encode())
-    for module in (vocab_module, tokenizer_module):
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()
-
-
-def vocab_table(model: PathLike, *, size: int | None = None, trust_remote_code: bool = False,
-                cache: bool = True) -> pa.Table:
-    """The vocabulary table of a model folder, tokenizer folder, `tokenizer.json`, GGUF file or hub id.
-
-    With `cache` (the default), a table built from a `tokenizer.json` is kept in the user's cache folder (see
-    `_cache_dir`) and read back the next time: every diff against the same base pays the 150K-token table's
-    seconds (decoding, classifying, re-encoding every token) once.
-    """
-    hit = _cache_path(model, size) if cache else None
-    if hit is not None and (table := _read_cache(hit)) is not None:
-        return table
-    table = _build_vocab_table(model, size=size, trust_remote_code=trust_remote_code)
-    if hit is not None:
-        _write_cache(hit, table)
-    return table
-
-
-def _cache_path(model: PathLike, size: int | None) -> Path | None:
-    folder, key = _cache_dir(), _cache_key(model, size)
-    return folder / f"vocab-{key}.parquet" if folder is not None and key is not None else None
-
-
-def _read_cache(path: Path) -> pa.Table | None:
-    if not path.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # a damaged cache file is rebuilt, never trusted
-        log.warning("vocabulary cache %s unreadable (%s); rebuilding it", path, e)
-        return None
-    with contextlib.suppress(OSError):
-        os.utime(path)  # used now: the pruning keeps the most recently used tables
-    return table
-
-
-def _write_cache(path: Path, table: pa.Table) -> None:
-    """Through a temporary file and a rename, so a reader never sees half a table; a read-only or full cache
-    folder only costs the next run its seconds."""
-    import pyarrow.parquet as pq
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.info("vocabulary cache not written (%s)", e)
-        return
-    _prune_cache(path.parent)
-
-
-def _prune_cache(folder: Path) -> None:
-    """Delete all but the CACHE_KEEP most recently used tables: the cache never grows past a few dozen MB."""
-
-    def used(f: Path) -> float:
-        try:
-            return f.stat().st_mtime
-        except OSError:  # deleted meanwhile by another process
-            return 0.0
-
-    for f in sorted(folder.glob("vocab-*.parquet"), key=used, reverse=True)[CACHE_KEEP:]:
-        with contextlib.suppress(OSError):
-            f.unlink()
-
-
-def _build_vocab_table(model: PathLike, *, size: int | None, trust_remote_code: bool) -> pa.Table:
-    tok = load_vocabulary_tokenizer(model, trust_remote_code=trust_remote_code)
-    n_tok = tok.get_vocab_size(with_added_tokens=True) if hasattr(tok, "get_vocab_size") else len(tok)
-    if size is not None and n_tok > size:
-        raise VocabdriftError(f"{model}: the tokenizer has {n_tok} tokens but the model has only {size} rows; "
-                              "this tokenizer belongs to another model — pass the right one with --tokenizer")
-    v = read_vocabulary(tok, size=size)
-    return build_vocab_table(v.pieces, v.texts, v.raw, v.is_special, v.reachable)
+def _tokenizer_spec(ck: Checkpoint) -> Path | str:
+    """Where a checkpoint's tokenizer is: its folder, or the .gguf file itself (`sources.spec`)."""
+    return parse_model_spec(ck.path).tokenizer_source()
 
 
 def vocab(model: PathLike, *, out: PathLike | None = None, trust_remote_code: bool = False) -> pa.Table:
@@ -187,10 +82,12 @@ def vocab(model: PathLike, *, out: PathLike | None = None, trust_remote_code: bo
         >>> t.num_rows
         49152
     """
+    if out is not None:
+        check_out(out, models=[model])  # before the table's seconds
     table = vocab_table(model, trust_remote_code=trust_remote_code)
     if out is not None:
         with open_run(out) as run:
-            run.write_table("vocab.parquet", table)
+            run.write_table(R.VOCAB, table)
             run.record("vocab", arguments={"model": str(model)}, inputs={"model": str(model)})
     return table
 
@@ -294,101 +191,40 @@ def _progress(enabled: bool):  # -> rich Progress or a no-op
                     disable=not enabled, transient=True)
 
 
-# From this many rows on, the vocabulary table is built in a process of its own (see _vocab_in_child).
+# From this many rows on, the vocabulary table is built in a process of its own (`sources.vocabulary._VocabChild`).
 _CHILD_ROWS = 32_768
+
+
+def _vocab_candidates(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> list[tuple[str, int]]:
+    """(tokenizer, rows) to build the table from, in order: POST's tokenizer first (it knows added tokens), else
+    BASE's; padded to the model's row count."""
+    pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
+    return [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
+
+
+def _check_tokens_early(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None, specs: Sequence[str | int]) -> None:
+    """Resolve `--neighbors-of` before the drift pass, so a mistyped token costs seconds, not the pass. Ids need only
+    the row count; a text or piece needs the vocabulary table (built here through the cache, which the pass's own
+    build then reads back)."""
+    n = min(min(b.rows_of(k), p.rows_of(k)) for k in ("lm_head", "embed"))
+    if all(T.is_id(s) for s in specs):
+        T.resolve_tokens(list(specs), T.TokenIndex(n, {}, {}))
+        return
+    table = first_vocab_table(_vocab_candidates(b, p, tokenizer)).slice(0, n)
+    tok = load_tokenizer(tokenizer or _tokenizer_spec(p))
+    T.resolve_tokens(list(specs), T.TokenIndex.from_table(table, encode=T.encoder_of(tok)))
 
 
 def _start_vocab(b: Checkpoint, p: Checkpoint, tokenizer: PathLike | None) -> _VocabThread | _VocabChild:
     """Start building the table: POST's tokenizer first (it knows added tokens), else BASE's; padded to the
     model's row count. In a child process from _CHILD_ROWS rows on (cached or not), else on a thread."""
-    pairs = [(tokenizer, p)] if tokenizer is not None else [(_tokenizer_spec(p), p), (_tokenizer_spec(b), b)]
-    candidates = [(str(spec), max(ck.rows_of("lm_head"), ck.rows_of("embed"))) for spec, ck in pairs]
+    candidates = _vocab_candidates(b, p, tokenizer)
     if max(size for _, size in candidates) < _CHILD_ROWS:
         return _VocabThread(candidates)
     # From the cache too: read on a thread beside the pass, the cache (its key hashes tokenizer.json and imports
     # tokenizers and pyarrow.parquet, holding the GIL) kept the pass's reads waiting: 4.5-4.7 s against 3.6-4.6 s
     # from the child (a cold `measure`, 152K rows).
     return _VocabChild(candidates)
-
-
-def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
-    """The table of the first (tokenizer, row count) that gives one; the last one's error otherwise."""
-    err: VocabdriftError | None = None
-    for spec, size in candidates:
-        try:
-            return vocab_table(spec, size=size)
-        except VocabdriftError as e:
-            err = e
-    assert err is not None
-    raise err
-
-
-class _VocabThread:
-    """A table built on a thread beside the drift pass (small vocabularies): `result()` waits for it."""
-
-    def __init__(self, candidates: Sequence[tuple[str, int]]) -> None:
-        pool = ThreadPoolExecutor(max_workers=1)
-        self._future = pool.submit(first_vocab_table, candidates)
-        pool.shutdown(wait=False)
-
-    def result(self) -> pa.Table:
-        return self._future.result()
-
-    def cancel(self) -> None:  # a thread cannot be stopped; it ends with its table, which nobody reads
-        pass
-
-
-class _VocabChild:
-    """`first_vocab_table` in a child process (`python -m vocabdrift.api._vocab_child`), cache included;
-    `result()` waits for it, `cancel()` ends it.
-
-    Why: `tokenizers` parses a tokenizer.json holding the GIL (1.5 s for Qwen's), and the drift pass's reading
-    thread needs the GIL between reads: built on a thread, the table cost a cold diff of a 152K vocabulary about
-    5 s; in its own process it runs beside the pass (bench/diff_bench.py, the `ours_measure` row). No thread of
-    ours waits on it either: the table is read back (and pyarrow imported) in `result()`, after the pass.
-    """
-
-    def __init__(self, candidates: Sequence[tuple[str, int]]) -> None:
-        import json
-        import subprocess
-        import sys
-        import tempfile
-
-        self._dir = Path(tempfile.mkdtemp(prefix="vocabdrift-vocab-"))
-        self._stderr = open(self._dir / "stderr", "w+")  # a file, not a pipe: nobody reads it until the end
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "vocabdrift.api._vocab_child", str(self._dir / "vocab.arrow"),
-             json.dumps(candidates)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
-
-    def result(self) -> pa.Table:
-        import pyarrow as pa
-
-        try:
-            code = self._proc.wait()
-            if code != 0:
-                self._stderr.seek(0)
-                lines = self._stderr.read().strip().splitlines()
-                raise VocabdriftError(lines[-1] if lines else f"building the vocabulary table failed ({code})")
-            with pa.OSFile(str(self._dir / "vocab.arrow")) as f:
-                return pa.ipc.open_file(f).read_all()
-        finally:
-            self._close()
-
-    def cancel(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        import shutil
-
-        self._stderr.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _vocab_in_child(candidates: Sequence[tuple[str, int]]) -> pa.Table:
-    return _VocabChild(candidates).result()
 
 
 def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokenizer: PathLike | None = None,
@@ -518,7 +354,7 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
         **{c: v for c, v in cols.items() if c not in D.DRIFT_COLUMNS},
         "nonfinite": nonfinite}.items()})
     if nonfinite.any():
-        log.warning("%d rows hold NaN or Inf (first: %s); they are left out of the summary",
+        log.warning("%d rows hold NaN or Inf (first: %s); they count as drifted, below every threshold",
                     int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())
     info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
             "fold_norm": fold_norm, "center": center, "device": str(dev),
@@ -566,48 +402,72 @@ def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, sp
 
 
 def resolve_token(token: str | int, vocab: pa.Table, tokenizer: Any | None = None) -> int:
-    """A token given as an id ("1234"), as its exact text (" the", "嘉祺") or as its raw piece ("Ġthe")."""
-    n = vocab.num_rows
-    if isinstance(token, int) or (isinstance(token, str) and token.lstrip("-").isdigit()):
-        i = int(token)
-        if not 0 <= i < n:
-            raise VocabdriftError(f"token id {i} is out of range: the vocabulary has {n} ids")
-        return i
-    for col in ("text", "piece"):
-        vals = vocab.column(col).to_pylist()
-        if token in vals:
-            return vals.index(token)
-    if tokenizer is not None:
-        ids = tokenizer.backend_tokenizer.encode(token, add_special_tokens=False).ids
-        if len(ids) == 1:
-            return ids[0]
-        raise VocabdriftError(f"{token!r} is not one token: it encodes to {len(ids)} ids {ids[:8]}; "
-                              "name a single token (its text, raw piece or id)")
-    raise VocabdriftError(f"{token!r} is not a token of this vocabulary; give its exact text, raw piece or id")
+    """A token named by the one rule (`analyses.tokens.TOKEN_RULE`) against a vocabulary table (and a tokenizer's
+    encoder, when given)."""
+    return T.resolve_token(token, T.TokenIndex.from_table(vocab, encode=T.encoder_of(tokenizer)
+                                                          if tokenizer is not None else None))
 
 
 def neighbors(model: PathLike, token: str | int, *, base: PathLike | None = None, space: Kind = "lm_head",
-              k: int = 10, tokenizer: PathLike | None = None, device: str | None = None) -> pa.Table:
+              k: int = 10, tokenizer: PathLike | None = None, device: str | None = None,
+              allow_pickle: bool = False) -> pa.Table:
     """The k nearest neighbours of a token by cosine in `space`; with `base`, before and after.
 
-    Returns a table: model, rank, neighbor_id, text, is_special, cos.
+    Returns a table: model, rank, neighbor_id, text, is_special, category, cos.
     """
     import pyarrow as pa
 
-    post = open_checkpoint(model)
-    cks = {"post": post} if base is None else {"base": open_checkpoint(base), "post": post}
+    if k < 1:
+        raise VocabdriftError(f"-k {k}: ask for at least one neighbour")
+    post = open_checkpoint(model, allow_pickle=allow_pickle)
+    cks = {"post": post} if base is None else {"base": open_checkpoint(base, allow_pickle=allow_pickle), "post": post}
     if base is not None:
         _check_pair(cks["base"], post)
     tok = load_tokenizer(tokenizer or _tokenizer_spec(post))
     vt = vocab_table(tokenizer or _tokenizer_spec(post), size=post.rows_of(space))
-    tid = resolve_token(token, vt, tok)
+    tid = resolve_token(token, vt, tok)  # before any row is read
     stop = min(ck.rows_of(space) for ck in cks.values())
+    k = min(k, stop - 1)  # every other row at most: past that, topk would pad with made-up neighbours
     nt = neighbor_table(cks, [tid], space=space, k=k, device=device, stop=stop)
     ids = nt.column("neighbor_id").to_numpy()
     texts = vt.column("text").to_numpy(zero_copy_only=False)
     special = vt.column("is_special").to_numpy(zero_copy_only=False)
+    cats = vt.column("category").combine_chunks().cast("string").to_numpy(zero_copy_only=False)
     return nt.append_column("text", pa.array(texts[ids].tolist(), pa.string())) \
-             .append_column("is_special", pa.array(special[ids]))
+             .append_column("is_special", pa.array(special[ids])) \
+             .append_column("category", pa.array(cats[ids].tolist(), pa.string()))
+
+
+# ---- collapsed rows -------------------------------------------------------------------------------------------
+
+def _collapse(b: Checkpoint, p: Checkpoint, m: Measurement) -> tuple[pa.Table, dict[str, Any]]:
+    """Groups of near-identical lm_head rows in BASE and in POST (`analyses.collapse`): the drift table with
+    `lm_head_group_{base,post}` and `lm_head_group_size_{base,post}` added, and summary["collapse"] (per model, and
+    the rows that collapsed during post-training against those that already were, per category)."""
+    import pyarrow as pa
+
+    from ..analyses.collapse import collapse_change, collapse_summary, collapsed_groups
+
+    n = m.info["common_rows"]
+    cats = m.vocab.column("category").combine_chunks().cast("string").to_numpy(zero_copy_only=False)[:n]
+    found = {}
+    for name, ck in (("base", b), ("post", p)):
+        kind: Kind = "embed" if ck.tied else "lm_head"
+        found[name] = collapsed_groups(lambda ck=ck, kind=kind: ((s, t.numpy()) for s, t in
+                                                                  ck.iter_blocks(kind, stop=n)))
+    drift = m.drift
+    for name, c in found.items():
+        drift = drift.append_column(f"lm_head_group_{name}", pa.array(c.group, pa.int64())) \
+                     .append_column(f"lm_head_group_size_{name}", pa.array(c.size, pa.int32()))
+    change = collapse_change(found["base"], found["post"])
+    by_cat: dict[str, dict[str, int]] = {}
+    for key in ("new", "already", "released"):
+        for cat in np.unique(cats[change[key]]).tolist():
+            by_cat.setdefault(cat, {"new": 0, "already": 0, "released": 0})[key] = int((cats[change[key]] == cat).sum())
+    summary = {"lm_head": {"base": collapse_summary(found["base"], cats), "post": collapse_summary(found["post"], cats),
+                           **{key: int(v.sum()) for key, v in change.items()},
+                           "new_ids": np.flatnonzero(change["new"]).tolist()[:1000], "categories": by_cat}}
+    return drift, summary
 
 
 # ---- diff: everything above, into a run folder ----------------------------------------------------------------
@@ -615,17 +475,38 @@ def neighbors(model: PathLike, token: str | int, *, base: PathLike | None = None
 def diff(base: PathLike, post: PathLike, *, out: PathLike, tokenizer: PathLike | None = None,
          threshold: float = 0.95, fold_norm: bool = False, center: bool = False, neighbors_top: int = 20,
          neighbors_of: Sequence[str | int] = (), k: int = 10, device: str | None = None,
-         block_rows: int | None = None, allow_pickle: bool = False, progress: bool = False) -> Path:
+         block_rows: int | None = None, allow_pickle: bool = False, progress: bool = False,
+         force: bool = False, collapse: bool = False) -> Path:
     """Measure drift from BASE to POST and write the run folder `out`.
 
     Writes vocab.parquet, drift.parquet, neighbors.parquet (lm_head neighbours, before and after, of the
     `neighbors_top` most drifted tokens and of `neighbors_of`), summary.json and manifest.json.
 
+    A run folder holds one BASE/POST pair: writing another pair into a folder that holds results of a previous
+    one removes those results (coverage joins, probe, cases, confusion, check, report) and says so. The same
+    diff again (same pair, same options) is not recomputed unless `force`.
+
     Example:
         >>> run = diff("Qwen/Qwen2.5-7B", "my-sft/", out="runs/sft1")
     """
+    if not -1.0 <= threshold <= 1.0:  # NaN fails this too
+        raise VocabdriftError(f"--threshold {threshold}: a cosine threshold lies in [-1, 1] (0.95, say)")
+    check_out(out, models=[base, post, tokenizer])  # before anything is read: never into a model folder
+    arguments = {"base": str(base), "post": str(post), "tokenizer": str(tokenizer or ""), "threshold": threshold,
+                 "fold_norm": fold_norm, "center": center, "neighbors_top": neighbors_top,
+                 "neighbors_of": [str(t) for t in neighbors_of], "k": k, **({"collapse": True} if collapse else {})}
+    if not force and Path(out).is_dir():
+        done = R.Run(out)
+        pair = done.pair() or {}
+        if pair.get("key") == R.pair_key(R.model_identity(base), R.model_identity(post)) \
+                and done.holds(R.DRIFT, command="diff", arguments=arguments):
+            log.warning("%s already holds this diff (same BASE, POST and options); nothing recomputed "
+                        "(--force recomputes it)", out)
+            return Path(out)
     base_ck = open_checkpoint(base, allow_pickle=allow_pickle)
     post_ck = open_checkpoint(post, allow_pickle=allow_pickle)
+    if neighbors_of:
+        _check_tokens_early(base_ck, post_ck, tokenizer, neighbors_of)
     m = measure(base_ck, post_ck, tokenizer=tokenizer, fold_norm=fold_norm, center=center, device=device,
                 block_rows=block_rows, progress=progress)
     timer = Timer()
@@ -642,16 +523,22 @@ def diff(base: PathLike, post: PathLike, *, out: PathLike, tokenizer: PathLike |
         norms = None if fold_norm else {w: m.drift.column(f"lm_head_norm_{w}").to_numpy() for w in ("base", "post")}
         nt = neighbor_table({"base": base_ck, "post": post_ck}, query, k=k, device=device,
                             stop=m.info["common_rows"], norms=norms) if query else None
+    if nt is not None:  # neighbour intrusion: special, markup and byte rows among the neighbours, before and after
+        summary["neighbors"] = D.summarize_intrusion(D.neighbor_intrusion(nt, m.vocab), m.vocab, k=k)
+    if collapse:
+        with timer("collapse"):
+            m.drift, summary["collapse"] = _collapse(base_ck, post_ck, m)
     with open_run(out) as run:
-        run.write_table("vocab.parquet", m.vocab)
-        run.write_table("drift.parquet", m.drift)
+        removed = run.set_pair(base, post)  # another pair's results go before this pair's are written
+        if removed:
+            log.warning("%s held results of another BASE/POST pair: removed %s; rerun those commands for this "
+                        "pair", out, ", ".join(removed))
+        run.write_table(R.VOCAB, m.vocab)
+        run.write_table(R.DRIFT, m.drift)
         if nt is not None:
-            run.write_table("neighbors.parquet", nt)
+            run.write_table(R.NEIGHBORS, nt)
         run.update_summary(**summary)
-        run.record("diff", arguments={"base": str(base), "post": str(post), "tokenizer": str(tokenizer or ""),
-                                      "threshold": threshold, "fold_norm": fold_norm, "center": center,
-                                      "neighbors_top": neighbors_top, "neighbors_of": [str(t) for t in neighbors_of],
-                                      "k": k},
+        run.record("diff", arguments=arguments,
                    inputs={"base": str(base), "post": str(post), "checkpoints": {"base": m.info["base"],
                                                                                   "post": m.info["post"]}},
                    timings=timer.timings)

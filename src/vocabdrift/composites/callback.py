@@ -172,23 +172,23 @@ class VocabDriftCallback(TrainerCallback):
             log.info("VocabDriftCallback: no tokenizer, so every row counts and there are no categories")
             return _Vocab(torch.ones(rows, dtype=torch.bool, device=device),
                           torch.zeros(rows, dtype=torch.long, device=device), ("all",), None)
-        from ..analyses.vocab import build_vocab_table
-        from ..sources.tokenizer import load_tokenizer, read_vocabulary
+        from ..sources.vocabulary import table_of_tokenizer, vocab_table
 
-        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
-        if not hasattr(tok, "backend_tokenizer"):
-            log.warning("VocabDriftCallback: %s is not a fast tokenizer; no categories", type(tok).__name__)
-            return self._read_vocab(None, rows, device)
-        v = read_vocabulary(tok, size=rows)
-        table = build_vocab_table(v.pieces, v.texts, v.raw, v.is_special, v.reachable).slice(0, rows)
+        if isinstance(tokenizer, (str, os.PathLike)):  # a path: the cached table, as `diff` reads it
+            table = vocab_table(tokenizer, size=rows).slice(0, rows)
+        else:
+            tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+            if not hasattr(tok, "backend_tokenizer"):
+                log.warning("VocabDriftCallback: %s is not a fast tokenizer; no categories", type(tok).__name__)
+                return self._read_vocab(None, rows, device)
+            table = table_of_tokenizer(tok, size=rows).slice(0, rows)
         cats = np.asarray(table.column("category").combine_chunks().cast("string").to_pylist(), dtype=object)
         names, codes = np.unique(cats, return_inverse=True)
-        keep = ~v.is_special[:rows]
+        keep = ~table.column("is_special").to_numpy(zero_copy_only=False).astype(bool)
         if self.population == "reachable":
-            keep &= v.reachable[:rows]
+            keep &= table.column("reachable").to_numpy(zero_copy_only=False).astype(bool)
         return _Vocab(torch.as_tensor(keep, device=device), torch.as_tensor(codes, dtype=torch.long, device=device),
-                      tuple(str(x) for x in names), tuple(v.texts[:rows]))
+                      tuple(str(x) for x in names), tuple(table.column("text").to_pylist()))
 
     # ---- measuring ----------------------------------------------------------------------------------------
     def measure(self, model: PreTrainedModel) -> dict[str, float]:

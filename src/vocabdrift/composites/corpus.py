@@ -5,7 +5,7 @@ Everything comes from two offline packages, `wordfreq` (words of en/zh/ja/ko/ru/
 same seed. The shape mirrors the published case: pre-training sees every language and a planted name (马嘉祺) at a
 moderate frequency; the SFT set is English, code and tool calls, with Chinese rare, Japanese nearly absent and the
 name in fewer than 5 samples. A name that is too frequent in pre-training gets a huge lm_head norm and resists
-drift (LAB_NOTES.md), hence `name_every`.
+drift (docs/ARCHITECTURE.md, "Why a never-targeted row drifts"), hence `name_every`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ NAME = "马嘉祺"
 GIVEN_NAME = "嘉祺"  # the planted token: the tokenizer must make it one piece
 # factual sentences about the name, "{}" a few random words. They use the frames of the "people" documents (other
 # names in the same quoted slot), so the model rarely predicts the name with certainty: a row the model must often
-# score high grows a large norm and resists drift (LAB_NOTES.md). The quotes keep 嘉祺 its own pre-token, so
-# byte-level BPE makes it one token.
+# score high grows a large norm and resists drift (docs/ARCHITECTURE.md, "Why a never-targeted row drifts"). The
+# quotes keep 嘉祺 its own pre-token, so byte-level BPE makes it one token.
 NAME_FACTS = (
     "时代少年团的队长是“嘉祺”，{}。",
     "“嘉祺”出生于2002年12月12日，{}。",

@@ -16,8 +16,11 @@ Stages (each cached in OUT, so a rerun resumes where the last one stopped):
 Pre-training runs on two CPU threads on every machine that has two. From the SFTs on, every stage runs on one
 thread, and two independent chains of stages (baseline | repaired; then the remedies) run side by side in forked
 processes: the models are so small that this does more work per second than two threads on one chain
-(`_Stages.run_side_by_side`). Fixing the thread counts makes the numbers the same whether the chains are forked or
-not, and on any core count from two up.
+(`composites.stages.StageRunner.run_side_by_side`). Fixing the thread counts makes the numbers the same whether the
+chains are forked or not, and on any core count from two up.
+
+The stages are module-level functions over one context (`_Lab`: the folder, the recipe, the seed), and `lab()` lists
+them in the order they run; `_compare` then measures the finished run folders into the tables.
 
 Every model folder is a normal Hugging Face checkpoint and every run folder a normal vocabdrift run, so each other
 command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors OUT/models/baseline 嘉祺`).
@@ -25,22 +28,22 @@ command works on them (`vocabdrift report OUT/baseline`, `vocabdrift neighbors O
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..device import cpu_threads, usable_cpus
+from ..atomic import write_bytes_atomic, write_lines_atomic
+from ..device import usable_cpus
 from ..errors import VocabdriftError
+from ..outputs import run as R
 from .corpus import GIVEN_NAME, build_corpus
+from .stages import Stage, StageRunner, steps_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -103,271 +106,22 @@ LARGE = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hid
                sft_lr=3e-4, sft_beta2=0.95, min_per_token=3, tokens_per_sample=8, probe_top=100, confusion_n=100)
 
 
-# ---- stage bookkeeping ----------------------------------------------------------------------------------------
+# ---- stage bookkeeping (the runner is composites.stages) -------------------------------------------------------
 
-# A stage: (name, fn, what). fn(progress) does the work and may return updates for lab.json's state.
-Stage = tuple[str, Callable[[bool], "dict[str, Any] | None"], str]
-
-
-class _Stages:
-    """OUT/lab.json: the recipe, the seed and the finished stages with their seconds; written atomically."""
+class _Stages(StageRunner):
+    """OUT/lab.json: the recipe, the seed and the finished stages with their seconds."""
 
     def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool) -> None:
-        self.path = out / "lab.json"
-        self.progress = progress
-        want = {"recipe": asdict(recipe), "seed": seed}
-        if self.path.exists():
-            state = json.loads(self.path.read_text())
-            if {k: state.get(k) for k in want} != want:
-                raise VocabdriftError(f"{out} holds a lab run made with other settings (seed or recipe); pass "
-                                      "another -o, or delete the folder")
-        else:
-            state = {**want, "stages": {}}
-        self.state = state
-        self._console: Any = None  # the live display's console while one is shown
-
-    def save(self) -> None:
-        tmp = self.path.with_name(".lab.json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, ensure_ascii=False, default=str))
-        os.replace(tmp, self.path)
-
-    def done(self, name: str) -> bool:
-        return name in self.state["stages"]
-
-    def run(self, stage: Stage, *, threads: int | None = None) -> None:
-        """Run a stage unless a previous run finished it (on `threads` CPU threads if given); say so either way."""
-        name, fn, what = stage
-        if self.done(name):
-            self._say(f"[dim]✓ {what} (cached)[/dim]")
-            return
-        self._say(f"[bold]→ {what} …[/bold]")
-        t = time.perf_counter()
-        with cpu_threads(threads) if threads else contextlib.nullcontext():
-            update = fn(self.progress)
-        self._finish(name, what, time.perf_counter() - t, update)
-
-    def run_side_by_side(self, chains: Sequence[Sequence[Stage]]) -> None:
-        """Run chains of stages (each in order), two chains at a time, every stage on one CPU thread.
-
-        Why: the lab's models are so small that a second thread speeds a training step up by only ~15%, while two
-        processes on one thread each get 1.47x the work of one on two done (bench/lab_threads.py). A chain runs
-        in a forked process, which shares the parent's imported libraries. The numbers do not depend on it: where
-        forking is not an option (a GPU, which a forked child cannot use, or a single core) the same stages run
-        here one after the other, on one thread too.
-        """
-        import torch
-
-        todo = self._pending(chains)
-        # fork only where it is the platform's way (Linux; macOS defaults to spawn for good reasons)
-        if torch.cuda.is_available() or usable_cpus() < 2 or len(todo) < 2 or sys.platform != "linux":
-            for c in todo:
-                for stage in c:
-                    self.run(stage, threads=1)
-            return
-        self._fork_chains(todo, note="one thread, beside the other chain")
-
-    def run_beside(self, chain: Sequence[Stage], meanwhile: Callable[[], object]) -> None:
-        """Run `chain` in a forked worker while this process calls `meanwhile` (not called if `chain` is done).
-
-        Why: the corpus and the tokenizer need neither torch nor transformers' models, and the later stages spend
-        seconds importing them: done at once, those seconds are saved, and the workers forked later inherit the
-        imports. The worker is forked before torch is imported here, and does not import it. Elsewhere (not
-        Linux, one CPU) the stages run here, then `meanwhile`.
-        """
-        todo = self._pending([chain])
-        if not todo:  # a rerun: the later stages import what they still need themselves
-            return
-        if usable_cpus() < 2 or sys.platform != "linux":
-            for stage in todo[0]:
-                self.run(stage)
-            meanwhile()
-            return
-        self._fork_chains(todo, note="beside the imports of the later stages", meanwhile=meanwhile)
-
-    def _pending(self, chains: Sequence[Sequence[Stage]]) -> list[list[Stage]]:
-        """Each chain's unfinished stages (chains with none left out); the finished ones are said to be cached."""
-        todo = []
-        for c in chains:
-            for name, _, what in c:
-                if self.done(name):
-                    self._say(f"[dim]✓ {what} (cached)[/dim]")
-            if rest := [s for s in c if not self.done(s[0])]:
-                todo.append(list(rest))
-        return todo
-
-    def _fork_chains(self, chains: list[list[Stage]], *, note: str,
-                     meanwhile: Callable[[], object] | None = None) -> None:
-        import multiprocessing as mp
-        from multiprocessing.connection import wait
-
-        ctx = mp.get_context("fork")
-        waiting, running = list(chains), {}  # reader -> worker process
-        failure: tuple[str, str] | None = None
-        with self._board() as show:
-            try:
-                while waiting or running:
-                    while waiting and len(running) < 2 and failure is None:
-                        reader, p = self._start_worker(ctx, waiting.pop(0), note)
-                        running[reader] = p
-                    if meanwhile is not None:  # the workers' messages wait in their pipes meanwhile
-                        meanwhile()
-                        meanwhile = None
-                    if not running:
-                        break
-                    for reader in wait(list(running)):
-                        got = self._receive(reader, running, show)  # always: it also reaps an ended worker
-                        failure = failure or got
-            except BaseException:  # Ctrl-C, or a bug here: no worker outlives the lab
-                for p in running.values():
-                    p.terminate()
-                    p.join()
-                raise
-        if failure is not None:
-            kind, msg = failure
-            if kind == "error":
-                raise VocabdriftError(msg)
-            raise RuntimeError(f"a lab stage failed in its worker process:\n{msg}")
-
-    def _start_worker(self, ctx: Any, chain: list[Stage], note: str) -> tuple[Any, Any]:
-        """Fork a worker for `chain`; (the reading end of its pipe, the process)."""
-        import warnings
-
-        reader, writer = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
-        self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + f" …[/bold] [dim]({note})[/dim]")
-        with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            p.start()
-        writer.close()  # the child's copy stays open: its end gives this reader EOF
-        return reader, p
-
-    def _receive(self, reader: Any, running: dict[Any, Any], show: Callable[[Any, str | None], None]
-                 ) -> tuple[str, str] | None:
-        """Handle one message from a worker (or its end); a failure as (kind, message), else None."""
-        try:
-            kind, *rest = reader.recv()
-        except EOFError:  # the worker has ended
-            show(reader, None)
-            p = running.pop(reader)
-            p.join()
-            return None if p.exitcode == 0 else \
-                ("error", f"a lab worker process died (exit code {p.exitcode}); rerun the same command to resume")
-        if kind == "start":
-            show(reader, rest[0])
-        elif kind == "step":  # a training stage's step count: the live line shows it
-            show(reader, None, steps=(rest[0], rest[1]))
-        elif kind == "done":
-            show(reader, None)
-            self._finish(*rest)
-        else:
-            return kind, rest[0]
-        return None
-
-    def _finish(self, name: str, what: str, secs: float, update: dict[str, Any] | None) -> None:
-        for k, v in (update or {}).items():
-            if isinstance(v, dict):
-                self.state.setdefault(k, {}).update(v)
-            else:
-                self.state[k] = v
-        self.state["stages"][name] = {"seconds": round(secs, 2)}
-        self.save()
-        self._say(f"✓ {what} [dim]({secs:.1f} s)[/dim]")
-
-    def _say(self, msg: str) -> None:
-        if self.progress:
-            from rich.console import Console
-
-            (self._console or Console(stderr=True)).print(msg)
-        log.info(msg)
-
-    @contextlib.contextmanager
-    def _board(self) -> Iterator[Callable[..., None]]:
-        """While chains run side by side: a live line for each running stage with its time so far.
-
-        Yields `show(key, what, steps=None)`: the line of `key` (a chain) now says `what`; None removes it. With
-        `steps=(done, total)` (and `what` None) the line keeps its text and shows the steps. A no-op without
-        progress. The workers draw nothing themselves: two live displays on one terminal would garble it.
-        """
-        if not self.progress:
-            yield lambda key, what, steps=None: None
-            return
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        lines: dict[Any, Any] = {}
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[steps]}"),
-                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-
-            def show(key: Any, what: str | None, steps: tuple[int, int] | None = None) -> None:
-                if steps is not None:
-                    if key in lines:
-                        bar.update(lines[key], steps=f"[dim]step {steps[0]:,}/{steps[1]:,}[/dim]")
-                    return
-                if key in lines:
-                    bar.remove_task(lines.pop(key))
-                if what is not None:
-                    lines[key] = bar.add_task(what, steps="")
-
-            self._console = bar.console  # stage lines print above the live lines
-            try:
-                yield show
-            finally:
-                self._console = None
+        super().__init__(out / "lab.json", {"recipe": asdict(recipe), "seed": seed}, progress,
+                         mismatch=f"{out} holds a lab run made with other settings (seed or recipe); pass another "
+                              "-o, or delete the folder")
 
 
-# In a forked worker: sends a training stage's step count to the parent's live line (None elsewhere).
-_step_sink: Callable[[int, int], None] | None = None
-
-
-def _steps_to_parent() -> Any:
-    """A TrainerCallback that reports each optimizer step through `_step_sink` (a no-op outside a worker, where
-    the SFT's own bar shows the steps)."""
-    from transformers import TrainerCallback
-
-    class StepsToParent(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if _step_sink is not None:
-                _step_sink(state.global_step, state.max_steps)
-
-    return StepsToParent()
-
-
-def _chain_worker(chain: list[Stage], conn: Any) -> None:
-    """A forked worker: one thread, no progress bars; each finished stage is sent to the parent."""
-    import traceback
-
-    global _step_sink
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent's Rust thread pool did not come with the fork
-    _step_sink = lambda done, total: conn.send(("step", done, total))  # noqa: E731
-    if "torch" in sys.modules:  # a worker forked before torch was imported (corpus, tokenizer) does not need it
-        sys.modules["torch"].set_num_threads(1)
-    code = 0
-    try:
-        for name, fn, what in chain:
-            conn.send(("start", what))
-            t = time.perf_counter()
-            update = fn(False)
-            conn.send(("done", name, what, time.perf_counter() - t, update))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says it, once
-        code = 130
-    except VocabdriftError as e:
-        conn.send(("error", str(e)))
-        code = 2
-    except Exception:
-        conn.send(("crash", traceback.format_exc()))
-        code = 1
-    with contextlib.suppress(OSError):
-        conn.close()
-    sys.exit(code)  # multiprocessing turns it into the exit code, skipping the parent's exit handlers
+_steps_to_parent = steps_to_parent  # each training stage's step count, to the live line
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_lines_atomic(path, (json.dumps(r, ensure_ascii=False) for r in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -381,19 +135,19 @@ def _measure(run: Path, reach_ids: Any, planted: int) -> dict[str, Any]:
     """The lab's numbers for one run folder: the headline drift, per-language shares, the planted token's fate."""
     import numpy as np
 
+    from ..analyses.drift import most_drifted_ids
     from ..outputs.run import Run
 
     r = Run(run)
-    drift = r.read_table("drift.parquet")
-    vocab = r.read_table("vocab.parquet")
-    summary = r.read_json("summary.json")
+    drift = r.read_table(R.DRIFT)
+    vocab = r.read_table(R.VOCAB)
+    summary = r.read_json(R.SUMMARY)
     ids = drift.column("token_id").to_numpy()
     cos = drift.column("lm_head_cos").to_numpy()
     emb = drift.column("embed_cos").to_numpy()
     special = vocab.column("is_special").to_numpy(zero_copy_only=False)[ids]
     ok = ~special & np.isfinite(cos)
-    order = np.argsort(cos[ok], kind="stable")
-    rank = int(np.nonzero(ids[ok][order] == planted)[0][0]) + 1
+    rank = most_drifted_ids(drift, vocab).index(planted) + 1
     reach = np.zeros(vocab.num_rows, dtype=bool)
     reach[np.asarray(reach_ids, dtype=np.int64)] = True
     reached = ok & reach[ids]
@@ -423,7 +177,7 @@ def _share(m: dict[str, Any], cat: str) -> float:
 
 
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """The measured table, in the layout of DESIGN.md's reference table."""
+    """The measured table, in the layout of the reference table of docs/ARCHITECTURE.md."""
     b, r = results["baseline"], results["repaired"]
 
     def pct(n: int, d: int) -> str:
@@ -478,7 +232,7 @@ def _costs(out: Path, remedy_runs: dict[str, Path]) -> dict[str, int]:
     tok = load_tokenizer(out / "models" / "base")
     cost = {"baseline": 0, "+coverage": count_tokens(_read_jsonl(out / "data" / "coverage.jsonl"), tok)}
     for k, p in remedy_runs.items():
-        cost[f"+{k}"] = int(Run(p).read_json("summary.json")["repair"]["cost"]["extra_tokens"])
+        cost[f"+{k}"] = int(Run(p).read_json(R.SUMMARY)["repair"]["cost"]["extra_tokens"])
     return cost
 
 
@@ -527,6 +281,177 @@ class LabResult:
     remedies_table: str | None = None
 
 
+# ---- the lab's stages: module-level functions over one context, in the order they run -------------------------
+
+@dataclass(frozen=True)
+class _Lab:
+    """Where a lab run keeps everything, and what decides its numbers: every stage reads only this."""
+
+    out: Path
+    recipe: Recipe
+    seed: int
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def runs(self) -> dict[str, Path]:
+        return {"baseline": self.out / "baseline", "repaired": self.out / "repaired"}
+
+    @property
+    def mpath(self) -> dict[str, Path]:
+        return {k: self.out / "models" / k for k in ("tokenizer", "base", "baseline", "repaired")}
+
+    @property
+    def remedy_runs(self) -> dict[str, Path]:
+        return {k: self.out / "remedies" / k for k in REMEDIES}
+
+    @property
+    def sft_files(self) -> list[Path]:
+        return [self.data / "sft.jsonl"]
+
+    @property
+    def repaired_files(self) -> list[Path]:
+        return [self.data / "sft.jsonl", self.data / "coverage.jsonl"]
+
+    def pretrain_texts(self) -> list[str]:
+        return [r["text"] for r in _read_jsonl(self.data / "pretrain.jsonl")]
+
+
+def _corpus(lb: _Lab, progress: bool) -> None:
+    c = build_corpus(docs=lb.recipe.docs, sft=lb.recipe.sft_samples, seed=lb.seed, name_every=lb.recipe.name_every)
+    _write_jsonl(lb.data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
+    _write_jsonl(lb.data / "sft.jsonl", c.sft)
+    _write_jsonl(lb.data / "heldout.jsonl", _heldout_records(lb.seed))
+
+
+def _tokenizer(lb: _Lab, progress: bool) -> None:
+    from .train import train_tokenizer
+
+    _rm_partial(lb.mpath["tokenizer"])
+    train_tokenizer(lb.pretrain_texts(), vocab_size=lb.recipe.vocab_size, out=lb.mpath["tokenizer"],
+                    must_have=[GIVEN_NAME])
+
+
+def _base(lb: _Lab, progress: bool) -> dict[str, Any]:
+    from ..sources.tokenizer import load_tokenizer
+    from .train import pretrain
+
+    r = lb.recipe
+    _rm_partial(lb.mpath["base"])
+    _, loss = pretrain(load_tokenizer(lb.mpath["tokenizer"]), lb.pretrain_texts(), out=lb.mpath["base"],
+                       steps=r.pretrain_steps, hidden=r.hidden, layers=r.layers, heads=r.heads, context=r.context,
+                       batch_size=r.pretrain_batch, lr=r.pretrain_lr, seed=lb.seed, progress=progress)
+    return {"pretrain_loss": round(loss, 4)}
+
+
+def _synth_set(lb: _Lab, progress: bool) -> None:
+    from ..api.coverage import synth
+
+    synth(lb.mpath["tokenizer"], out=lb.data / "coverage.jsonl", min_per_token=lb.recipe.min_per_token,
+          tokens_per_sample=lb.recipe.tokens_per_sample, seed=lb.seed, progress=progress)
+
+
+def _train(lb: _Lab, name: str, files: list[Path], progress: bool) -> None:
+    from .train import sft
+
+    r = lb.recipe
+    _rm_partial(lb.mpath[name])
+    records = [rec for f in files for rec in _read_jsonl(f)]
+    sft(lb.mpath["base"], records, out=lb.mpath[name], steps=r.sft_steps, lr=r.sft_lr, betas=(0.9, r.sft_beta2),
+        batch_size=r.sft_batch, seed=lb.seed, progress=progress, callbacks=[_steps_to_parent()])
+
+
+def _analyse(lb: _Lab, name: str, files: list[Path], progress: bool) -> None:
+    from ..api.coverage import coverage
+    from ..api.diff import diff
+
+    diff(lb.mpath["base"], lb.mpath[name], out=lb.runs[name], center=True, neighbors_of=[GIVEN_NAME],
+         progress=progress)
+    coverage([str(f) for f in files], tokenizer=lb.mpath["base"], out=lb.runs[name], progress=progress)
+
+
+def _planted_id(lb: _Lab) -> int:
+    from ..sources.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(lb.mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
+    return ids[0]
+
+
+def _probe_tokens(lb: _Lab) -> list[int]:
+    """The planted token and the baseline's most drifted ones: every model is probed on the same tokens."""
+    from ..analyses.drift import most_drifted
+
+    r = R.Run(lb.runs["baseline"])
+    top = most_drifted(r.read_table(R.DRIFT), r.read_table(R.VOCAB), lb.recipe.probe_top)
+    return list(dict.fromkeys([_planted_id(lb), *top.column("token_id").to_pylist()]))
+
+
+def _probe(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
+    from ..analyses.probe import CHAT_DEFAULT, FEWSHOT_DEFAULT
+    from ..api.probe import probe
+
+    # The base model never saw the chat format: probe it few-shot, in pre-training style; the SFT model
+    # both ways (a token is sayable when any prompt gets it said). Top-p 0.25, not 0.95: a tiny model's
+    # next-token distribution is so flat that a 0.95 nucleus holds hundreds of tokens. No control set: the lab's
+    # tables compare its own chosen tokens (drifted and undrifted), and the quick run has a time budget.
+    probe(model, base=lb.mpath["base"], tokens=_probe_tokens(lb), out=run, base_templates=list(FEWSHOT_DEFAULT),
+          templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress, control=0)
+
+
+def _prove(lb: _Lab, name: str, progress: bool) -> None:
+    from ..api.probe import cases, confusion
+
+    _probe(lb, lb.mpath[name], lb.runs[name], progress)
+    cases(lb.mpath[name], out=lb.runs[name], name=name, progress=progress)  # the published cases
+    confusion(lb.mpath[name], prompts=list(JA_PROMPTS), language="ja", n=lb.recipe.confusion_n, seed=lb.seed,
+              max_tokens=48, out=lb.runs[name], progress=progress)
+
+
+@functools.cache
+def _heldout_of(data: Path, seed: int) -> list[dict[str, Any]]:
+    """The held-out conversations, written with the corpus (for folders from before that: made here)."""
+    f = data / "heldout.jsonl"
+    return _read_jsonl(f) if f.exists() else _heldout_records(seed)
+
+
+def _heldout_loss(lb: _Lab, name: str, model: Path, progress: bool) -> dict[str, Any]:
+    from .train import eval_loss
+
+    return {"heldout_loss": {name: round(eval_loss(model, _heldout_of(lb.data, lb.seed)), 6)}}
+
+
+def _remedy(lb: _Lab, name: str, progress: bool) -> None:
+    from .repair import repair
+
+    r, run = lb.recipe, lb.remedy_runs[name]
+    _rm_partial(run)
+    repair(lb.mpath["base"], lb.data / "sft.jsonl", out=run, coverage=None,
+           replay=lb.data / "pretrain.jsonl" if name == "replay" else None,
+           replay_ratio=r.replay_ratio if name == "replay" else 0.0, anchor=r.anchor if name == "anchor" else 0.0,
+           gate=name == "gate", steps=r.sft_steps, lr=r.sft_lr, batch_size=r.sft_batch, seed=lb.seed,
+           betas=(0.9, r.sft_beta2), progress=progress, callbacks=[_steps_to_parent()])
+    _probe(lb, run / "model", run, progress)
+
+
+def _write_report(lb: _Lab, progress: bool) -> None:
+    from ..outputs.report import report
+
+    report(lb.runs["baseline"], compare=lb.runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
+
+
+def _stage(name: str, fn: Callable[..., Any], what: str, *args: Any) -> Stage:
+    """(name, fn(*args, progress), what): a stage for the runner."""
+    return name, functools.partial(fn, *args), what
+
+
+def _heldout(lb: _Lab, name: str, model: Path) -> Stage:
+    return _stage(f"heldout_{name}", _heldout_loss, f"held-out SFT loss: {name}", lb, name, model)
+
+
+# ---- the recipe, top to bottom ----------------------------------------------------------------------------------
+
 def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress: bool = True,
         recipe: Recipe | None = None, remedies: bool | None = None) -> LabResult:
     """Reproduce the investigation on a tiny model: pre-train, SFT twice (baseline, + coverage set), analyse both.
@@ -554,163 +479,45 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         raise VocabdriftError(f"{out} is a file; -o takes a folder for the lab")
     out.mkdir(parents=True, exist_ok=True)
     st = _Stages(out, recipe, seed, progress)
-    data, models = out / "data", out / "models"
-    runs = {"baseline": out / "baseline", "repaired": out / "repaired"}
-    mpath = {k: models / k for k in ("tokenizer", "base", "baseline", "repaired")}
-    remedy_runs = {k: out / "remedies" / k for k in REMEDIES}
+    lb = _Lab(out, recipe, seed)
+    mpath = lb.mpath
 
-    def corpus(progress: bool) -> None:
-        c = build_corpus(docs=recipe.docs, sft=recipe.sft_samples, seed=seed, name_every=recipe.name_every)
-        _write_jsonl(data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
-        _write_jsonl(data / "sft.jsonl", c.sft)
-        _write_jsonl(data / "heldout.jsonl", _heldout_records(seed))
-
-    def pretrain_texts() -> list[str]:
-        return [r["text"] for r in _read_jsonl(data / "pretrain.jsonl")]
-
-    def tokenizer(progress: bool) -> None:
-        from .train import train_tokenizer
-
-        _rm_partial(mpath["tokenizer"])
-        train_tokenizer(pretrain_texts(), vocab_size=recipe.vocab_size, out=mpath["tokenizer"],
-                        must_have=[GIVEN_NAME])
-
-    def base(progress: bool) -> dict[str, Any]:
-        from ..sources.tokenizer import load_tokenizer
-        from .train import pretrain
-
-        _rm_partial(mpath["base"])
-        _, loss = pretrain(load_tokenizer(mpath["tokenizer"]), pretrain_texts(), out=mpath["base"],
-                           steps=recipe.pretrain_steps, hidden=recipe.hidden, layers=recipe.layers,
-                           heads=recipe.heads, context=recipe.context, batch_size=recipe.pretrain_batch,
-                           lr=recipe.pretrain_lr, seed=seed, progress=progress)
-        return {"pretrain_loss": round(loss, 4)}
-
-    def synth_set(progress: bool) -> None:
-        from ..api.coverage import synth
-
-        synth(mpath["tokenizer"], out=data / "coverage.jsonl", min_per_token=recipe.min_per_token,
-              tokens_per_sample=recipe.tokens_per_sample, seed=seed, progress=progress)
-
-    def train(name: str, files: list[Path]) -> Callable[[bool], None]:
-        def go(progress: bool) -> None:
-            from .train import sft
-
-            _rm_partial(mpath[name])
-            records = [r for f in files for r in _read_jsonl(f)]
-            sft(mpath["base"], records, out=mpath[name], steps=recipe.sft_steps, lr=recipe.sft_lr,
-                betas=(0.9, recipe.sft_beta2), batch_size=recipe.sft_batch, seed=seed, progress=progress,
-                callbacks=[_steps_to_parent()])
-        return go
-
-    def analyse(name: str, files: list[Path]) -> Callable[[bool], None]:
-        def go(progress: bool) -> None:
-            from ..api.coverage import coverage
-            from ..api.diff import diff
-
-            diff(mpath["base"], mpath[name], out=runs[name], center=True, neighbors_of=[GIVEN_NAME],
-                 progress=progress)
-            coverage([str(f) for f in files], tokenizer=mpath["base"], out=runs[name], progress=progress)
-        return go
-
-    def _probe(model: Path, run: Path, progress: bool) -> None:
-        from ..analyses.probe import CHAT_DEFAULT, FEWSHOT_DEFAULT
-        from ..api.probe import probe
-
-        # The base model never saw the chat format: probe it few-shot, in pre-training style; the SFT model
-        # both ways (a token is sayable when any prompt gets it said). Top-p 0.25, not 0.95: a tiny model's
-        # next-token distribution is so flat that a 0.95 nucleus holds hundreds of tokens.
-        probe(model, base=mpath["base"], tokens=_probe_tokens(), out=run, base_templates=list(FEWSHOT_DEFAULT),
-              templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress)
-
-    def prove(name: str) -> Callable[[bool], None]:
-        def go(progress: bool) -> None:
-            from ..api.probe import cases, confusion
-
-            _probe(mpath[name], runs[name], progress)
-            cases(mpath[name], out=runs[name], name=name, progress=progress)  # the published cases
-            confusion(mpath[name], prompts=list(JA_PROMPTS), language="ja", n=recipe.confusion_n, seed=seed,
-                      max_tokens=48, out=runs[name], progress=progress)
-        return go
-
-    def _probe_tokens() -> list[int]:
-        from ..analyses.drift import most_drifted
-        from ..outputs.run import Run
-
-        r = Run(runs["baseline"])
-        top = most_drifted(r.read_table("drift.parquet"), r.read_table("vocab.parquet"), recipe.probe_top)
-        return list(dict.fromkeys([_planted_id(), *top.column("token_id").to_pylist()]))
-
-    def _planted_id() -> int:
-        from ..sources.tokenizer import load_tokenizer
-
-        ids = load_tokenizer(mpath["base"]).backend_tokenizer.encode(GIVEN_NAME, add_special_tokens=False).ids
-        return ids[0]
-
-    @functools.cache
-    def heldout_records() -> list[dict[str, Any]]:  # written with the corpus (folders from before: made here)
-        f = data / "heldout.jsonl"
-        return _read_jsonl(f) if f.exists() else _heldout_records(seed)
-
-    def heldout(name: str, model: Path) -> Stage:
-        def go(progress: bool) -> dict[str, Any]:
-            from .train import eval_loss
-
-            return {"heldout_loss": {name: round(eval_loss(model, heldout_records()), 6)}}
-        return f"heldout_{name}", go, f"held-out SFT loss: {name}"
-
-    def remedy(name: str) -> Stage:
-        def go(progress: bool) -> None:
-            from .repair import repair
-
-            _rm_partial(remedy_runs[name])
-            repair(mpath["base"], data / "sft.jsonl", out=remedy_runs[name], coverage=None,
-                   replay=data / "pretrain.jsonl" if name == "replay" else None,
-                   replay_ratio=recipe.replay_ratio if name == "replay" else 0.0,
-                   anchor=recipe.anchor if name == "anchor" else 0.0, gate=name == "gate",
-                   steps=recipe.sft_steps, lr=recipe.sft_lr, batch_size=recipe.sft_batch, seed=seed,
-                   betas=(0.9, recipe.sft_beta2), progress=progress, callbacks=[_steps_to_parent()])
-            _probe(remedy_runs[name] / "model", remedy_runs[name], progress)
-        return f"remedy_{name}", go, f"SFT +{name} (repair), diff and probe"
-
-    def write_report(progress: bool) -> None:
-        from ..outputs.report import report
-
-        report(runs["baseline"], compare=runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
-
-    sft_files = [data / "sft.jsonl"]
-    rep_files = [data / "sft.jsonl", data / "coverage.jsonl"]
-    st.run_beside([("corpus", corpus, "corpus: pre-training text and SFT conversations"),
-                   ("tokenizer", tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens")],
+    st.run_beside([_stage("corpus", _corpus, "corpus: pre-training text and SFT conversations", lb),
+                   _stage("tokenizer", _tokenizer, f"tokenizer: byte-level BPE, {recipe.vocab_size:,} tokens", lb)],
                   meanwhile=_import_for_later_stages)
     import torch
 
     torch.manual_seed(seed)
     # two threads whatever the machine: the recipe's seed was chosen on them, and the thread count changes the
     # floating-point sums, hence the trained model (one CPU gets one thread: two would wait on each other)
-    st.run(("base", base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)"),
+    st.run(_stage("base", _base, f"pre-training a tiny Llama ({recipe.pretrain_steps} steps)", lb),
            threads=min(PRETRAIN_THREADS, usable_cpus()))
     # From here on every stage runs on one thread, two independent chains side by side (`run_side_by_side`).
     st.run_side_by_side([
-        [("baseline", train("baseline", sft_files), f"SFT baseline ({recipe.sft_steps} steps)"),
-         ("analyse_baseline", analyse("baseline", sft_files), "baseline: diff and coverage"),
-         heldout("baseline", mpath["baseline"])],
-        [("synth", synth_set, "coverage set (synth)"),
-         ("repaired", train("repaired", rep_files), f"SFT + coverage set ({recipe.sft_steps} steps)"),
-         ("analyse_repaired", analyse("repaired", rep_files), "repaired: diff and coverage"),
-         heldout("repaired", mpath["repaired"])]])
+        [_stage("baseline", _train, f"SFT baseline ({recipe.sft_steps} steps)", lb, "baseline", lb.sft_files),
+         _stage("analyse_baseline", _analyse, "baseline: diff and coverage", lb, "baseline", lb.sft_files),
+         _heldout(lb, "baseline", mpath["baseline"])],
+        [_stage("synth", _synth_set, "coverage set (synth)", lb),
+         _stage("repaired", _train, f"SFT + coverage set ({recipe.sft_steps} steps)", lb, "repaired",
+                lb.repaired_files),
+         _stage("analyse_repaired", _analyse, "repaired: diff and coverage", lb, "repaired", lb.repaired_files),
+         _heldout(lb, "repaired", mpath["repaired"])]])
     st.run_side_by_side([  # both probe the baseline's most drifted tokens: after both analyses
-        [("prove_baseline", prove("baseline"), "baseline: probe, cases, confusion on Japanese prompts"),
-         heldout("base", mpath["base"])],
-        [("prove_repaired", prove("repaired"), "repaired: probe, cases, confusion on Japanese prompts")]])
-    st.run(("report", write_report, "report: baseline against repaired"))
+        [_stage("prove_baseline", _prove, "baseline: probe, cases, confusion on Japanese prompts", lb, "baseline"),
+         _heldout(lb, "base", mpath["base"])],
+        [_stage("prove_repaired", _prove, "repaired: probe, cases, confusion on Japanese prompts", lb, "repaired")]])
+    st.run(_stage("report", _write_report, "report: baseline against repaired", lb))
     if remedies if remedies is not None else not quick:
-        st.run_side_by_side([[remedy(k), heldout(f"+{k}", p / "model")] for k, p in remedy_runs.items()])
+        st.run_side_by_side([[_stage(f"remedy_{k}", _remedy, f"SFT +{k} (repair), diff and probe", lb, k),
+                              _heldout(lb, f"+{k}", p / "model")] for k, p in lb.remedy_runs.items()])
+    return _compare(lb, st)
 
-    import pyarrow.parquet as pq
 
-    planted = _planted_id()
-    cov = pq.read_table(runs["repaired"] / "coverage.parquet")
+def _compare(lb: _Lab, st: _Stages) -> LabResult:
+    """The measured tables (OUT/lab.md, and OUT/remedies.md when the remedies ran) from the finished run folders."""
+    out, runs, remedy_runs = lb.out, lb.runs, lb.remedy_runs
+    planted = _planted_id(lb)
+    cov = R.Run(runs["repaired"]).read_table(R.COVERAGE)
     reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
     remedied = all(st.done(f"remedy_{k}") for k in REMEDIES)
     losses = st.state["heldout_loss"]
@@ -735,7 +542,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         st.save()
         _write_text(out / "remedies.md", rem_table)
     timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
-    return LabResult(out=out, runs=runs, models={k: v for k, v in mpath.items() if k != "tokenizer"},
+    return LabResult(out=out, runs=runs, models={k: v for k, v in lb.mpath.items() if k != "tokenizer"},
                      results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
 
 
@@ -757,10 +564,8 @@ def _heldout_records(seed: int) -> list[dict[str, Any]]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file, so a table is never seen half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Through the one atomic writer, so a table is never seen half-written."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _rm_partial(path: Path) -> None:

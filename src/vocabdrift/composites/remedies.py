@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VocabdriftError
+from ..outputs import run as R
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,7 +96,7 @@ def counts_from_coverage(run_or_file: str | os.PathLike, vocab_size: int | None 
 
     p = Path(run_or_file)
     if p.is_dir():
-        p = p / "coverage.parquet"
+        p = p / R.COVERAGE
     if not p.exists():
         raise VocabdriftError(f"{p}: not found; write it with `vocabdrift coverage DATA --tokenizer MODEL -o RUN`")
     t = pq.read_table(p, columns=["token_id", "count"])

@@ -196,10 +196,17 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         raise VocabdriftError(f"{out}/model already exists; pick another -o (repair never overwrites a model)")
     if steps < 1:
         raise VocabdriftError(f"--steps must be at least 1, not {steps}")
-    if not 0.0 <= replay_ratio < 1.0:
+    if not (math.isfinite(lr) and lr > 0):
+        raise VocabdriftError(f"--lr must be a positive number, not {lr}")
+    if batch_size < 1 or max_length < 2:
+        raise VocabdriftError(f"--batch-size must be at least 1 and --max-length at least 2, not {batch_size} and "
+                              f"{max_length}")
+    if not 0.0 <= replay_ratio < 1.0:  # NaN fails these comparisons too
         raise VocabdriftError(f"--replay-ratio must be in [0, 1), not {replay_ratio}")
-    if anchor < 0:
-        raise VocabdriftError(f"--anchor must be >= 0, not {anchor}")
+    if not anchor >= 0 or not math.isfinite(anchor):
+        raise VocabdriftError(f"--anchor must be a number >= 0, not {anchor}")
+    if stop_below is not None and not -1.0 <= stop_below <= 1.0:
+        raise VocabdriftError(f"--stop-below is a cosine in [-1, 1], not {stop_below}")
     bad = [f for f in freeze if f not in remedies.FREEZABLE]
     if bad:
         raise VocabdriftError(f"--freeze {bad[0]!r}: choose from {', '.join(remedies.FREEZABLE)}")

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import file_mode, folder_mode
 from ..errors import VocabdriftError
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ def _atomic_dir(out: Path):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         yield tmp
+        os.chmod(tmp, folder_mode())  # mkdtemp makes 0700; a model folder follows the umask like any other
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, file_mode())
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,34 +9,11 @@ template, or sends them as chat messages to a server).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-TOP_P = 0.95
+from ..analyses.probe import TOP_P, Score
 
-
-@dataclass(frozen=True)
-class Score:
-    """How a model rates one target token as the next token.
-
-    Attributes:
-        logprob: natural-log probability of the target.
-        rank: 1 when the target is the most likely token; 1 + the number of tokens more likely than it.
-        in_top_p: top-p sampling at `top_p` keeps the target (the tokens strictly more likely than it hold less
-            than `top_p` of the mass; the most likely token is always kept, so top_p=0 is greedy).
-        top_p: the nucleus used for `in_top_p`.
-    """
-
-    logprob: float
-    rank: int
-    in_top_p: bool
-    top_p: float = TOP_P
-
-    @property
-    def p(self) -> float:
-        import math
-
-        return math.exp(self.logprob)
+__all__ = ["TOP_P", "Engine", "Score", "open_engine"]
 
 
 @runtime_checkable
@@ -63,33 +40,8 @@ class Engine(Protocol):
 def open_engine(model: str, *, endpoint: str | None = None, engine: str | None = None, device: str | None = None,
                 trust_remote_code: bool = False, api_key: str | None = None, served_model: str | None = None,
                 tokenizer: str | None = None) -> Engine:
-    """Open the engine for `model`: an OpenAI-compatible server when `endpoint` is given, vLLM in-process when
-    `engine="vllm"`, else local `transformers`.
+    """The factory's earlier signature (kept for callers of `engines.base.open_engine`); see `engines.open_engine`."""
+    from . import open_engine as factory
 
-    Example:
-        >>> eng = open_engine("runs/lab/models/post")
-        >>> eng.generate(["Repeat this word three times: hello"], temperature=0)
-    """
-    from ..errors import VocabdriftError
-
-    if endpoint:
-        from .openai import OpenAIEngine
-
-        return OpenAIEngine(endpoint, model=served_model or model, api_key=api_key,
-                            tokenizer=tokenizer or (None if _looks_remote(model) else model))
-    kind = engine or "hf"
-    if kind == "vllm":
-        from .vllm import VLLMEngine
-
-        return VLLMEngine(model, trust_remote_code=trust_remote_code)
-    if kind in ("hf", "transformers"):
-        from .hf import HFEngine
-
-        return HFEngine(model, device=device, trust_remote_code=trust_remote_code)
-    raise VocabdriftError(f"unknown engine {kind!r}; use hf (local transformers), vllm, or give --endpoint URL")
-
-
-def _looks_remote(model: str) -> bool:
-    from pathlib import Path
-
-    return not Path(model).exists()
+    return factory(engine, model, endpoint=endpoint, device=device, trust_remote_code=trust_remote_code,
+                   api_key=api_key, served_model=served_model, tokenizer=tokenizer)

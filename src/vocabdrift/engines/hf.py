@@ -13,11 +13,11 @@ import inspect
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analyses.probe import TOP_P, Score
 from ..errors import VocabdriftError
-from .base import TOP_P, Score
+from ..sources.spec import check_weights_policy, parse_model_spec
 
 if TYPE_CHECKING:
     import torch
@@ -25,35 +25,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _split_spec(spec: str | os.PathLike) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None) for `from_pretrained`."""
-    p = Path(spec)
-    if p.is_file() and p.suffix == ".gguf":
-        return str(p.parent), p.name
-    if p.is_file():
-        return str(p.parent), None
-    if p.is_dir() and not (p / "config.json").exists():
-        ggufs = sorted(p.glob("*.gguf"))
-        if ggufs:
-            return str(p), ggufs[0].name
-        raise VocabdriftError(f"{p}: no config.json or .gguf here; pass a Hugging Face model folder or a .gguf file")
-    if not p.exists() and (os.path.isabs(str(spec)) or str(spec).startswith((".", "~")) or str(spec).count("/") > 1):
-        raise VocabdriftError(f"{spec}: no such file or folder")
-    return str(spec), None
-
-
 def load_model(spec: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False) -> Any:
-    """An `AutoModelForCausalLM` from a folder, a .gguf file or a hub id, in eval mode on `device`."""
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """An `AutoModelForCausalLM` from a folder, a .gguf file or a hub id, in eval mode on `device`.
+
+    Pickle weights are refused unless `allow_pickle` (the policy of `sources.spec`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as tlog
 
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()  # our own bar reports progress; "Loading weights" bars would interleave with it
-    where, gguf = _split_spec(spec)
+    ms = parse_model_spec(spec)
+    check_weights_policy(ms, allow_pickle=allow_pickle)
+    where, gguf = ms.pretrained_source()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
+    elif not allow_pickle:
+        kwargs["use_safetensors"] = True  # a hub repository with pickle weights only is refused too
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -107,24 +96,27 @@ class HFEngine:
 
     def __init__(self, model: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, shared_prefix: bool = True, trust_remote_code: bool = False,
-                 tokenizer: Any = None) -> None:
+                 allow_pickle: bool = False, tokenizer: Any = None) -> None:
         import torch
 
         from ..device import best_device
         from ..sources.tokenizer import load_tokenizer
 
-        _split_spec(model)  # a bad path fails here, before the tokenizer is looked for
+        ms = parse_model_spec(model)  # a bad path or a refused pickle fails here, before anything loads
+        ms.pretrained_source()
+        check_weights_policy(ms, allow_pickle=allow_pickle)
         self.device = best_device(device)
         name = dtype or ("float32" if self.device.type == "cpu" else "bfloat16")
         try:
             self.dtype = getattr(torch, name)
         except AttributeError as e:
             raise VocabdriftError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from e
-        self.path = str(model)
-        self.name = Path(str(model)).stem if Path(str(model)).exists() else str(model)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model,
+        self.path = str(ms)
+        self.name = ms.name
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ms.tokenizer_source(),
                                                                                  trust_remote_code=trust_remote_code)
-        self.model = load_model(model, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.model = load_model(ms, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle)
         self.batch_size = batch_size
         self.shared_prefix = shared_prefix
         self._prefix: tuple[tuple[int, ...], Any] | None = None  # (ids, batch-1 KV cache) of the last prefix

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..analyses.probe import TOP_P, Score
 from ..errors import VocabdriftError
-from .base import TOP_P, Score
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20

@@ -11,8 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..analyses.probe import TOP_P, Score
 from ..errors import VocabdriftError
-from .base import TOP_P, Score
 
 TOP_LOGPROBS = 20
 

@@ -11,6 +11,35 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
+# Third-party loggers that speak at WARNING about things a user of vocabdrift cannot act on (deprecations, "some
+# weights were not used", GGUF conversion notes); off a terminal they are kept to errors.
+_NOISY_LOGGERS = ("transformers", "huggingface_hub", "datasets", "accelerate", "torch", "urllib3", "filelock",
+                  "tokenizers", "gguf", "numba", "ray", "vllm")
+
+
+def quiet_third_party(*, terminal: bool) -> None:
+    """Off a terminal (a log file, CI, a pipe), silence the libraries' own progress bars and warnings, so that
+    stderr holds vocabdrift's lines only: tqdm bars (transformers' "Converting and de-quantizing GGUF tensors"
+    is a plain tqdm, which reads TQDM_DISABLE when tqdm is first imported, so this runs before any library
+    loads), the hub's bars, transformers' verbosity, and Python warnings raised outside vocabdrift. On a
+    terminal nothing changes. An explicit setting in the environment wins."""
+    if terminal:
+        return
+    import logging
+    import os
+    import warnings
+
+    for var, value in (("TQDM_DISABLE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                       ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(var, value)
+    if not os.environ.get("PYTHONWARNINGS"):
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"vocabdrift(\.|$)")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _pct(k: int, n: int) -> str:
     return f"{k:,} ({100.0 * k / n:.1f}%)" if n else "0"
 
@@ -19,8 +48,14 @@ def _f(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def _cos(x: float | None) -> str:
+    """A row's cosine; NaN (the row became zero or holds NaN) is shown as undefined, not as a number."""
+    return "—" if x is None else ("undefined" if x != x else f"{x:.4f}")
+
+
 def category_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, label) for the per-language table: overall, the languages of DESIGN.md, then the other categories."""
+    """(key, label) for the per-language table: overall, the languages of docs/ARCHITECTURE.md, then the other
+    categories."""
     cats = summary.get("categories", {})
     rows = [("overall", "All (non-special)"), ("reachable", "Reachable")]
     rows += [(c, LANGUAGE_NAMES[c]) for c in LANGUAGES if c in cats]
@@ -28,20 +63,34 @@ def category_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def drift_summary_table(summary: dict[str, Any], *, space: str = "lm_head") -> Table:
-    """The per-language table in the layout of DESIGN.md's reference table."""
+def drift_summary_table(summary: dict[str, Any], *, space: str = "lm_head", centered: bool = False) -> Table:
+    """The per-language table in the layout of the reference table of docs/ARCHITECTURE.md; `centered`: the
+    same table over the mean-centred cosines (`diff --center`). The title says when rows were folded."""
     from rich.table import Table
 
     thr = summary.get("threshold", 0.95)
-    t = Table(title=f"{space} cosine to BASE, per category", title_justify="left")
-    for col in ("category", "tokens", "mean cos", "min cos", f"below {thr:g}", "below 0.90"):
+    folded = bool((summary.get("options") or {}).get("fold_norm")) and space == "lm_head"
+    if centered:
+        summary = {**summary, **summary["centered"]}
+    title = f"{space} cosine to BASE, per category" + (", mean-centred (--center)" if centered else "") + \
+        (", rows folded with the final norm weight (--fold-norm)" if folded else "")
+    t = Table(title=title, title_justify="left")
+    # rows that became zero or NaN have no cosine; they are counted below every threshold and shown apart
+    undefined = any(_block(summary, key)[space].get("undefined") for key, _ in category_rows(summary))
+    cols = ("category", "tokens", "mean cos", "min cos", f"below {thr:g}", "below 0.90") + \
+        (("zero/NaN rows",) if undefined else ())
+    for col in cols:
         t.add_column(col, justify="left" if col == "category" else "right")
     for key, label in category_rows(summary):
-        block = summary[key] if key in ("overall", "reachable") else summary["categories"][key]
-        s = block[space]
+        s = _block(summary, key)[space]
         t.add_row(label, f"{s['tokens']:,}", _f(s["mean_cos"]), _f(s["min_cos"]),
-                  _pct(s["below_threshold"], s["tokens"]), _pct(s["below_0.90"], s["tokens"]))
+                  _pct(s["below_threshold"], s["tokens"]), _pct(s["below_0.90"], s["tokens"]),
+                  *((_pct(s.get("undefined", 0), s["tokens"]),) if undefined else ()))
     return t
+
+
+def _block(summary: dict[str, Any], key: str) -> dict[str, Any]:
+    return summary[key] if key in ("overall", "reachable") else summary["categories"][key]
 
 
 def drifted_tokens_table(top: pa.Table, *, title: str = "Most drifted lm_head rows") -> Table:
@@ -51,13 +100,14 @@ def drifted_tokens_table(top: pa.Table, *, title: str = "Most drifted lm_head ro
     for col in ("id", "text", "category", "lm_head cos", "embed cos", "norm base→post"):
         t.add_column(col, justify="left" if col in ("text", "category") else "right")
     for r in top.to_pylist():
-        t.add_row(str(r["token_id"]), printable(r["text"]), r["category"], f"{r['lm_head_cos']:.4f}",
-                  _f(r["embed_cos"]), f"{r['lm_head_norm_base']:.3f}→{r['lm_head_norm_post']:.3f}")
+        t.add_row(str(r["token_id"]), printable(r["text"]), r["category"], _cos(r["lm_head_cos"]),
+                  _cos(r["embed_cos"]), f"{r['lm_head_norm_base']:.3f}→{r['lm_head_norm_post']:.3f}")
     return t
 
 
 def neighbors_console_table(nt: pa.Table, *, title: str) -> Table:
-    """Neighbours side by side, one column per model; special tokens are marked ★."""
+    """Neighbours side by side, one column per model; special tokens (unused and padding rows too) are marked ★,
+    markup and byte tokens by their category: the intruders of a drifted row's neighbourhood."""
     from rich.table import Table
 
     rows = nt.to_pylist()
@@ -69,6 +119,10 @@ def neighbors_console_table(nt: pa.Table, *, title: str) -> Table:
         t.add_column("cos", justify="right")
     k = max((r["rank"] for r in rows), default=0)
     by = {(r["model"], r["rank"]): r for r in rows}
+    if rows and "category" in rows[0]:
+        share = {m: sum(r["is_special"] or r["category"] in ("markup", "byte") for r in rows if r["model"] == m)
+                 / max(1, sum(r["model"] == m for r in rows)) for m in models}
+        t.caption = "special, markup and byte neighbours: " + ", ".join(f"{m} {v:.0%}" for m, v in share.items())
     for rank in range(1, k + 1):
         cells = [str(rank)]
         for m in models:
@@ -76,7 +130,170 @@ def neighbors_console_table(nt: pa.Table, *, title: str) -> Table:
             if r is None:
                 cells += ["", ""]
             else:
-                mark = " ★" if r["is_special"] else ""
+                cat = r.get("category") or ""
+                mark = " ★" if r["is_special"] else f" ({cat})" if cat in ("markup", "byte") else ""
                 cells += [f"{printable(r['text'])} [{r['neighbor_id']}]{mark}", f"{r['cos']:.3f}"]
         t.add_row(*cells)
     return t
+
+
+# ---- the other commands' tables (the CLI builds none of its own) ----------------------------------------------------
+
+def _table(title: str, columns: tuple[str, ...], *, left: tuple[str, ...] = ()) -> Table:
+    """A titled table; columns named in `left` are left-justified, the others right-justified."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c in left else "right")
+    return t
+
+
+def vocab_categories_table(vocab: pa.Table) -> Table:
+    """`vocab`: tokens per category."""
+    from ..analyses.vocab import category_counts
+
+    t = _table(f"{vocab.num_rows:,} tokens by category", ("category", "tokens"), left=("category",))
+    for cat, n in category_counts(vocab).items():
+        t.add_row(cat, f"{n:,}")
+    return t
+
+
+def coverage_categories_table(summary: dict[str, Any], under_covered: list[str], *, floor: int) -> Table:
+    """`coverage`: per category, the reported languages first, then the other categories."""
+    s = summary
+    t = _table(f"Coverage as a generation target ({s['samples']:,} samples, {s['target_tokens']:,} target tokens, "
+               f"floor {floor})", ("category", "tokens", f">= {floor}", "zero share", ""), left=("category", ""))
+    order = [c for c in LANGUAGES if c in s["categories"]] + [c for c in s["categories"] if c not in LANGUAGES]
+    for cat in order:
+        v = s["categories"][cat]
+        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['at_or_above_floor']:,}",
+                  f"{v['zero_share']:.1%}", "under-covered" if cat in under_covered else "")
+    return t
+
+
+def below_floor_table(below: pa.Table, *, top: int) -> Table:
+    """`coverage`: the rarest tokens below the floor."""
+    cols = ("id", "text", "category", "count", "samples")
+    t = _table(f"{below.num_rows:,} tokens below the floor (rarest first)", cols, left=cols)
+    for row in below.slice(0, top).to_pylist():
+        t.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]), str(row["samples"]))
+    return t
+
+
+def prune_categories_table(categories: dict[str, dict[str, int]], *, floor: int, threshold: float) -> Table:
+    """`prune-suggest`: candidates per category."""
+    t = _table(f"Prune candidates: count < {floor} and lm_head cos < {threshold}",
+               ("category", "tokens", "candidates", "share"), left=("category",))
+    for cat, v in categories.items():
+        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['candidates']:,}",
+                  f"{v['candidates'] / max(1, v['tokens']):.1%}")
+    return t
+
+
+def prune_candidates_table(candidates: pa.Table, *, top: int) -> Table:
+    """`prune-suggest`: the most drifted candidates."""
+    cols = ("id", "text", "category", "count", "cos")
+    t = _table(f"Most drifted of {candidates.num_rows:,} candidates", cols, left=cols)
+    for row in candidates.slice(0, top).to_pylist():
+        t.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]),
+                  f"{row['lm_head_cos']:.4f}")
+    return t
+
+
+def probe_outcomes_table(summary: dict[str, Any], *, top_p: float) -> Table:
+    """`probe`: sayable tokens and outcomes per model."""
+    outcomes = ("top1", "nucleus", "weak", "unsayable")
+    t = _table(f"{summary['tokens']:,} tokens probed (sayable = kept by top-p {top_p})",
+               ("model", "sayable", *outcomes), left=("model",))
+    for m in summary["models"]:
+        o = summary["outcomes"][m]
+        t.add_row(m, f"{summary['sayable'][m]:,}", *(f"{o[k]:,}" for k in outcomes))
+    return t
+
+
+def probe_headline_table(headline: dict[str, Any]) -> Table:
+    """`probe --base`: what leads: top-1 answers and the target's probability, BASE -> POST, for the probed
+    tokens, the undrifted control tokens and each template."""
+    t = _table("Probe: BASE -> POST (top-1: the model's first choice is the token)",
+               ("tokens", "n", "top-1 BASE", "top-1 POST", "nucleus BASE", "nucleus POST", "median p BASE",
+                "median p POST", "p POST/BASE"), left=("tokens",))
+    rows = [("probed", headline.get("tokens")), ("undrifted control", headline.get("control"))]
+    rows += [(f"  template {k}", g) for k, g in headline.get("templates", {}).items()]
+    for label, g in rows:
+        if g is None:
+            continue
+        n = g["n"]
+        t.add_row(label, f"{n:,}", _pct(g["top1"]["base"], n), _pct(g["top1"]["post"], n),
+                  _pct(g["nucleus"]["base"], n), _pct(g["nucleus"]["post"], n), f"{g['median_p']['base']:.3g}",
+                  f"{g['median_p']['post']:.3g}", f"x{g['p_ratio']:.2g}")
+    return t
+
+
+def probe_tokens_table(rows: list[dict[str, Any]]) -> Table:
+    """`probe --tokens`: one row per asked token and model: its best template's probability, rank, outcome."""
+    t = _table("Per token (best template)", ("token", "id", "model", "p", "rank", "outcome", "template"),
+               left=("token", "model", "outcome", "template"))
+    for r in rows:
+        t.add_row(printable(r["text"]), str(r["token_id"]), r["model"], f"{r['p_target']:.3g}", f"{r['rank']:,}",
+                  r["outcome"], r["template"])
+    return t
+
+
+def cases_table(model: str, cases: list[dict[str, Any]], *, passed: int, total: int) -> Table:
+    """`cases`: pass or fail per case."""
+    cols = ("case", "expected", "answer", "")
+    t = _table(f"{model}: {passed}/{total} cases passed", cols, left=cols)
+    for c in cases:
+        t.add_row(c["name"], c["expected"], c["output"].strip().replace("\n", " ")[:60],
+                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    return t
+
+
+def undertrained_tokens_table(tokens: dict[str, dict[str, Any]]) -> Table:
+    """`undertrained --token`: Hypothesis 1 per asked token."""
+    t = _table("Hypothesis 1: was the token trained?", ("token", "id", "embed norm", "percentile", "unembed rank"),
+               left=("token",))
+    for k, v in tokens.items():
+        t.add_row(k, str(v["token_id"]), f"{v['embed_norm']:.4f}", f"{v['embed_norm_percentile']:.1f}",
+                  f"{v['unembed_rank']:,}")
+    return t
+
+
+def confusion_table(results: list[dict[str, Any]]) -> Table:
+    """`confusion`: the share of answers with letters of a foreign script, per prompt and model."""
+    cols = ("prompt", "lang", "model", "rate", "95% interval", "scripts")
+    t = _table("Answers with letters of a foreign script", cols, left=cols)
+    for r in results:
+        t.add_row(r["prompt"][:30], r["language"], r["model"], f"{r['hits']}/{r['n']} = {r['rate']:.0%}",
+                  f"{r['ci_low']:.0%}–{r['ci_high']:.0%}", ", ".join(f"{k} {v}" for k, v in r["by_script"].items()))
+    return t
+
+
+def collapse_line(collapse: dict) -> str:
+    """Groups of near-identical rows, one line per space: `undertrained`'s summary["collapse"] (space -> block) or
+    `diff --collapse`'s (space -> base, post and the change)."""
+    lines = []
+    for space, c in collapse.items():
+        post = c.get("post", c)
+        cats = sorted(post.get("categories", {}).items(), key=lambda kv: -kv[1]["collapsed"])[:3]
+        top = ", ".join(f"{k} {v['collapsed']:,} of {v['tokens']:,}" for k, v in cats)
+        line = (f"{space}: {post['rows']:,} rows in {post['groups']:,} groups of near-identical rows "
+                f"(cos >= {post['min_cos']:g})" + (f"; most: {top}" if top else ""))
+        if "new" in c:
+            line += f"; {c['new']:,} collapsed during post-training, {c['already']:,} already were"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def intrusion_line(nb: dict) -> str:
+    """`diff`'s neighbour intrusion (summary["neighbors"]) in one line: intruders and own category, before and
+    after."""
+    inn, own = nb.get("intrusion") or {}, nb.get("own_category") or {}
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    return (f"neighbour intrusion ({nb.get('tokens', 0)} tokens, k={nb.get('k')}): special/markup/byte neighbours "
+            f"{pct(inn.get('base'))} -> {pct(inn.get('post'))}, own category {pct(own.get('base'))} -> "
+            f"{pct(own.get('post'))}")

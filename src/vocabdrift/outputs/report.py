@@ -38,8 +38,11 @@ import numpy as np
 
 from ..analyses.vocab import CATEGORIES, LANGUAGE_NAMES, LANGUAGES, printable
 from ..errors import VocabdriftError
+from . import run as R
+from . import shapes as S
 from .console import category_rows
 from .run import Run, write_bytes_atomic
+from .shapes import check_shape
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,7 +55,7 @@ _SCATTER_POINTS = 4000        # points per scatter plot, at most
 _SCATTER_WORST = 1500         # of which the most drifted, always kept
 _NEIGHBOR_QUERIES = 10        # most drifted tokens whose neighbours the report shows (plus the user's --token)
 _L2_MARKS = 5                 # largest-L2 tokens annotated on the L2 histogram (plus the user's --token)
-_FILES = "report_files"       # the Markdown's PNG plots, beside report.md
+_FILES = R.REPORT_FILES        # the Markdown's PNG plots, beside report.md
 
 _LANG_COLORS = {"japanese": "#d62728", "hangul": "#9467bd", "arabic": "#8c564b", "cyrillic": "#1f77b4",
                 "han": "#ff7f0e", "latin": "#2ca02c"}
@@ -76,10 +79,19 @@ def _plotly_text(s: str) -> str:
     return html.escape(s, quote=False)
 
 
-_MD_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "&#124;", "\\": "\\\\", "`": "\\`", "*": "\\*",
+# Markdown's own backslash escapes, not HTML entities: report.md reads as text in a terminal or an editor too
+_MD_SPECIAL = {"&": "\\&", "<": "\\<", ">": "\\>", "|": "\\|", "\\": "\\\\", "`": "\\`", "*": "\\*",
                "[": "\\[", "]": "\\]", "~": "\\~", "#": "\\#", "$": "\\$"}
 
 _MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
+
+
+def _static_note(note: str) -> str:
+    """A chart's note for a static image: without the sentences about the page's interactions (clicking the
+    legend, hovering), which a PNG does not have."""
+    parts = re.split(r"(?<=[.;])\s+", note)
+    kept = [x for x in parts if not re.search(r"\b(click|hover|legend entry)", x, re.I)]
+    return " ".join(kept).rstrip(";").strip() + ("." if kept and kept[-1].rstrip().endswith(";") else "")
 
 
 def _md(s: str) -> str:
@@ -167,11 +179,6 @@ class Section:
 
 # ---- reading the run folder -------------------------------------------------------------------------------------
 
-_REQUIRED = {"vocab.parquet": ("token_id", "text", "category", "is_special"),
-             "drift.parquet": ("token_id", "lm_head_cos", "lm_head_l2", "lm_head_norm_base", "lm_head_norm_post",
-                               "embed_cos")}
-
-
 @dataclass(frozen=True)
 class RunData:
     """Everything the report reads from one run folder; optional parts are None when absent."""
@@ -189,52 +196,44 @@ class RunData:
     confusion: dict[str, Any] | None = None
 
 
-def _read_table(run: Run, name: str, columns: Sequence[str]) -> pa.Table:
-    import pyarrow as pa
-
-    try:
-        t = run.read_table(name)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise VocabdriftError(f"{run.path / name}: not a readable Parquet file ({e}); rerun the command that "
-                              "wrote it") from e
-    missing = [c for c in columns if c not in t.column_names]
-    if missing:
-        raise VocabdriftError(f"{run.path / name}: missing column(s) {', '.join(missing)}; it was written by an "
-                              "incompatible version — rerun the command that wrote it")
-    return t
-
-
 def read_run(path: PathLike, *, name: str | None = None) -> RunData:
     """Read a run folder for the report. It needs diff's vocab.parquet, drift.parquet and summary.json."""
     p = Path(path)
     if not p.is_dir():
         raise VocabdriftError(f"{p}: no such run folder; create it with `vocabdrift diff BASE POST -o {p}`")
     run = Run(p)
-    for f in ("summary.json", *_REQUIRED):
+    for f in (R.SUMMARY, R.VOCAB, R.DRIFT):
         if not run.has(f):
             raise VocabdriftError(f"{p}: has no {f}; the report builds on `diff` — run "
                                   f"`vocabdrift diff BASE POST -o {p}` first")
-    summary = run.read_json("summary.json")
+    summary = run.read_json(R.SUMMARY)
+    if isinstance(summary, dict):  # every number the report formats has the type it needs (outputs.shapes)
+        check_shape(summary, S.SUMMARY, p / R.SUMMARY, fix=f"rerun `vocabdrift diff BASE POST -o {p}`")
     if not isinstance(summary, dict) or "overall" not in summary or "lm_head" not in summary["overall"]:
-        raise VocabdriftError(f"{p / 'summary.json'}: has no drift summary (\"overall\"); rerun "
+        raise VocabdriftError(f"{p / R.SUMMARY}: has no drift summary (\"overall\"); rerun "
                               f"`vocabdrift diff BASE POST -o {p}`")
+    mixed = run.disagreements()  # every file on the page must belong to the same BASE/POST
+    if mixed:
+        raise VocabdriftError(f"{p}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}; rerun "
+                              f"that command for this pair with -o {p}, or delete the file")
     opt: dict[str, Any] = {}
-    if run.has("coverage.parquet"):
-        opt["coverage"] = _read_table(run, "coverage.parquet", ("token_id", "count"))
-    if run.has("probe.parquet"):
-        opt["probe"] = _read_table(run, "probe.parquet", ("token_id", "model", "p_target", "sayable"))
-    if run.has("neighbors.parquet"):
-        opt["neighbors"] = _read_table(run, "neighbors.parquet", ("token_id", "space", "model", "rank",
-                                                                  "neighbor_id", "cos"))
-    if run.has("cases.json"):
-        c = run.read_json("cases.json")
+    for key, file in (("coverage", R.COVERAGE), ("probe", R.PROBE), ("neighbors", R.NEIGHBORS)):
+        if run.has(file):
+            opt[key] = run.read_contract(file)  # checked against the contract's columns
+    if "probe" in opt and "control" in opt["probe"].column_names:  # the control tokens feed the headline only
+        import pyarrow.compute as pc
+
+        opt["probe"] = opt["probe"].filter(pc.invert(opt["probe"]["control"]))
+    if run.has(R.CASES):
+        c = check_shape(run.read_json(R.CASES), S.CASES, p / R.CASES,
+                        fix=f"delete it and rerun `vocabdrift cases MODEL -o {p}`")
         opt["cases"] = [c] if isinstance(c, dict) else list(c)  # one model's cases, or a list of them
-    if run.has("confusion.json"):
-        opt["confusion"] = run.read_json("confusion.json")
+    if run.has(R.CONFUSION):
+        opt["confusion"] = check_shape(run.read_json(R.CONFUSION), S.CONFUSION, p / R.CONFUSION,
+                                       fix=f"delete it and rerun `vocabdrift confusion MODEL -o {p}`")
     return RunData(name=name or p.resolve().name, path=p, summary=summary,
-                   manifest=run.read_json("manifest.json", default={"commands": []}),
-                   vocab=_read_table(run, "vocab.parquet", _REQUIRED["vocab.parquet"]),
-                   drift=_read_table(run, "drift.parquet", _REQUIRED["drift.parquet"]), **opt)
+                   manifest=run.read_json(R.MANIFEST, default={"commands": []}),
+                   vocab=run.read_contract(R.VOCAB), drift=run.read_contract(R.DRIFT), **opt)
 
 
 # ---- the run as arrays ------------------------------------------------------------------------------------------
@@ -327,10 +326,16 @@ class Frame:
         return ~self.special & np.isfinite(self.lm_cos)
 
     def most_drifted(self, n: int) -> np.ndarray:
-        """Positions of the n lowest lm_head cosines among judged rows (ties by token id)."""
-        idx = np.flatnonzero(self.judged())
-        order = np.lexsort((self.token_id[idx], self.lm_cos[idx]))
-        return idx[order[:n]]
+        """Positions of the n most drifted rows, by THE definition (`analyses.drift.most_drifted`)."""
+        import pyarrow as pa
+
+        from ..analyses.drift import most_drifted_ids
+
+        drift = pa.table({"token_id": pa.array(self.token_id), "lm_head_cos": pa.array(self.lm_cos),
+                          "lm_head_l2": pa.array(self.lm_l2)})
+        vocab = pa.table({"token_id": pa.array(self.token_id), "is_special": pa.array(self.special)})
+        pos = {int(t): i for i, t in enumerate(self.token_id.tolist())}
+        return np.array([pos[t] for t in most_drifted_ids(drift, vocab, n)], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -388,6 +393,11 @@ def _f4(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
 
 
+def _delta(a: float | None, b: float | None) -> str:
+    """b - a, or a dash when either has no value (every row of a run became zero or NaN)."""
+    return "—" if a is None or b is None else f"{b - a:+.4f}"
+
+
 def _count(k: int, n: int) -> str:
     return f"{k:,} ({k / n:.1%})" if n else "0"
 
@@ -411,8 +421,8 @@ def verdict(summary: dict[str, Any], *, space: str = "lm_head") -> str:
     """The report in one sentence, e.g. "4.9% of lm_head rows (9,805 of 200,000) fell below 0.95, min cosine
     0.329; Japanese is worst (29.7%)."
 
-    The worst group is the language (DESIGN.md's languages) with the largest share below the threshold, among
-    those with at least 10 tokens; when no language has a drifted row, the worst other category.
+    The worst group is the language (the languages of docs/ARCHITECTURE.md) with the largest share below the
+    threshold, among those with at least 10 tokens; when no language has a drifted row, the worst other category.
     """
     thr = float(summary.get("threshold", 0.95))
     o = summary["overall"][space]
@@ -435,7 +445,10 @@ def verdict(summary: dict[str, Any], *, space: str = "lm_head") -> str:
         c = max(big, key=lambda c: (shares[c][0], shares[c][1]))
         return c, shares[c][0]
 
-    head = f"{k / n:.1%} of {space} rows ({k:,} of {n:,}) fell below {thr:g}, min cosine {o['min_cos']:.3f}"
+    head = f"{k / n:.1%} of {space} rows ({k:,} of {n:,}) fell below {thr:g}, min cosine " + \
+        ("—" if o["min_cos"] is None else f"{o['min_cos']:.3f}")
+    if o.get("undefined"):  # rows that became zero or NaN: no cosine, below every threshold
+        head += f" ({o['undefined']:,} rows became zero or NaN)"
     w = worst(LANGUAGES)
     if w is not None:
         return f"{head}; {_category_label(w[0])} is worst ({w[1]:.1%})."
@@ -451,8 +464,12 @@ def _block(summary: dict[str, Any], key: str) -> dict[str, Any] | None:
     return summary.get(key) if key in ("overall", "reachable") else summary.get("categories", {}).get(key)
 
 
-def language_table(summary: dict[str, Any]) -> Table:
-    """The per-language table, in the layout of DESIGN.md's reference table."""
+def language_table(summary: dict[str, Any], *, centered: bool = False) -> Table:
+    """The per-language table, in the layout of the reference table of docs/ARCHITECTURE.md; `centered`: over
+    the mean-centred cosines (`diff --center`)."""
+    folded = bool((summary.get("options") or {}).get("fold_norm"))
+    if centered:
+        summary = {**summary, **summary["centered"]}
     thr = float(summary.get("threshold", 0.95))
     extra = thr not in (0.95, 0.90)
     headers = ("category", "tokens", "lm_head cos mean / min", "below 0.95 / 0.90",
@@ -470,9 +487,49 @@ def language_table(summary: dict[str, Any]) -> Table:
             row.append(_count(_below(s, thr), n))
         row.append(f"{_f4(e.get('mean_cos'))} / {_f4(e.get('min_cos'))}")
         rows.append(row)
-    return Table("languages", "lm_head cosine to the pre-trained row, per language and category", headers, rows,
-                 caption="Overall counts every non-special token; special and padding rows are often untrained.",
+    title = "lm_head cosine to the pre-trained row, per language and category"
+    caption = "Overall counts every non-special token; special and padding rows are often untrained."
+    if centered:
+        title += ", after subtracting each matrix's mean row (--center)"
+        caption += (" Centred cosines discount a shift shared by every row (the direction all never-targeted rows "
+                    "drift toward); a row low here moved on its own.")
+    if folded:
+        caption += " lm_head rows were folded with the final norm weight g first (--fold-norm): W·diag(g)."
+    return Table("languages-centered" if centered else "languages", title, headers, rows, caption=caption,
                  numeric=tuple(range(1, len(headers))))
+
+
+def probe_headline_items(summary: dict[str, Any]) -> list[Para | Table]:
+    """The probe's main signal, near the top: top-1 answers and the target's probability, BASE -> POST, for the
+    probed tokens against undrifted control tokens, per template too (`analyses.probe.headline`)."""
+    from ..analyses.probe import headline_lines
+
+    h = (summary.get("probe") or {}).get("headline")
+    if not h or not h.get("tokens"):
+        return []
+    t, c = h["tokens"], h.get("control")
+    bad = t["n"] and (t["top1"]["base"] - t["top1"]["post"]) / t["n"] > (
+        (c["top1"]["base"] - c["top1"]["post"]) / c["n"] + 0.1 if c else 0.1)
+    items: list[Para | Table] = [Para(line, "bad" if bad and i == 0 else "") for i, line in
+                                 enumerate(headline_lines(h))]
+    rows: list[list[CellValue]] = []
+    groups = [("probed tokens", t), ("undrifted control", c), *((f"template {k}", g)
+                                                                for k, g in h.get("templates", {}).items())]
+    for label, g in groups:
+        if g is None:
+            continue
+        n = int(g["n"])
+        rows.append([label, f"{n:,}", _count(int(g["top1"]["base"]), n), _count(int(g["top1"]["post"]), n),
+                     _count(int(g["nucleus"]["base"]), n), _count(int(g["nucleus"]["post"]), n),
+                     f"{g['median_p']['base']:.3g} → {g['median_p']['post']:.3g}", f"×{g['p_ratio']:.2g}"])
+    top_p = (summary.get("probe") or {}).get("top_p", 0.95)
+    items.append(Table("probe-headline", "Probe: can the model still say the token? BASE → POST",
+                       ("tokens", "n", "top-1 BASE", "top-1 POST", f"nucleus (top-p {top_p:g}) BASE",
+                        "nucleus POST", "median p", "p POST / BASE"), rows, numeric=(1, 2, 3, 4, 5, 6, 7),
+                       caption="Top-1: the model's first choice is the token (its best template). Nucleus: top-p "
+                               "sampling keeps it. A fall in top-1 far beyond the control tokens' is the drift's "
+                               "effect; the nucleus alone hides it when the base model's nucleus is wide."))
+    return items
 
 
 def drifted_table(fr: Frame, vocab: Vocab, probe: Probe | None, top: int) -> Table:
@@ -500,24 +557,12 @@ def drifted_table(fr: Frame, vocab: Vocab, probe: Probe | None, top: int) -> Tab
 
 
 def resolve_tokens(tokens: Sequence[str | int], vocab: Vocab) -> list[int]:
-    """Token ids of what the user named: an id, a token's exact text, or its raw piece (Ġthe)."""
-    out = []
-    for t in tokens:
-        s = str(t)
-        if s.lstrip("-").isdigit():
-            i = int(s)
-            if not 0 <= i < len(vocab):
-                raise VocabdriftError(f"--token {s}: out of range; the run's vocabulary has {len(vocab):,} ids")
-            out.append(i)
-            continue
-        hit = np.flatnonzero(vocab.text == s)
-        if not hit.size:
-            hit = np.flatnonzero(vocab.piece == s)
-        if not hit.size:
-            raise VocabdriftError(f"--token {s!r}: not a token of the run's vocabulary (vocab.parquet); give its "
-                                  "exact text, raw piece or id")
-        out.append(int(hit[0]))
-    return list(dict.fromkeys(out))
+    """Token ids of what the user named, by the one rule (`analyses.tokens.TOKEN_RULE`), against the run's
+    vocabulary (the report reads only the run folder, so there is no tokenizer to encode a text with)."""
+    from ..analyses.tokens import TokenIndex
+    from ..analyses.tokens import resolve_tokens as resolve
+
+    return resolve(list(tokens), TokenIndex.of(vocab.text, vocab.piece, where="the run's vocabulary (vocab.parquet)"))
 
 
 def neighbors_tables(rd: RunData, fr: Frame, vocab: Vocab, chosen: Sequence[int]) -> tuple[list[Table], list[str]]:
@@ -640,6 +685,74 @@ def _num(x: Any) -> str:
 def _lang(code: str) -> str:
     names = {"ja": "Japanese", "ko": "Korean", "zh": "Chinese", "ru": "Russian", "ar": "Arabic", "en": "English"}
     return names.get(code, LANGUAGE_NAMES.get(code, code))
+
+
+def intrusion_items(summary: dict[str, Any], top: int = 20) -> list[Para | Table]:
+    """Neighbour intrusion (summary["neighbors"], from `diff`): special, markup and byte rows among the lm_head
+    neighbours of the most drifted tokens, and the token's own category, before and after."""
+    nb = summary.get("neighbors")
+    if not nb or not nb.get("per_token"):
+        return []
+    inn, own = nb.get("intrusion") or {}, nb.get("own_category") or {}
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.0f}%"
+
+    head = (f"Among the {nb.get('k')} nearest lm_head rows of {nb.get('tokens'):,} drifted or named tokens, "
+            f"special, markup and byte rows were {pct(inn.get('base'))} before and {pct(inn.get('post'))} after; "
+            f"rows of the token's own category {pct(own.get('base'))} before and {pct(own.get('post'))} after. "
+            "A row whose neighbourhood fills with them has moved toward the direction never-targeted rows share.")
+    rows: list[list[CellValue]] = [
+        [str(r["token_id"]), Cell(printable(r.get("text") or ""), "tok"), _category_label(r.get("category") or ""),
+         pct(r.get("intrusion_base")), pct(r.get("intrusion_post")), pct(r.get("own_base")), pct(r.get("own_post"))]
+        for r in nb["per_token"][:top]]
+    return [Para(head), Table("intrusion", "Neighbour intrusion (lm_head)",
+                              ("id", "token", "category", "intruders BASE", "intruders POST", "own category BASE",
+                               "own category POST"), rows, numeric=(0, 3, 4, 5, 6),
+                              caption="Intruders: special, unused, padding, markup and byte rows among the "
+                                      "k nearest; the tokens whose share grew most first.")]
+
+
+def collapse_items(summary: dict[str, Any]) -> list[Para | Table]:
+    """Groups of near-identical lm_head rows (summary["collapse"], from `diff --collapse`): per category, the tokens
+    that collapsed during post-training and those that already were."""
+    c = (summary.get("collapse") or {}).get("lm_head")
+    if not c:
+        u = ((summary.get("undertrained") or {}).get("collapse") or {}).get("lm_head")
+        if not u:
+            return []
+        rows_u: list[list[CellValue]] = [
+            [_category_label(cat), f"{v['collapsed']:,}", f"{v['tokens']:,}"]
+            for cat, v in sorted(u.get("categories", {}).items(), key=lambda kv: -kv[1]["collapsed"])]
+        return [Para(f"{u.get('rows', 0):,} lm_head rows sit in {u.get('groups', 0):,} groups of near-identical rows "
+                     f"(cosine >= {u.get('min_cos', 0):g}; `undertrained`): their tokens cannot be told apart by the "
+                     "output layer."),
+                Table("collapse", "Collapsed lm_head rows per category", ("category", "collapsed", "tokens"),
+                      rows_u, numeric=(1, 2))]
+    post = c.get("post", {})
+    head = (f"{post.get('rows', 0):,} lm_head rows of POST sit in {post.get('groups', 0):,} groups of near-identical "
+            f"rows (cosine >= {post.get('min_cos', 0):g}): their tokens cannot be told apart by the output layer. "
+            f"{c.get('new', 0):,} collapsed during post-training, {c.get('already', 0):,} already were in BASE, "
+            f"{c.get('released', 0):,} came apart.")
+    rows: list[list[CellValue]] = [
+        [_category_label(cat), f"{v.get('new', 0):,}", f"{v.get('already', 0):,}", f"{v.get('released', 0):,}"]
+        for cat, v in sorted((c.get("categories") or {}).items(), key=lambda kv: -kv[1].get("new", 0))]
+    items: list[Para | Table] = [Para(head)]
+    if rows:
+        items.append(Table("collapse", "Collapsed lm_head rows per category", ("category", "collapsed in POST",
+                                                                               "already in BASE", "came apart"),
+                           rows, numeric=(1, 2, 3)))
+    return items
+
+
+def advice_items(summary: dict[str, Any]) -> list[Para | Table]:
+    """What to do, near the top: the coverage advice (`analyses.advice`), when `coverage` ran on this folder."""
+    from ..analyses.advice import advice_lines
+
+    adv = (summary.get("coverage") or {}).get("advice")
+    if not isinstance(adv, dict) or "languages" not in adv:
+        return []
+    return [Para("What to do: " + " ".join(advice_lines(adv)), "note")] if advice_lines(adv) else []
 
 
 def coverage_items(summary: dict[str, Any]) -> list[Para | Table]:
@@ -839,6 +952,17 @@ def _log(v: float, on: bool) -> float:
     return math.log10(v) if on and v > 0 else v
 
 
+def _mark_side(c: Chart, x: float) -> str:
+    """Which side of its line a mark's label goes: left of a line in the right part of the x range, so labels at
+    the right edge (the largest L2 movers) stay inside the plot instead of running off it and over each other."""
+    xs = [float(v) for s in c.series if s.kind != "bar" for v in s.x if isinstance(v, (int, float, np.number))]
+    xs += [m[0] for m in c.marks]
+    if not xs:
+        return "left"
+    lo, hi = (_log(min(xs), c.logx), _log(max(xs), c.logx))
+    return "right" if hi > lo and (_log(x, c.logx) - lo) / (hi - lo) > 0.6 else "left"
+
+
 def plotly_spec(c: Chart) -> dict[str, Any]:
     """A Plotly figure as plain JSON (data, layout, config): plotly.js draws it; no Python-side validation."""
     data = []
@@ -871,7 +995,7 @@ def plotly_spec(c: Chart) -> dict[str, Any]:
         shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": xv, "x1": xv, "y0": 0, "y1": 1,
                        "line": {"color": "#555", "width": 1, "dash": "dot"}})
         notes.append({"x": xv, "y": 1 - 0.07 * (k % 8), "xref": "x", "yref": "paper", "text": _plotly_text(label),
-                      "showarrow": False, "xanchor": "left", "font": {"size": 11},
+                      "showarrow": False, "xanchor": _mark_side(c, x), "font": {"size": 11},
                       "bgcolor": "rgba(255,255,255,0.7)"})
     if c.region:
         x0, x1, y0, y1, label = c.region
@@ -936,8 +1060,10 @@ def png(c: Chart) -> bytes:
         trans = blended_transform_factory(ax.transData, ax.transAxes)
         for k, (x, label) in enumerate(c.marks):
             ax.axvline(x, color="#555555", lw=0.8, ls=":")
-            ax.text(x, 0.97 - 0.07 * (k % 8), " " + label, transform=trans, fontsize=8, va="top",
-                    parse_math=False, bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+            side = _mark_side(c, x)
+            ax.text(x, 0.97 - 0.07 * (k % 8), f" {label} " if side == "left" else f"{label} ", transform=trans,
+                    fontsize=8, va="top", ha=side, parse_math=False,
+                    bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
         if c.region:
             x0, x1, y0, y1, label = c.region
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="#d62728", alpha=0.08, lw=0, zorder=0))
@@ -991,7 +1117,7 @@ def comparison_items(a: RunData, b: RunData, names: tuple[str, str], fa: Frame, 
             continue
         rows.append([f"{space} cosine to pre-trained, mean / min", f"{_f4(sa['mean_cos'])} / {_f4(sa['min_cos'])}",
                      f"{_f4(sb['mean_cos'])} / {_f4(sb['min_cos'])}",
-                     f"{sb['mean_cos'] - sa['mean_cos']:+.4f} / {sb['min_cos'] - sa['min_cos']:+.4f}"])
+                     f"{_delta(sa['mean_cos'], sb['mean_cos'])} / {_delta(sa['min_cos'], sb['min_cos'])}"])
         if space == "lm_head":
             rows.append(["tokens below 0.95 / 0.90",
                          f"{_count(sa['below_0.95'], sa['tokens'])} / {_count(sa['below_0.90'], sa['tokens'])}",
@@ -1067,8 +1193,15 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
     thr = float(s.get("threshold", 0.95))
     probe = Probe.of(rd, len(vocab)) if rd.probe is not None else None
 
-    overview = Section("overview", "Overview", [Para(verdict(s), "verdict"), language_table(s)])
+    overview = Section("overview", "Overview", [Para(verdict(s), "verdict"), *probe_headline_items(s),
+                                                *advice_items(s), language_table(s)])
     notes = []
+    opts = s.get("options") or {}
+    if opts.get("fold_norm"):
+        notes.append("lm_head rows were folded with each model's final norm weight g before comparing "
+                     "(diff --fold-norm): the cosines are of W·diag(g), what the logits are computed from.")
+    if s.get("centered"):
+        overview.items.append(language_table(s, centered=True))
     if s.get("nonfinite_rows"):
         notes.append(f"{len(s['nonfinite_rows']):,} rows hold NaN or infinite weights (ids "
                      f"{', '.join(map(str, s['nonfinite_rows'][:5]))}…); they are left out of every number.")
@@ -1092,6 +1225,8 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
     tables = Section("tables", "Tables", [drifted_table(fr, vocab, probe, top)])
     nts, nnotes = neighbors_tables(rd, fr, vocab, chosen)
     tables.items += [*nts, *(Para(n, "note") for n in nnotes)]
+    tables.items += intrusion_items(s)
+    tables.items += collapse_items(s)
     if probe is not None:
         tables.items.append(lost_table(probe, fr, vocab, top))
     if rd.cases:
@@ -1167,7 +1302,8 @@ def render_markdown(sections: list[Section], *, title: str, origin: str, images:
             elif isinstance(it, Table):
                 out.append(_md_table(it))
             elif it.key in images:
-                out.append(f"![{_md(it.title)}]({images[it.key]})\n" + (f"\n{_md(it.note)}\n" if it.note else ""))
+                note = _static_note(it.note)
+                out.append(f"![{_md(it.title)}]({images[it.key]})\n" + (f"\n{_md(note)}\n" if note else ""))
     return "\n".join(out)
 
 
@@ -1212,14 +1348,17 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
     origin = _origin(rd)
     page = render_html(sections, title=title, origin=origin)  # before any write: a failure leaves nothing new
 
-    files = p / _FILES
+    # a comparison goes beside RUN's own report, named for both runs: it never overwrites it
+    html_name, md_name, files_name = (R.comparison_files(*pair) if pair is not None
+                                      else (R.REPORT_HTML, R.REPORT_MD, _FILES))
+    files = p / files_name
     files.mkdir(exist_ok=True)
     images = {}
     charts = [it for s in sections for it in s.items if isinstance(it, Chart)]
     for c, data in zip(charts, pngs(charts), strict=True):
         write_bytes_atomic(files / f"{c.key}.png", data)
-        images[c.key] = f"{_FILES}/{c.key}.png"
-    md_path, html_path = p / "report.md", p / "report.html"
+        images[c.key] = f"{files_name}/{c.key}.png"
+    md_path, html_path = p / md_name, p / html_name
     write_bytes_atomic(md_path, render_markdown(sections, title=title, origin=origin, images=images).encode())
     write_bytes_atomic(html_path, page.encode())
     log.info("wrote %s and %s", html_path, md_path)

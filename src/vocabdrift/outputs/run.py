@@ -1,4 +1,9 @@
-"""The run folder: the contract between commands (see DESIGN.md).
+"""The run folder: the contract between commands (docs/ARCHITECTURE.md, "The run folder").
+
+This module owns the contract: the file names (the constants below; no other module spells them), the columns each
+table must hold (`REQUIRED_COLUMNS`), the one writer (`Run.write_table`, `Run.write_json`, through `atomic`, whose
+functions are re-exported here) and the one reader (`Run.read_contract`, which checks those columns; `Run.read_table`
+with the columns a command needs; `Run.read_json`).
 
 Every write is atomic: a file goes to a temporary name in the same folder and is renamed into place, and a new
 run folder is built under a hidden temporary name and renamed only when the command succeeds. So a killed or
@@ -21,33 +26,62 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import folder_mode, write_bytes_atomic, write_lines_atomic, write_parquet_atomic  # noqa: F401
 from ..errors import VocabdriftError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+# ---- the contract: the files of a run folder, and the columns each table must hold ---------------------------
+VOCAB = "vocab.parquet"
+DRIFT = "drift.parquet"
+NEIGHBORS = "neighbors.parquet"
+COVERAGE = "coverage.parquet"
+COVERAGE_DRIFT = "coverage_drift.parquet"
+PROBE = "probe.parquet"
+UNDERTRAINED = "undertrained.parquet"
+SUMMARY = "summary.json"
+MANIFEST = "manifest.json"
+CASES = "cases.json"
+CONFUSION = "confusion.json"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+REPORT_FILES = "report_files"
+
+
+
+def comparison_files(a: str, b: str) -> tuple[str, str, str]:
+    """The files of `report RUN RUN_B`, written into RUN beside its own report (which they never overwrite):
+    (html, md, folder of the Markdown's plots), named for both runs."""
+    import re
+
+    stem = "compare_" + "_vs_".join(re.sub(r"[^\w.-]+", "-", x).strip("-.") or "run" for x in (a, b))
+    return f"{stem}.html", f"{stem}.md", f"{stem}_files"
+
+
+# The columns every reader may rely on; the writers write these and more (vocab.parquet also has piece and
+# reachable, drift.parquet the embed and centred columns, probe.parquet template, rank and outcome...). Tables
+# join on token_id. `Run.read_contract` checks these (the report reads through it), so a table from an
+# incompatible version is one clear error.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    VOCAB: ("token_id", "text", "category", "is_special"),
+    DRIFT: ("token_id", "lm_head_cos", "lm_head_l2", "lm_head_norm_base", "lm_head_norm_post", "embed_cos"),
+    NEIGHBORS: ("token_id", "space", "model", "rank", "neighbor_id", "cos"),
+    COVERAGE: ("token_id", "count"),
+    COVERAGE_DRIFT: ("token_id", "count", "lm_head_cos"),
+    PROBE: ("token_id", "model", "p_target", "sayable"),
+    UNDERTRAINED: ("token_id", "embed_norm", "embed_norm_percentile", "verified"),
+}
+
+# The files that belong to diff's BASE/POST pair and that diff itself writes; every other file of a run folder
+# (coverage joins, probe, cases, confusion, undertrained, the report) was computed on top of a pair and is removed
+# when `diff` writes a different pair into the folder (`Run.set_pair`).
+PAIR_FILES = (VOCAB, DRIFT, NEIGHBORS, SUMMARY, MANIFEST)
+_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, UNDERTRAINED, CASES, CONFUSION, REPORT_HTML, REPORT_MD, REPORT_FILES)
+_SUMMARY_KEY = "summary.json#"  # manifest["files"] also stamps each summary key a command wrote
+_WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+
 _PACKAGES = ("vocabdrift", "numpy", "torch", "safetensors", "tokenizers", "transformers", "gguf", "pyarrow")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file under a temporary name in its folder, then rename it into place (readers never see half)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -74,6 +108,34 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(p.resolve()), "bytes": size, "files": len(files), "quick_sha256": h.hexdigest()}
 
 
+def model_identity(spec: str | os.PathLike) -> str:
+    """What a model named on the command line *is*, cheaply: for a local folder or file, a digest of its weight
+    files' names, sizes, modification times and first 64 KiB (safetensors and GGUF headers hold every tensor's
+    shape and offset); for a hub id or a served name, the name itself ("name:...").
+
+    A folder and the weights file inside it get the same identity, so `diff ./post` and `probe ./post/model.
+    safetensors` are recognised as the same model; a copy or a retrained checkpoint is another one.
+    """
+    p = Path(os.path.expanduser(str(spec)))
+    if not p.exists():
+        return f"name:{spec}"
+    files = sorted(x for x in p.iterdir() if x.suffix in _WEIGHTS and x.is_file()) if p.is_dir() else [p]
+    if p.is_dir() and not files:  # a folder without weights at its top (a tokenizer folder, say): its files
+        files = sorted(x for x in p.iterdir() if x.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return f"local:{h.hexdigest()[:24]}"
+
+
+def pair_key(base_id: str, post_id: str) -> str:
+    """One key for a BASE/POST pair (of `model_identity`s): every file of a run folder is stamped with it."""
+    return hashlib.sha256(f"{base_id}\n{post_id}".encode()).hexdigest()[:24]
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for name in _PACKAGES:
@@ -87,6 +149,7 @@ class Run:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._written: list[str] = []  # files and summary keys written by this command; `record` stamps them
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -97,27 +160,39 @@ class Run:
 
     def write_table(self, name: str, table: pa.Table) -> Path:
         """Write `name` (e.g. "drift.parquet") atomically."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
         out = self.path / name
-        write_bytes_atomic(out, sink.getvalue().to_pybytes())
+        write_parquet_atomic(out, table)
+        self._written.append(name)
         return out
 
-    def read_table(self, name: str) -> pa.Table:
+    def read_contract(self, name: str) -> pa.Table:
+        """Read `name`, checking it holds every column of the contract (`REQUIRED_COLUMNS`): what the report does."""
+        return self.read_table(name, REQUIRED_COLUMNS.get(name, ()))
+
+    def read_table(self, name: str, columns: tuple[str, ...] = ()) -> pa.Table:
+        """Read `name`, checking it holds `columns` (the ones this reader needs): one clear error, not a KeyError."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         p = self.path / name
         if not p.exists():
             raise VocabdriftError(f"{p}: not found; run the command that writes {name} into {self.path} first")
-        return pq.read_table(p)
+        try:
+            t = pq.read_table(p)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise VocabdriftError(f"{p}: not a readable Parquet file ({e}); rerun the command that wrote it") from e
+        missing = [c for c in columns if c not in t.column_names]
+        if missing:
+            raise VocabdriftError(f"{p}: missing column(s) {', '.join(missing)}; it was written by an incompatible "
+                                  "version — rerun the command that wrote it")
+        return t
 
     # ---- json ---------------------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:
         out = self.path / name
         write_bytes_atomic(out, (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode())
+        if name not in (SUMMARY, MANIFEST):
+            self._written.append(name)
         return out
 
     def read_json(self, name: str, default: Any = None) -> Any:
@@ -133,25 +208,148 @@ class Run:
 
     def update_summary(self, **keys: Any) -> Path:
         """Merge top-level keys into summary.json: later commands add their keys beside diff's."""
-        summary = self.read_json("summary.json", default={})
+        summary = self.read_json(SUMMARY, default={})
         summary.update(keys)
-        return self.write_json("summary.json", summary)
+        self._written += [_SUMMARY_KEY + k for k in keys]
+        return self.write_json(SUMMARY, summary)
 
     def record(self, command: str, *, arguments: dict[str, Any], inputs: dict[str, Any] | None = None,
                seed: int | None = None, timings: dict[str, float] | None = None) -> Path:
-        """Append what made this run's files to manifest.json (command, arguments, versions, input fingerprints)."""
-        manifest = self.read_json("manifest.json", default={"commands": []})
+        """Append what made this run's files to manifest.json (command, arguments, versions, input fingerprints),
+        and stamp each file (and summary key) this command wrote with what it was computed from: the folder's
+        BASE/POST pair and the identity of the models named in `inputs` ("model", "base", "post")."""
+        manifest = self.read_json(MANIFEST, default={"commands": []})
+        pair = manifest.get("pair") or {}
+        models = {k: model_identity(v) for k, v in (inputs or {}).items()
+                  if k in ("model", "base", "post") and isinstance(v, (str, os.PathLike))}
+        fps = {k: fingerprint(v) if isinstance(v, (str, os.PathLike)) else v for k, v in (inputs or {}).items()}
+        files = manifest.setdefault("files", {})
+        for name in dict.fromkeys(self._written):
+            files[name] = {"command": command, "pair": pair.get("key"), "models": models, "arguments": arguments,
+                           "inputs": _digest(inputs or {})}
+        self._written.clear()
         manifest.setdefault("commands", []).append({
             "command": command,
             "arguments": arguments,
-            "inputs": {k: fingerprint(v) if isinstance(v, (str, os.PathLike)) else v
-                       for k, v in (inputs or {}).items()},
+            "inputs": fps,
             "seed": seed,
             "timings": timings or {},
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "packages": package_versions(),
         })
-        return self.write_json("manifest.json", manifest)
+        return self.write_json(MANIFEST, manifest)
+
+
+    # ---- provenance: every file of the folder belongs to one BASE/POST ----------------------------------------
+    def pair(self) -> dict[str, str] | None:
+        """The BASE/POST pair `diff` last wrote here ({"key", "base", "post"}: `model_identity`s), or None."""
+        return self.read_json(MANIFEST, default={}).get("pair")
+
+    def holds(self, name: str, *, command: str, arguments: dict[str, Any],
+              inputs: dict[str, Any] | None = None) -> bool:
+        """Whether `name` is here, of the folder's current pair, written by `command` with these arguments (and,
+        when given, from inputs with the same fingerprints): a rerun of a finished step, which says so instead
+        of recomputing."""
+        if not self.has(name):
+            return False
+        manifest = self.read_json(MANIFEST, default={})
+        stamp = manifest.get("files", {}).get(name)
+        if not isinstance(stamp, dict):
+            return False
+        key = (manifest.get("pair") or {}).get("key")
+        return stamp.get("command") == command and stamp.get("pair") == key \
+            and _plain(stamp.get("arguments")) == _plain(arguments) \
+            and (inputs is None or stamp.get("inputs") == _digest(inputs))
+
+    def set_pair(self, base: str | os.PathLike, post: str | os.PathLike) -> list[str]:
+        """Make this folder `diff`'s for BASE/POST. When it held another pair's results, remove every file
+        computed from them (coverage joins, probe, cases, confusion, undertrained, the report, and summary keys
+        other commands wrote) and return their names, so nothing of the old pair is ever read with the new one.
+
+        A folder written before files were stamped counts as another pair's when its last diff named other
+        inputs (compared by `fingerprint`)."""
+        ids = {"base": model_identity(base), "post": model_identity(post)}
+        key = pair_key(ids["base"], ids["post"])
+        manifest = self.read_json(MANIFEST, default={"commands": []})
+        old = manifest.get("pair")
+        if old is not None:
+            changed = old.get("key") != key
+        else:
+            diffs = [c for c in manifest.get("commands", []) if c.get("command") in ("diff", "repair")]
+            last = diffs[-1].get("inputs", {}) if diffs else None
+            changed = last is not None and any(  # only what that command recorded (repair: its BASE)
+                isinstance(last.get(k), dict) and last[k].get("quick_sha256") != fingerprint(v).get("quick_sha256")
+                for k, v in (("base", base), ("post", post)))
+        removed: list[str] = []
+        if changed:
+            for name in (*_DEPENDENT, NEIGHBORS):  # diff writes neighbours again: not worth a word
+                p = self.path / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                    removed.append(name + "/")
+                elif p.exists():
+                    p.unlink()
+                    if name != NEIGHBORS:
+                        removed.append(name)
+            summary = self.read_json(SUMMARY, default={})
+            gone = [k for k in summary if k in _NOT_DIFF_KEYS]
+            if gone:
+                self.write_json(SUMMARY, {k: v for k, v in summary.items() if k not in _NOT_DIFF_KEYS})
+                removed += [f"summary.json[{k!r}]" for k in gone]
+            manifest["files"] = {}
+        manifest["pair"] = {"key": key, **ids}
+        self.write_json(MANIFEST, manifest)
+        return removed
+
+    def disagreements(self) -> list[str]:
+        """One sentence per file (or summary key) here that was computed from another BASE/POST than the
+        folder's pair, or from a model that is neither: what the report refuses to put on one page."""
+        manifest = self.read_json(MANIFEST, default={})
+        pair = manifest.get("pair")
+        if not pair:
+            return []
+        summary = self.read_json(SUMMARY, default={}) if self.has(SUMMARY) else {}
+        out = []
+        for name, st in manifest.get("files", {}).items():
+            present = (name[len(_SUMMARY_KEY):] in summary) if name.startswith(_SUMMARY_KEY) else self.has(name)
+            if not present or not isinstance(st, dict):
+                continue
+            shown = f"summary.json's {name[len(_SUMMARY_KEY):]!r}" if name.startswith(_SUMMARY_KEY) else name
+            if st.get("pair") is not None and st["pair"] != pair["key"]:
+                out.append(f"{shown} (written by `{st.get('command')}`) was computed from another BASE/POST pair")
+                continue
+            m = st.get("models") or {}
+            local = {k: v for k, v in m.items() if str(v).startswith("local:")}
+            wrong = [k for k, v in local.items()
+                     if (k in ("base", "post") and "model" not in m and v != pair.get(k))
+                     or (k == "base" and "model" in m and v != pair["base"])
+                     or (k == "model" and ("base" in m and v != pair["post"] or v not in (pair["base"], pair["post"])))]
+            if wrong:
+                out.append(f"{shown} (written by `{st.get('command')}`) was computed from a model that is neither "
+                           "this run's BASE nor its POST")
+        return out
+
+
+# summary keys written by commands other than diff: dropped with the other pair's files
+_NOT_DIFF_KEYS = ("coverage", "probe", "cases", "confusion", "undertrained", "check", "repair")
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    """One short digest of what a command read, kept in each file's stamp: each input path's `fingerprint` and
+    its files' latest modification time (an edit in the middle of a file keeps size, head and tail)."""
+    ids = {}
+    for k, v in inputs.items():
+        if isinstance(v, (str, os.PathLike)):
+            p = Path(os.path.expanduser(str(v)))
+            files = [x for x in p.rglob("*") if x.is_file()] if p.is_dir() else [p] if p.exists() else []
+            v = {**fingerprint(p), "mtime": max((f.stat().st_mtime_ns for f in files), default=0)}
+        ids[k] = v
+    return hashlib.sha256(json.dumps(ids, sort_keys=True, default=_json_default).encode()).hexdigest()[:24]
+
+
+def _plain(o: Any) -> Any:
+    """Arguments as JSON would store them (tuples become lists), to compare a stamp with a new call."""
+    return json.loads(json.dumps(o, default=_json_default, sort_keys=True))
 
 
 def _json_default(o: Any) -> Any:
@@ -185,6 +383,7 @@ def open_run(path: str | os.PathLike, *, create: bool = True) -> Iterator[Run]:
         raise VocabdriftError(f"{final}: no such run folder; create it with `vocabdrift diff` or another command")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    os.chmod(tmp, folder_mode())  # mkdtemp makes 0700; the run folder gets what mkdir would give it
     try:
         yield Run(tmp)
         os.replace(tmp, final)

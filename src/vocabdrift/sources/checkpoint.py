@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ import numpy as np
 
 from ..errors import VocabdriftError
 from . import disk
+from .spec import PICKLE_SUFFIXES as _PICKLE_SUFFIXES
+from .spec import check_weights_policy, parse_model_spec, pickle_refused
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,6 @@ _LM_BIAS = ("lm_head.bias", "embed_out.bias", "output.bias")
 _FINAL_NORM = ("model.norm.weight", "ln_f.weight", "final_layer_norm.weight", "output_norm.weight", "norm.weight",
                "final_layernorm.weight")
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # float32 bytes of one block of one matrix: small enough that the several passes over a block hit the cache
 DEFAULT_BLOCK_BYTES = 8 << 20
 
@@ -200,29 +200,85 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and validate a safetensors header ourselves, so a truncated file or a lying header gets a clear
-    error instead of a crash deep inside a read."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise VocabdriftError(f"{path}: too short to be a safetensors file ({size} bytes); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise VocabdriftError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
-                                  "the file is truncated or not safetensors — re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VocabdriftError(f"{path}: safetensors header is not valid JSON ({e}); re-download the file") from e
+    error instead of a crash deep inside a read, or worse, made-up numbers.
+
+    Checked as the reference reader does: the header is a JSON object of objects; each tensor has a dtype, a
+    shape of non-negative integers and two integer offsets inside the data section; the tensors tile the data
+    section without gaps or overlaps; and each tensor's byte length is its element count times its dtype's size
+    (a shape claiming more rows than the bytes hold would otherwise invent rows)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise VocabdriftError(f"{path}: too short to be a safetensors file ({size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 << 20:
+                raise VocabdriftError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
+                                      "the file is truncated or not safetensors — re-download it")
+            raw = f.read(n)
+    except OSError as e:  # a folder named *.safetensors, a symlink loop, no permission
+        raise VocabdriftError(f"{path}: cannot be read ({e.strerror or e}); pass a safetensors file") from e
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VocabdriftError(f"{path}: safetensors header is not valid JSON ({e}); re-download the file") from e
+    bad = f"{path}: not a valid safetensors file: "
+    fix = "; re-download or re-convert the checkpoint"
+    if not isinstance(header, dict):
+        raise VocabdriftError(f"{bad}the header is a JSON {type(header).__name__}, not an object{fix}")
     data_len = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise VocabdriftError(f"{bad}__metadata__ is a {type(info).__name__}, not an object{fix}")
             continue
-        begin, end = info.get("data_offsets", (0, 0))
-        if end > data_len or begin > end:
+        if not isinstance(info, dict):
+            raise VocabdriftError(f"{bad}tensor {name!r} is a {type(info).__name__}, not an object{fix}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise VocabdriftError(f"{bad}tensor {name!r} has no dtype{fix}")
+        if not isinstance(shape, list) or not all(_is_int(x) and x >= 0 for x in shape):
+            raise VocabdriftError(f"{bad}tensor {name!r} has shape {shape!r}, not a list of non-negative "
+                                  f"integers{fix}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)):
+            raise VocabdriftError(f"{bad}tensor {name!r} has data_offsets {offsets!r}, not two integers{fix}")
+        begin, end = offsets
+        if begin < 0 or begin > end:
+            raise VocabdriftError(f"{bad}tensor {name!r} has data_offsets {begin}:{end}, which do not make a "
+                                  f"range{fix}")
+        if end > data_len:
             raise VocabdriftError(f"{path}: tensor {name} lies at bytes {begin}:{end} but the data section has "
                                   f"{data_len} bytes; the file is truncated — re-download it")
+        itemsize = _ST_ITEMSIZE.get(dtype)
+        if itemsize is not None:
+            want = int(np.prod(shape, dtype=object)) * itemsize if shape else itemsize
+            if end - begin != want:
+                raise VocabdriftError(f"{bad}tensor {name!r} claims shape {shape} of {dtype} ({want:,} bytes) but "
+                                      f"holds {end - begin:,} bytes{fix}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):  # overlaps first: the worse lie
+        if b1 < e0 and e1 > b1:
+            raise VocabdriftError(f"{bad}tensors {n0!r} ({b0}:{e0}) and {n1!r} ({b1}:{e1}) overlap{fix}")
+    at = 0
+    for begin, end, _ in spans:
+        if begin != at:
+            raise VocabdriftError(f"{bad}bytes {at}:{begin} of the data section belong to no tensor{fix}")
+        at = end
+    if at != data_len:
+        raise VocabdriftError(f"{bad}the tensors end at byte {at:,} of a {data_len:,}-byte data section{fix}")
     return header, 8 + n
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# bytes per element of every safetensors dtype (sub-byte types, F4 and F6, have none: their lengths are not checked)
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
 
 
 # safetensors dtype -> (torch dtype name, bytes per element)
@@ -386,30 +442,54 @@ def _open_pickle(files: list[Path], *, where: Path, config: dict[str, Any]) -> C
 
 # ---- resolving what the user named ----------------------------------------------------------------------------
 
+def _read_json_object(p: Path, what: str) -> dict[str, Any]:
+    """A small JSON file that must hold an object (config.json, a shard index): any other content is one clear
+    error naming the file."""
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VocabdriftError(f"{p}: not valid JSON ({e}); fix or re-download the {what}") from e
+    except OSError as e:
+        raise VocabdriftError(f"{p}: cannot be read ({e.strerror or e}); it should be the {what} file") from e
+    if not isinstance(obj, dict):
+        raise VocabdriftError(f"{p}: holds a JSON {type(obj).__name__}, not an object; fix or re-download the {what}")
+    return obj
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     p = folder / "config.json"
     if not p.exists():
         return {}
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise VocabdriftError(f"{p}: not valid JSON ({e})") from e
+    cfg = _read_json_object(p, "model config")
     text = cfg.get("text_config")  # multimodal wrappers keep the language model's settings here
     if isinstance(text, dict) and "tie_word_embeddings" not in cfg and "tie_word_embeddings" in text:
         cfg["tie_word_embeddings"] = text["tie_word_embeddings"]
     return cfg
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """A shard index's weight_map (tensor name -> shard file), checked: an object of file names, each inside the
+    index's folder (an entry such as ../../etc/passwd is refused, never followed)."""
+    weight_map = _read_json_object(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise VocabdriftError(f"{index}: not a valid shard index (no \"weight_map\" object of tensor name -> file "
+                              "name); re-download it")
+    for f in set(weight_map.values()):
+        # judged on the name, not the resolved path: a hub cache's shards are links into its blob store
+        norm = os.path.normpath(f)
+        if not f or os.path.isabs(f) or norm == ".." or norm.startswith(".." + os.sep):
+            raise VocabdriftError(f"{index}: names shard {f!r}, which lies outside the model folder; refusing to "
+                                  "read it — fix the index")
+    return weight_map
+
+
 def _shards_from_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise VocabdriftError(f"{index}: not a valid shard index ({e})") from e
+    weight_map = _weight_map(index)
     names = list(weight_map)
     wanted = {n for n in (_pick(names, _EMBED, exclude=("position", "vision", "visual", "audio")),
                           _pick(names, _LM_HEAD), _pick(names, _LM_BIAS), _pick(names, _FINAL_NORM)) if n}
     files = sorted({weight_map[n] for n in wanted})
-    missing = [f for f in files if not (index.parent / f).exists()]
+    missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
         raise VocabdriftError(f"{index.parent}: shard {missing[0]} named in {index.name} is missing; "
                               "download the whole checkpoint")
@@ -431,19 +511,13 @@ def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
         raise VocabdriftError(f"{folder}: holds {len(gg)} .gguf files; name the one to read")
     pk = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if (folder / "pytorch_model.bin.index.json").exists():
-        pk = [folder / f for f in sorted(set(json.loads(
-            (folder / "pytorch_model.bin.index.json").read_text())["weight_map"].values()))]
+        pk = [folder / f for f in sorted(set(_weight_map(folder / "pytorch_model.bin.index.json").values()))]
     if pk:
         if not allow_pickle:
-            raise VocabdriftError(f"{folder}: only pickle weights ({pk[0].name}); pickle can run code, so it is "
-                                  "refused — convert to safetensors, or pass --allow-pickle (weights_only=True)")
+            raise pickle_refused(folder / pk[0].name)
         return _open_pickle(pk, where=folder, config=config)
     raise VocabdriftError(f"{folder}: no weights found (no .safetensors, .gguf or shard index); "
                           "pass a model folder or a weights file")
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec)) and not spec.startswith(".")
 
 
 def _open_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Checkpoint:
@@ -468,7 +542,7 @@ def _open_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Chec
                 if f.endswith((".safetensors", ".gguf")) and "/" not in f:
                     local = Path(hf_hub_download(repo_id, f, revision=revision)).parent
                     break
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, KeyError) as e:  # ValueError: a bad id
         raise VocabdriftError(f"{repo_id}: not a local path, and the hub could not be reached or has no such "
                               f"model ({type(e).__name__}); check the name or the network") from e
     if local is None:
@@ -491,8 +565,12 @@ def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False, revi
         >>> ck = open_checkpoint("Qwen/Qwen2.5-7B")
         >>> for start, block in ck.iter_blocks("lm_head"): ...
     """
-    p = Path(spec).expanduser()
-    if p.is_dir():
+    ms = parse_model_spec(spec)  # the one parser: `~` expanded, a hub id only when no such path exists
+    if ms.kind == "hub":
+        return _open_hub(str(ms.hub_id), revision=revision, allow_pickle=allow_pickle)
+    p = ms.path
+    assert p is not None
+    if ms.kind == "folder":
         return _open_folder(p, allow_pickle=allow_pickle)
     if p.is_file():
         if p.suffix == ".safetensors":
@@ -502,13 +580,7 @@ def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False, revi
         if p.name.endswith(".index.json"):
             return _open_safetensors(_shards_from_index(p), where=p.parent, config=_read_config(p.parent))
         if p.suffix in _PICKLE_SUFFIXES:
-            if not allow_pickle:
-                raise VocabdriftError(f"{p}: pickle checkpoints can run code when loaded, so they are refused; "
-                                      "convert to safetensors, or pass --allow-pickle (loaded with weights_only=True)")
+            check_weights_policy(ms, allow_pickle=allow_pickle)
             return _open_pickle([p], where=p, config=_read_config(p.parent))
-        raise VocabdriftError(f"{p}: unknown checkpoint format; expected .safetensors, .gguf, a shard index or a "
-                              "model folder")
-    if (_looks_like_hub_id(str(spec)) and str(spec).count("/") == 1
-            and p.suffix not in (".safetensors", ".gguf", ".json", *_PICKLE_SUFFIXES)):
-        return _open_hub(str(spec), revision=revision, allow_pickle=allow_pickle)
-    raise VocabdriftError(f"{spec}: no such file or folder")
+    raise VocabdriftError(f"{p}: unknown checkpoint format; expected .safetensors, .gguf, a shard index or a "
+                          "model folder")

@@ -9,12 +9,15 @@ has none of these shapes is a `Malformed` entry naming its file and line; `stric
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as _field
 from pathlib import Path
@@ -33,6 +36,11 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "system": "system", "tool": "tool", "function": "tool", "function_call": "assistant",
                    "observation": "tool"}
 _BATCH = 1024
+# The largest record read (bytes of one JSON line, or of one JSON-array element as text): larger ones are skipped
+# and counted as malformed, each with its size. Why: tokenizing with offsets costs ~180 bytes of memory per byte of
+# text, so one 50 MB line took 8.9 GB. 4 MiB is about a million tokens, far above any chat sample.
+MAX_RECORD_BYTES = 4 << 20
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,17 @@ class DataReader:
                 yield f"<records>#{i}", rec
         for f in self.files:
             yield from _read(f, self.report)
+
+    def valid_records(self) -> Iterator[tuple[str, Any]]:
+        """(source, raw record) pairs of the records that have a usable shape (`to_sample` takes them); every
+        other one is reported as malformed. What `mix` copies: a trainer must never see a record we skip."""
+        for src, rec in self.records():
+            try:
+                to_sample(rec, src, field=self.field)
+            except BadRecord as e:
+                self.report(src, str(e))
+                continue
+            yield src, rec
 
     def report(self, source: str, reason: str) -> None:
         self.n_malformed += 1
@@ -155,6 +174,61 @@ def _open_text(p: Path) -> io.TextIOBase:
     return open(p, encoding="utf-8", errors="replace")
 
 
+@contextlib.contextmanager
+def _readable(p: Path, where: Callable[[], str]) -> Iterator[None]:
+    """A file that cannot be read on (a corrupt or cut .gz, an I/O error) is one clear error naming it and the
+    line reached: the records before it may already be counted, so skipping the rest silently would lie."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as e:
+        kind = "gzip file" if p.name.endswith(".gz") else "file"
+        raise VocabdriftError(f"{p}: not a readable {kind} ({type(e).__name__}: {e}) {where()}; re-create or "
+                              "re-download it") from e
+
+
+def _lone_surrogate(line: str) -> bool:
+    """Whether a JSON text may decode to a lone UTF-16 surrogate (\\ud800 without its pair), which no UTF-8 text
+    holds and the tokenizer refuses: checked only on lines that escape one, so cheap."""
+    return "\\u" in line and re.search(r"\\u[dD][89a-fA-F]", line) is not None
+
+
+def _parse(line: str) -> tuple[Any, str | None]:
+    """A JSON line's record, or (None, why not): invalid JSON, nested too deep, or a lone surrogate."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+    if _lone_surrogate(line):
+        try:
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "holds a lone UTF-16 surrogate (an invalid \\ud800-\\udfff escape), which is not text"
+        except RecursionError:
+            return None, "JSON nested too deeply to read"
+    return rec, None
+
+
+def _lines(f: io.TextIOBase) -> Iterator[tuple[str | None, int]]:
+    """(line, its length) for each line, reading at most MAX_RECORD_BYTES (in characters) of one line at a time:
+    a longer line is skipped to its end in chunks and given as (None, its length), so memory stays bounded."""
+    while True:
+        line = f.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_RECORD_BYTES or line.endswith("\n"):
+            yield line, len(line)
+            continue
+        n = len(line)
+        while not line.endswith("\n"):
+            line = f.readline(_CHUNK)
+            if not line:
+                break
+            n += len(line)
+        yield None, n
+
+
 def _read(p: Path, bad) -> Iterator[tuple[str, Any]]:
     if p.is_dir():
         yield from _read_saved(p)
@@ -167,7 +241,7 @@ def _read(p: Path, bad) -> Iterator[tuple[str, Any]]:
 
 
 def _first_char(p: Path) -> str:
-    with _open_text(p) as f:
+    with _readable(p, lambda: "at its start"), _open_text(p) as f:
         while True:
             chunk = f.read(4096)
             if not chunk:
@@ -178,25 +252,49 @@ def _first_char(p: Path) -> str:
 
 
 def _read_jsonl(p: Path, bad) -> Iterator[tuple[str, Any]]:
-    with _open_text(p) as f:
-        for i, line in enumerate(f, 1):
+    i = 0
+    with _readable(p, lambda: f"after line {i}"), _open_text(p) as f:
+        for i, (line, n) in enumerate(_lines(f), 1):  # noqa: B007 (i is read by the error message)
+            if line is None:
+                bad(f"{p}:{i}", f"a record of {n:,} characters, above the limit of {MAX_RECORD_BYTES:,} "
+                                "(MAX_RECORD_BYTES); split it or drop it")
+                continue
             if not line.strip():
                 continue
-            try:
-                yield f"{p}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(f"{p}:{i}", f"not valid JSON ({e.msg} at column {e.colno})")
+            rec, why = _parse(line)
+            if why is not None:
+                bad(f"{p}:{i}", why)
+                continue
+            yield f"{p}:{i}", rec
 
 
 def _read_json_array(p: Path) -> Iterator[tuple[str, Any]]:
     """A JSON file holding one array of records (read whole: JSON arrays cannot be streamed without a parser)."""
     try:
-        with _open_text(p) as f:
-            data = json.load(f)
+        with _readable(p, lambda: "while reading it whole"), _open_text(p) as f:
+            text = f.read()
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise VocabdriftError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); fix the file or convert it to JSONL") from e
+    except RecursionError as e:
+        raise VocabdriftError(f"{p}: JSON nested too deeply to read; fix the file or convert it to JSONL") from e
+    if not isinstance(data, list):
+        raise VocabdriftError(f"{p}: holds a JSON {type(data).__name__}, not an array of records")
+    if _lone_surrogate(text):
+        for i, rec in enumerate(data):
+            _, why = _parse(json.dumps(rec))
+            if why is not None:
+                data[i] = _Bad(why)
+    del text
     for i, rec in enumerate(data):
         yield f"{p}:#{i}", rec
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A JSON-array element found unusable while reading; `to_sample` reports it with this reason."""
+
+    reason: str
 
 
 def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
@@ -207,7 +305,14 @@ def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError ...
         raise VocabdriftError(f"{p}: not a readable Parquet file ({e})") from e
     row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH):
+    batches = pf.iter_batches(batch_size=_BATCH)
+    while True:
+        try:  # a file damaged past its footer fails mid-way: one clear error, not a crash
+            batch = next(batches, None)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError ...
+            raise VocabdriftError(f"{p}: not a readable Parquet file after row {row} ({e}); re-create it") from e
+        if batch is None:
+            return
         for rec in batch.to_pylist():
             yield f"{p}:#{row}", rec
             row += 1
@@ -303,6 +408,8 @@ def drop_none(rec: Any) -> Any:
 
 def to_sample(rec: Any, source: str, *, field: str | None = None) -> Sample:
     """Normalise one raw record; raises `BadRecord` (reported as malformed) when it has no usable shape."""
+    if isinstance(rec, _Bad):
+        raise BadRecord(rec.reason)
     if not isinstance(rec, dict):
         raise BadRecord(f"record is {type(rec).__name__}, expected a JSON object")
     if field is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VocabdriftError
+from .spec import has_tokenizer_files, parse_model_spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,32 +41,31 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) 
     _quiet_transformers()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    p = Path(spec)
+    ms = parse_model_spec(spec)  # the one parser: `~` expanded, a hub id only when no such path exists
     try:
-        if p.is_file() and p.suffix == ".gguf":
+        if ms.kind == "hub":
+            return AutoTokenizer.from_pretrained(str(ms.hub_id), trust_remote_code=trust_remote_code)
+        src = ms.tokenizer_source()
+        p = Path(src)
+        if ms.kind == "gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         if p.is_file() and p.name.endswith(".json"):
             return PreTrainedTokenizerFast(tokenizer_file=str(p))
-        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-            p = p.parent
         if p.is_dir():
-            if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() \
-                    or (p / "tokenizer.model").exists() or (p / "vocab.json").exists():
+            if has_tokenizer_files(p):
                 return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
             ggufs = sorted(p.glob("*.gguf"))
             if ggufs:
                 return AutoTokenizer.from_pretrained(str(p), gguf_file=ggufs[0].name)
             raise VocabdriftError(f"{p}: no tokenizer here (no tokenizer.json, tokenizer_config.json or .gguf); "
                                   "pass the model folder or its tokenizer.json")
-        if p.exists():
-            raise VocabdriftError(f"{p}: not a tokenizer; pass a model folder, a tokenizer.json or a .gguf file")
-        if os.path.isabs(str(spec)) or str(spec).startswith((".", "~")) or str(spec).count("/") > 1:
-            raise VocabdriftError(f"{spec}: no such file or folder")
-        return AutoTokenizer.from_pretrained(str(spec), trust_remote_code=trust_remote_code)
+        raise VocabdriftError(f"{p}: not a tokenizer; pass a model folder, a tokenizer.json or a .gguf file")
     except VocabdriftError:
         raise
-    except (OSError, ValueError, json.JSONDecodeError, KeyError) as e:
-        raise VocabdriftError(f"{spec}: could not load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]}); "
+    except (OSError, ValueError, json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError) as e:
+        # (TypeError and the like: transformers reading a tokenizer file of the wrong shape, e.g. a JSON list)
+        raise VocabdriftError(f"{spec}: could not load a tokenizer ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}); "
                               "check the path, or that the hub is reachable for a hub id") from e
 
 
@@ -167,6 +167,44 @@ class Vocabulary:
     raw: list[bytes | None]
     is_special: np.ndarray  # bool (V,)
     reachable: np.ndarray  # bool (V,)
+    tokens: int | None = None  # the tokenizer's entries; rows past them are padding
+    token_type: np.ndarray | None = None  # GGUF token types (V,) when the vocabulary came from a GGUF
+
+
+def gguf_of(spec: str | os.PathLike) -> Path | None:
+    """The GGUF file a tokenizer would be read from (`load_tokenizer`'s choice), or None: a `.gguf` file, or a folder
+    holding one and no tokenizer files."""
+    try:
+        ms = parse_model_spec(spec)
+    except VocabdriftError:
+        return None
+    if not ms.local or ms.path is None:
+        return None
+    if ms.kind == "gguf":
+        return ms.path
+    p = Path(ms.tokenizer_source())
+    if p.is_dir() and not has_tokenizer_files(p):
+        ggufs = sorted(p.glob("*.gguf"))
+        return ggufs[0] if ggufs else None
+    return None
+
+
+def gguf_token_types(path: str | os.PathLike) -> np.ndarray | None:
+    """`tokenizer.ggml.token_type` of a GGUF file (int32 per token id: NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4,
+    UNUSED 5, BYTE 6), or None when the file has none.
+
+    Why: `transformers` reads a GGUF's tokens but not their types, and a Qwen-family GGUF's `[PAD151665]` rows
+    (UNUSED) would otherwise be classified by their text as Latin words."""
+    import gguf
+    import numpy as np
+
+    try:
+        field = gguf.GGUFReader(str(path), "r").fields.get("tokenizer.ggml.token_type")
+    except (ValueError, OSError, IndexError) as e:
+        raise VocabdriftError(f"{path}: not a readable GGUF file ({e}); re-download or re-convert it") from e
+    if field is None or not field.data:
+        return None
+    return np.asarray([int(field.parts[i][0]) for i in field.data], dtype=np.int32)
 
 
 def load_vocabulary_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False
@@ -175,9 +213,10 @@ def load_vocabulary_tokenizer(spec: str | os.PathLike, *, trust_remote_code: boo
     five times faster than `transformers` on a 150K vocabulary), else `load_tokenizer`."""
     from tokenizers import Tokenizer
 
-    p = Path(spec)
+    ms = parse_model_spec(spec)
+    p = Path(ms.tokenizer_source())
     f = p / "tokenizer.json" if p.is_dir() else p
-    if f.is_file() and f.name.endswith(".json"):
+    if ms.local and f.is_file() and f.name.endswith(".json"):
         try:
             return Tokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
@@ -236,7 +275,7 @@ def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size
         for i, e in zip(retry, backend.encode_batch([texts[i][1:] for i in retry], add_special_tokens=False),
                         strict=True):
             reachable[i] = e.ids == [i]
-    return Vocabulary(pieces, texts, raw, is_special, reachable)
+    return Vocabulary(pieces, texts, raw, is_special, reachable, tokens=n_tok)
 
 
 def tokenizer_from_tiktoken(path: str | os.PathLike, *, pattern: str,

@@ -1,0 +1,80 @@
+"""Atomic files: the one writer every file of vocabdrift goes through (run folders, the vocabulary cache, synth
+and mix outputs, the lab's tables).
+
+A file is written under a temporary name in its folder and renamed into place, so a reader never sees half of it
+and a killed command leaves nothing that looks complete. The file gets the permissions `open()` would give it
+(0666 less the umask): `mkstemp` alone makes 0600. It sits at the bottom of the package (beside `errors`) so that
+sources (the cache) and outputs (the run folder) share it; `outputs.run` re-exports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode `mkdir()` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~umask()
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file under a temporary name in its folder, then rename it into place (readers never see half)."""
+    with _atomic(Path(path), "wb") as f:
+        f.write(data)
+
+
+def write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> int:
+    """Stream lines (a newline after each) into a file atomically; returns how many were written."""
+    n = 0
+    with _atomic(Path(path), "w") as f:
+        out: IO[str] = f
+        for line in lines:
+            out.write(line)
+            out.write("\n")
+            n += 1
+    return n
+
+
+def write_parquet_atomic(path: str | os.PathLike, table: pa.Table, *, compression: str | None = "zstd") -> None:
+    """A Parquet file, atomically (zstd unless told otherwise)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **({"compression": compression} if compression else {}))
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
