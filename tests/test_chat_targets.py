@@ -112,12 +112,12 @@ def test_repair_trains_smollm2_on_its_own_template_and_says_what_it_does(smollm2
     out = tmp_path / "fix"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "repair", str(smollm2_hf), str(data), "-o", str(out),
-                        "--coverage", "none", "--steps", "3", "--batch-size", "4", "--max-length", "96",
+                        "--coverage", "none", "--steps", "2", "--batch-size", "2", "--max-length", "96",
                         "--lr", "1e-3"], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     err = p.stderr
-    assert "26 training samples (26 SFT, 0 coverage, 0 replay); 3 steps x 4 = 12 drawn" in err
-    assert "step 3/3 loss" in err and "lm_head min_cos" in err  # a line per log step, with no terminal
+    assert "26 training samples (26 SFT, 0 coverage, 0 replay); 2 steps x 2 = 4 drawn" in err
+    assert "step 2/2 loss" in err and "lm_head min_cos" in err  # a line per log step, with no terminal
     assert "dropped" not in err
     rep = json.loads((out / "summary.json").read_text())["repair"]
     t = rep["training"]["targets"]

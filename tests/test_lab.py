@@ -379,7 +379,11 @@ def test_quick_lab_writes_normal_models_and_run_folders(quick_lab) -> None:
         for key in ("overall", "categories", "coverage", "probe", "cases", "confusion"):
             assert key in summary, (name, key)
         assert "correlation" in summary["coverage"]
-    assert (out / "baseline" / "report.html").exists() and (out / "lab.md").read_text() == quick_lab.table
+    from vocabdrift.outputs.run import comparison_files
+
+    # the lab's report compares the two runs; it sits beside the baseline's own report, named for both
+    assert (out / "baseline" / comparison_files("baseline", "repaired")[0]).exists()
+    assert (out / "lab.md").read_text() == quick_lab.table
     # the run folder's cosines agree with an independent numpy computation from the checkpoints
     import pyarrow.parquet as pq
 
