@@ -39,9 +39,9 @@ SMOL_MARKED = (
 def chats() -> list[dict]:
     """Chats whose answers also occur in the system prompt, the role headers or the question."""
     out = []
-    # (an answer of "\n" would merge with the header's newline into one token that begins before the answer:
-    # not a target by coverage's rule, a target by transformers' mask; the empty answer trains <|im_end|> alone)
-    for w in ("a", "as", "i", "AI", "assistant", "helpful", "Hugging Face", "cat", "im", ""):
+    # "\n" merges with the header's newline into one token that begins before the answer (a target, as in
+    # transformers' mask); the empty answer trains <|im_end|> alone
+    for w in ("a", "as", "i", "AI", "assistant", "helpful", "Hugging Face", "cat", "im", "", "\n", "  x"):
         out.append({"messages": [{"role": "user", "content": f"Repeat this word exactly: {w}"},
                                  {"role": "assistant", "content": w}]})
     out.append({"messages": [{"role": "system", "content": "Be brief."},
@@ -116,7 +116,7 @@ def test_repair_trains_smollm2_on_its_own_template_and_says_what_it_does(smollm2
                         "--lr", "1e-3"], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     err = p.stderr
-    assert "26 training samples (26 SFT, 0 coverage, 0 replay); 2 steps x 2 = 4 drawn" in err
+    assert f"{len(recs)} training samples ({len(recs)} SFT, 0 coverage, 0 replay); 2 steps x 2 = 4 drawn" in err
     assert "step 2/2 loss" in err and "lm_head min_cos" in err  # a line per log step, with no terminal
     assert "dropped" not in err
     rep = json.loads((out / "summary.json").read_text())["repair"]

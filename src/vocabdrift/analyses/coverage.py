@@ -2,7 +2,8 @@
 
 Pure: samples and a tokenizer object in, numpy arrays and pyarrow tables out. A sample is rendered the way a
 trainer would see it (the chat template where the tokenizer has one, else plain role headers), with the character
-spans whose tokens the model is trained to emit; tokens are counted when their first character falls in a span.
+spans whose tokens the model is trained to emit; a token is counted when it holds a character of a span
+(`target_ranges`).
 """
 
 from __future__ import annotations
@@ -218,12 +219,14 @@ class Renderer:
 # ---- counting ---------------------------------------------------------------------------------------------------
 
 def target_ranges(spans: Sequence[Span], enc: Any) -> list[tuple[int, int]]:
-    """Half-open token index ranges of the tokens whose first character lies in one of `spans`.
+    """Half-open token index ranges of the tokens that hold a character of one of `spans`.
 
     This is THE rule for "a generation target": `coverage` counts these tokens and `sft`/`repair` train on them
-    (labels), so what coverage predicts is exactly what training sees. A token that straddles a span's start began
-    in the prompt and is not a target. `enc` is the `tokenizers.Encoding` of the text: its `char_to_token` finds a
-    span's first and last token without converting every token's offsets to Python.
+    (labels), so what coverage predicts is exactly what training sees. It is transformers' assistant mask: from
+    the token holding a span's first character to the token holding its last, so a token that merges the end of
+    the prompt with the start of the answer ("\n\n" after "assistant\n") is a target. `enc` is the
+    `tokenizers.Encoding` of the text: its `char_to_token` finds a span's first and last token without converting
+    every token's offsets to Python.
     """
     out: list[tuple[int, int]] = []
     for a, b in spans:
@@ -234,15 +237,13 @@ def target_ranges(spans: Sequence[Span], enc: Any) -> list[tuple[int, int]]:
         if first is None or last is None:  # a character no token covers (stripped): go by offsets
             out.extend((k, k + 1) for k, (start, _) in enumerate(enc.offsets) if a <= start < b)
             continue
-        if enc.token_to_chars(first)[0] < a:  # the token straddles the span's start: it began before, not a target
-            first += 1
         if first <= last:
             out.append((first, last + 1))
     return out
 
 
 def target_ids(ids: list[int], spans: Sequence[Span] | None, enc: Any = None) -> list[int]:
-    """The ids of tokens whose first character lies in one of `spans` (all of them when spans is None)."""
+    """The ids of the generation targets among `ids` (`target_ranges`; all of them when spans is None)."""
     if spans is None:
         return ids
     out: list[int] = []
