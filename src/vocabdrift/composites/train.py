@@ -407,20 +407,19 @@ def eval_loss(model: str | Path, records: Iterable[dict], *, batch_size: int = 1
     says what each way of training cost the task itself.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    rows = encode_records(_fast(Path(model)), records, max_length=max_length)
+    tok = _fast(Path(model))
+    rows = encode_records(tok, records, max_length=max_length)
+    # pads input_ids (attention mask 0 there) and labels (-100) to the longest row of each batch, on the right
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            blk = rows[s:s + batch_size]
-            width = max(len(r["input_ids"]) for r in blk)
-            ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in blk])
-            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in blk])
-            mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in blk])[:, None]).long()
-            logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
+            batch = collate(rows[s:s + batch_size])
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                                     reduction="sum")
             total += float(nll)
