@@ -78,3 +78,25 @@ def write_parquet_atomic(path: str | os.PathLike, table: pa.Table, *, compressio
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **({"compression": compression} if compression else {}))
     write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+@contextlib.contextmanager
+def new_folder(final: str | os.PathLike) -> Any:
+    """Yield a temporary folder beside `final`, renamed to `final` when the block ends well and removed when it
+    does not: a run folder or a model folder appears whole or not at all. The folder and the files in it get the
+    modes `mkdir()` and `open()` would give them (mkdtemp makes 0700, some writers 0600)."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    try:
+        yield tmp
+        os.chmod(tmp, folder_mode())
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, file_mode())
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -13,14 +13,13 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import file_mode, folder_mode
+from ..atomic import new_folder
 from ..errors import VocabdriftError
 
 if TYPE_CHECKING:
@@ -50,18 +49,8 @@ def _atomic_dir(out: Path):
     out = Path(out)
     if out.exists():
         raise VocabdriftError(f"{out} already exists; models are never overwritten, pick another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with new_folder(out) as tmp:
         yield tmp
-        os.chmod(tmp, folder_mode())  # mkdtemp makes 0700; a model folder follows the umask like any other
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, file_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------------
@@ -251,7 +240,7 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
         if all(x == -100 for x in labels[1:]):
             dropped += 1
             continue
-        kept_targets += sum(m for m in mask[1:])
+        kept_targets += sum(mask[1:])
         rows.append({"input_ids": ids, "labels": labels})
     if dropped:
         log.warning("sft: dropped %d records with no trainable token within max_length=%d", dropped, max_length)
@@ -555,17 +544,21 @@ def to_hf_folder(model: PathLike, out: PathLike, *, untie: bool = False) -> Path
     untied on request. `out` is written atomically and never overwritten.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    src = Path(model).expanduser()
-    kw: dict[str, Any] = {"gguf_file": src.name} if src.suffix == ".gguf" else {}
-    where = src.parent if kw else src
+    from ..sources.spec import parse_model_spec
+    from ..sources.tokenizer import load_tokenizer
+
+    if Path(out).exists():  # before the load: a GGUF takes many seconds to de-quantize
+        raise VocabdriftError(f"{out} already exists; models are never overwritten, pick another path")
+    spec = parse_model_spec(model)
+    where, gguf = spec.pretrained_source()
+    tok = load_tokenizer(model)
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, gguf_file=gguf)
     except (OSError, ValueError) as e:
-        raise VocabdriftError(f"{src}: transformers cannot load it as a causal LM ({e})") from e
-    if kw:  # transformers marks a model read from GGUF as quantized, but its weights are plain float32 by now
+        raise VocabdriftError(f"{spec}: transformers cannot load it as a causal LM ({e})") from e
+    if gguf:  # transformers marks a model read from GGUF as quantized, but its weights are plain float32 by now
         m.hf_quantizer = None
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config

@@ -19,14 +19,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..atomic import folder_mode, write_bytes_atomic, write_lines_atomic, write_parquet_atomic  # noqa: F401
+from ..atomic import folder_mode, new_folder, write_bytes_atomic, write_lines_atomic, write_parquet_atomic  # noqa: F401
 from ..errors import VocabdriftError
 
 if TYPE_CHECKING:
@@ -381,15 +380,8 @@ def open_run(path: str | os.PathLike, *, create: bool = True) -> Iterator[Run]:
         return
     if not create:
         raise VocabdriftError(f"{final}: no such run folder; create it with `vocabdrift diff` or another command")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
-    os.chmod(tmp, folder_mode())  # mkdtemp makes 0700; the run folder gets what mkdir would give it
-    try:
+    with new_folder(final) as tmp:
         yield Run(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class Timer:
