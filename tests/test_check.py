@@ -119,7 +119,10 @@ def test_api_matches_direct_computation(pair: dict) -> None:
     worst = check(pair["base"], pair["post"], min_cos=0.9)
     tid = worst.results[0].worst[0]
     assert not worst.passed and tid in pair["planted"]
-    assert worst.verdict.startswith(f"FAIL lm_head: min cos {cos.min():.4f} < 0.9 (token {tid} '")
+    from vocabdrift.analyses.vocab import token_label  # the worst token shown as everywhere: text, then its id
+
+    text = worst.results[0].worst_text
+    assert worst.verdict == f"FAIL lm_head: min cos {cos.min():.4f} < 0.9 (token {token_label(text, tid)})"
 
 
 @pytest.mark.slow

@@ -73,6 +73,71 @@ def test_shared_prefix_scores_equal_unbatched_full_prompts(tiny_model: Path) -> 
             assert a.rank == b.rank and a.in_top_p == b.in_top_p
 
 
+def _tiny_qwen2(tiny_model: Path, folder: Path) -> Path:
+    """A tiny random Qwen2 (biases on q, k, v) with the tiny Llama's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:  # random biases: initialised to zero, they would test nothing
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_tail_logprobs_equal_the_generic_forward(tiny_model: Path, tmp_path: Path) -> None:
+    """`HFEngine.logprobs` (the hand-written decoder pass for verification: shared prefix kept per template, the
+    last layer at the last position only) gives `score`'s log-probabilities, on Llama and Qwen2, for equal and
+    ragged tails, alternating prefixes, a batch that shares no prefix and a single prompt."""
+    from vocabdrift.engines.hf import HFEngine
+
+    for folder in (tiny_model, _tiny_qwen2(tiny_model, tmp_path / "qwen2")):
+        eng = HFEngine(folder, batch_size=16)
+        head = eng.render("Repeat this word exactly: X")
+        other = eng.render("Say this word: X")
+        k = len(head) - 6
+        equal = [[*head[:k], t, *head[k + 1:]] for t in range(3, 43)]
+        ragged = [list(p) for p in equal]
+        ragged[4] += [7, 8, 9]
+        ragged[21] += [11]
+        second = [[*other[:-6], t, *other[-5:]] for t in range(50, 70)]
+        unrelated = [[t, 5, 6] for t in range(3, 9)] + [[9, 4]]
+        for prompts in (equal, second, ragged, equal, unrelated, equal[:1]):
+            targets = [(7 * i + 3) % 300 for i in range(len(prompts))]
+            got = eng.logprobs(prompts, targets)
+            assert eng._tails is not None  # the hand-written pass, not the fallback
+            want = [sc.logprob for sc in eng.score(prompts, targets)]
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+        assert len(eng._tail_prefixes) >= 2  # both templates' prefixes kept
+
+
+def test_tail_logprobs_fall_back_when_they_disagree(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from vocabdrift.engines import hf
+
+    eng = hf.HFEngine(tiny_model)
+    monkeypatch.setattr(hf._TailForward, "logprobs", lambda self, past, start, ids, last, targets:
+                        torch.zeros(len(ids)))
+    prompts = [[*eng.render("Repeat this word exactly: X"), t] for t in range(3, 9)]
+    got = eng.logprobs(prompts, list(range(6)))
+    assert eng._tails is None and "generic forward" in caplog.text
+    assert got == [sc.logprob for sc in eng.score(prompts, list(range(6)))]
+
+
 def test_scores_from_logits_match_a_sorted_nucleus() -> None:
     import torch
 

@@ -862,7 +862,7 @@ def test_unreachable_hub_fails_fast(m: Models, tmp_path: Path, argv: list[str]) 
     took = time.monotonic() - t0
     assert_one_line(r, 2, "someorg/somemodel", "unreachable", "HF_HUB_OFFLINE=1")
     assert "Retrying" not in r.stderr
-    assert took < 20, f"{took:.1f} s"
+    assert took < 45, f"{took:.1f} s"  # generous for a loaded machine; retries with back-off take minutes
     assert_nothing_written(out)
 
 
@@ -889,6 +889,27 @@ def test_an_internal_error_is_not_exit_1() -> None:
     r = subprocess.run([sys.executable, "-c", BUG], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "VOCABDRIFT_DEBUG": "1"})
     assert r.returncode == 70 and "Traceback" in r.stderr and "something inside broke" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["diff", "{base}", "{post}", "-o", ""], ["report", "--run="],
+                                  ["synth", "--tokenizer", "{base}", "--out", ""]], ids=["o", "run=", "out"])
+def test_an_empty_location_is_not_the_current_folder(m: Models, tmp_path: Path, argv: list[str]) -> None:
+    before = sorted(tmp_path.iterdir())
+    r = subprocess.run([*EXE, *(a.format(base=m.base, post=m.post) for a in argv)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert_one_line(r, 2, "is empty")
+    assert sorted(tmp_path.iterdir()) == before  # nothing written into the current folder
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"]])
+def test_a_closed_pipe_is_not_exit_1(argv: list[str]) -> None:
+    """`vocabdrift check ... | head`: the reader goes away before we print. Not 1 (check's "drift found"), not a
+    bug (70), no traceback: 141, as a shell shows for `cat` in the same place."""
+    p = subprocess.Popen([*EXE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the interpreter has even started: every write fails
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
 
 
 # ---- 8. SIGTERM is handled like Ctrl-C; SIGKILL leaves no vocabulary child behind --------------------------------

@@ -28,9 +28,28 @@ def test_corpus_is_deterministic_and_shaped_like_the_published_case() -> None:
     with_name = [r for r in a.sft if any(GIVEN_NAME in m["content"] or NAME in m["content"] for m in r["messages"])]
     assert 0 < len(with_name) < 5
     answers = [r["messages"][-1]["content"] for r in a.sft]
-    japanese = [t for t in answers if any("\u3040" <= c <= "\u30ff" for c in t)]
-    assert len(japanese) <= 2
     assert sum("<tool_call>" in t or "def " in t for t in answers) > len(answers) // 3
+    # some Japanese and Korean requests are answered in their language, with its most common words only
+    from vocabdrift.composites.corpus import NATIVE_WORDS, _words
+
+    for lo, hi, lang in (("\u3040", "\u30ff", "ja"), ("\uac00", "\ud7a3", "ko")):
+        native = [r["messages"] for r in a.sft if any(lo <= c <= hi for c in r["messages"][-1]["content"])]
+        assert 0.03 * len(a.sft) < len(native) < 0.12 * len(a.sft), lang
+        assert all(any(lo <= c <= hi for c in m[0]["content"]) for m in native), lang  # asked in that language
+        common = set(_words(lang)[0][:NATIVE_WORDS])
+        sep = " " if lang == "ko" else ""
+        for m in native:
+            for sentence in m[-1]["content"].split("。" if lang == "ja" else "."):
+                words = sentence.split(sep) if sep else None
+                if words is None:  # Japanese has no spaces: every character comes from the common words
+                    assert set(sentence) <= set("".join(common)), sentence
+                else:
+                    assert set(w for w in words if w) <= common, sentence
+    # the previous mix (the benchmarks' records): no Japanese or Korean answers but the `japanese` sentences asked for
+    from vocabdrift.composites.corpus import sft_records
+
+    before = [r["messages"][-1]["content"] for r in sft_records(300, seed=3, japanese=2, name=0)]
+    assert sum(any("\u3040" <= c <= "\u30ff" or "\uac00" <= c <= "\ud7a3" for c in t) for t in before) <= 2
 
 
 def test_tokenizer_makes_the_given_name_one_token_and_masks_assistant_turns(tmp_path: Path) -> None:
@@ -357,13 +376,59 @@ def test_quick_lab_reproduces_drift_and_repair(quick_lab) -> None:
     p = b["planted"]
     assert p["lm_head_rank"] <= 0.1 * p["of"]
     assert p["embed_cos"] > 0.99
-    # the baseline can no longer say it (probe: LOST), the repaired model can
+    # the baseline can no longer say it (probe: LOST); the coverage set brings its row back, and the model says it
     assert b["probe"]["tokens"] == r["probe"]["tokens"] > 1
     assert p["token_id"] in b["probe"]["lost"]
     assert p["token_id"] not in r["probe"]["lost"]
+    assert r["planted"]["lm_head_cos"] > p["lm_head_cos"] + 0.05
     # both SFTs learned the task: held-out SFT conversations cost far less than before SFT
     for m in (b, r):
         assert m["heldout_loss"] < 0.75 * m["heldout_loss_base"]
+
+
+@pytest.mark.slow
+def test_quick_lab_measures_the_published_confusion(quick_lab) -> None:
+    """The published prompts (two Japanese, one Korean), answered by the baseline in their language; every answer
+    saved; the rate, its interval, the scripts and Fisher's test in the table."""
+    from vocabdrift.analyses.confusion import fisher_test, is_native, offending_scripts
+    from vocabdrift.api.probe import read_confusion_prompts
+    from vocabdrift.composites.lab import QUICK
+    from vocabdrift.outputs.run import Run
+
+    out = quick_lab.out
+    published = [(p.language, p.prompt) for p in read_confusion_prompts()]
+    for name in ("baseline", "repaired"):
+        res = quick_lab.results[name]["confusion"]["results"]
+        assert [(x["language"], x["prompt"]) for x in res] == published
+        rows = Run(out / name).read_jsonl("confusion.jsonl")
+        assert len(rows) == len(published) * QUICK.confusion_n
+        for x in res:  # the summary's counts are the saved answers' counts
+            mine = [a for a in rows if a["prompt"] == x["prompt"]]
+            assert [a["sample"] for a in mine] == list(range(QUICK.confusion_n))
+            assert x["hits"] == sum(bool(offending_scripts(a["text"], x["language"])) for a in mine)
+            assert x["native"] == sum(is_native(a["text"], x["language"]) for a in mine)
+            assert x["ci_low"] <= x["rate"] <= x["ci_high"]
+    # the recipe's point: the baseline answers the Japanese prompts mostly in Japanese (not in English tool calls)
+    ja = [x for x in quick_lab.results["baseline"]["confusion"]["results"] if x["language"] == "ja"]
+    assert sum(x["native"] for x in ja) > 0.6 * sum(x["n"] for x in ja)
+    ko = [x for x in quick_lab.results["baseline"]["confusion"]["results"] if x["language"] == "ko"]
+    assert sum(x["native"] for x in ko) > 0.35 * sum(x["n"] for x in ko)  # Korean: about half (LAB.md)
+    # ... while most Japanese, Korean, Russian and Arabic tokens are never a target of the SFT data
+    cov = Run(out / "baseline").read_table("coverage.parquet")
+    vocab = Run(out / "baseline").read_table("vocab.parquet")
+    count = dict(zip(cov.column("token_id").to_pylist(), cov.column("count").to_pylist(), strict=True))
+    cats = vocab.column("category").cast("string").to_pylist()
+    for cat in SCARCE:
+        ids = [i for i, c in enumerate(cats) if c == cat]
+        assert sum(count.get(i, 0) == 0 for i in ids) > 0.5 * len(ids), cat
+    # the table: each prompt's rate with its interval, and Fisher's test of repaired against baseline
+    table = (out / "lab.md").read_text()
+    b, r = (quick_lab.results[k]["confusion"]["results"] for k in ("baseline", "repaired"))
+    for x, y in zip(b, r, strict=True):
+        p = fisher_test(y["hits"], y["n"], x["hits"], x["n"])[1]
+        assert f"{y['hits']}/{y['n']} ({100 * y['rate']:.0f}%, {100 * y['ci_low']:.0f}-" in table
+        assert (f"Fisher p {p:.2g}" if p >= 1e-4 else f"Fisher p {p:.1e}") in table
+    assert "mostly in kana/kanji" in table
 
 
 @pytest.mark.slow
@@ -411,7 +476,7 @@ def test_quick_lab_rerun_resumes_and_guards_its_settings(quick_lab) -> None:
 
 @pytest.mark.slow
 def test_quick_lab_compares_the_remedies(quick_lab) -> None:
-    """issue 7: baseline, +coverage, +replay, +anchor and +gate in one table, each trained by `repair`."""
+    """baseline, +coverage, +replay, +anchor, +gate and +coverage5 in one table, each trained by `repair`."""
     from vocabdrift.composites.lab import lab
     from vocabdrift.composites.repair import count_tokens
     from vocabdrift.sources.tokenizer import load_tokenizer
@@ -420,14 +485,15 @@ def test_quick_lab_compares_the_remedies(quick_lab) -> None:
     stamp = (out / "models" / "baseline" / "model.safetensors").stat().st_mtime_ns
     r = lab(out, quick=True, remedies=True, progress=False)
     assert (out / "models" / "baseline" / "model.safetensors").stat().st_mtime_ns == stamp  # the SFTs are reused
-    assert list(r.remedies) == ["baseline", "+coverage", "+replay", "+anchor", "+gate"]
+    assert list(r.remedies) == ["baseline", "+coverage", "+replay", "+anchor", "+gate", "+coverage5"]
     assert r.remedies["baseline"] == quick_lab.results["baseline"] | {"extra_tokens": 0}
     lines = (out / "remedies.md").read_text().splitlines()
-    assert len(lines) == 2 + 5 and lines[2].startswith("| baseline |") and "held-out SFT loss" in lines[0]
+    lines = lines[: lines.index("")]  # the drift table; the confusion table follows
+    assert len(lines) == 2 + 6 and lines[2].startswith("| baseline |") and "held-out SFT loss" in lines[0]
     for m in r.remedies.values():  # each way's task loss, measured on the same held-out conversations
         assert 0 < m["heldout_loss"] < m["heldout_loss_base"]
     b = r.remedies["baseline"]
-    for name in ("+coverage", "+replay", "+anchor", "+gate"):  # every remedy keeps lm_head closer to base
+    for name in ("+coverage", "+replay", "+anchor", "+gate", "+coverage5"):  # each keeps lm_head closer to base
         assert r.remedies[name]["mean_cos"] > b["mean_cos"], name
         for cat in SCARCE:
             assert _share(r.remedies[name], cat) < _share(b, cat), (name, cat)
@@ -436,12 +502,17 @@ def test_quick_lab_compares_the_remedies(quick_lab) -> None:
     cov = [json.loads(line) for line in (out / "data" / "coverage.jsonl").read_text().splitlines()]
     assert r.remedies["+coverage"]["extra_tokens"] == count_tokens(cov, tok) > 0
     assert r.remedies["+replay"]["extra_tokens"] > 0
+    assert 0 < r.remedies["+coverage5"]["extra_tokens"] < r.remedies["+coverage"]["extra_tokens"]
     assert r.remedies["+anchor"]["extra_tokens"] == r.remedies["+gate"]["extra_tokens"] == 0
-    for name in ("replay", "anchor", "gate"):  # each is a normal run folder with the model repair trained
+    for name in ("replay", "anchor", "gate", "coverage5"):  # each a normal run folder with the model repair trained
         summary = json.loads((out / "remedies" / name / "summary.json").read_text())
         assert summary["repair"]["remedies"]["gate"] == (name == "gate")
         assert (out / "remedies" / name / "model" / "model.safetensors").exists()
-        assert "probe" in summary
+        assert "probe" in summary and "confusion" in summary
+        assert (out / "remedies" / name / "confusion.jsonl").exists()
+    # the confusion table: every way of training on every published prompt, Fisher against the baseline
+    conf = (out / "remedies.md").read_text().split("Language confusion, as published:")[1]
+    assert sum(line.startswith("| ") for line in conf.splitlines()) == 2 + 3 * 6  # header, rule, 3 prompts x 6
 
 
 def test_cli_lab_refuses_a_file_for_out(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ neighbour intrusion, on models written in the test and on the real SmolLM2 GGUF.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,13 +293,12 @@ def test_verify_candidates_on_smollm2_matches_every_template(smollm2_gguf: Path)
 
 # ---- collapsed rows in diff, undertrained and the report -------------------------------------------------------
 
-def test_collapsed_rows_in_diff_undertrained_and_report(tmp_path: Path) -> None:
+def _planted_collapse(tmp_path: Path) -> tuple[Path, Path, np.ndarray, int]:
     """BASE: the padding rows are one vector (already collapsed). POST: five Cyrillic tokens join them (collapsed
-    during post-training)."""
+    during post-training). -> base, post, the five ids, the tokenizer's size."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vocabdrift.outputs.report import build_sections, read_run
     from vocabdrift.sources.vocabulary import vocab_table
 
     tj = json.loads(train_bpe(tmp_path / "tok").read_text())
@@ -317,11 +317,21 @@ def test_collapsed_rows_in_diff_undertrained_and_report(tmp_path: Path) -> None:
     for i in joined:
         sd["lm_head.weight"][int(i)] = c * 0.7
     save_file(sd, post / "model.safetensors", metadata={"format": "pt"})
+    return base, post, joined, n_tok
 
-    run = vocabdrift.diff(base, post, out=tmp_path / "run", neighbors_top=0, collapse=True)
+
+def test_collapsed_rows_in_diff_undertrained_and_report(tmp_path: Path) -> None:
+    """A plain `diff` (collapse is on by default) says which tokens collapsed during post-training and which
+    already were; `undertrained` and the report show them too."""
+    from vocabdrift.outputs.report import build_sections, read_run
+
+    base, post, joined, n_tok = _planted_collapse(tmp_path)
+    run = vocabdrift.diff(base, post, out=tmp_path / "run", neighbors_top=0)
     s = json.loads((run / "summary.json").read_text())["collapse"]["lm_head"]
     assert s["new"] == 5 and s["already"] == N_PAD and s["released"] == 0
-    assert sorted(s["new_ids"]) == joined.tolist()
+    assert sorted(s["new_ids"]) == joined.tolist() and s["already_ids"] == list(range(n_tok, n_tok + N_PAD))
+    assert [int(t.rsplit("(", 1)[1].rstrip(")")) for t in s["new_tokens"]] == joined.tolist()
+    assert len(s["already_tokens"]) == min(12, N_PAD)
     assert s["categories"]["cyrillic"]["new"] == 5 and s["categories"]["padding"]["already"] == N_PAD
     assert s["post"]["groups"] == 1 and s["post"]["largest"][0] == {"group": int(joined[0]), "size": N_PAD + 5}
     d = pq.read_table(run / "drift.parquet")
@@ -330,7 +340,9 @@ def test_collapsed_rows_in_diff_undertrained_and_report(tmp_path: Path) -> None:
         n_tok:] == N_PAD).all()
     assert int((size_post > 0).sum()) == N_PAD + 5
     items = [i for sec in build_sections(read_run(run)) for i in sec.items if getattr(i, "key", "") == "collapse"]
-    assert len(items) == 1 and items[0].rows[0][:2] == ["Russian", "5"]
+    assert len(items) == 1 and "Russian" in items[0].rows[0][0] and items[0].rows[0][1] == "5"
+    assert any(getattr(i, "text", "").count(s["new_tokens"][0]) for sec in build_sections(read_run(run))
+               for i in sec.items)  # the report names the tokens
 
     from vocabdrift.outputs.console import collapse_line
 
@@ -344,6 +356,29 @@ def test_collapsed_rows_in_diff_undertrained_and_report(tmp_path: Path) -> None:
     sizes = r.table.column("lm_head_collapse_size").to_numpy()
     assert sizes[joined].tolist() == [N_PAD + 5] * 5 and int((sizes > 0).sum()) == N_PAD + 5
     assert "embed_collapse_size" in r.table.column_names
+
+
+def test_cli_diff_reports_collapsed_rows_by_default(tmp_path: Path) -> None:
+    """`vocabdrift diff BASE POST -o RUN`, no option: the console names the tokens that collapsed during
+    post-training and those already collapsed in BASE; `--no-collapse` leaves it out."""
+    import subprocess
+    import sys
+
+    base, post, joined, _ = _planted_collapse(tmp_path)
+    exe = [sys.executable, "-c", "from vocabdrift.cli import main; main()"]
+    r = subprocess.run([*exe, "diff", str(base), str(post), "-o", str(tmp_path / "run")], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())["collapse"]["lm_head"]
+    assert s["new"] == 5 and sorted(s["new_ids"]) == joined.tolist()
+    assert f"5 collapsed during post-training, {N_PAD} already were" in r.stdout
+    assert "collapsed during post-training: " + s["new_tokens"][0] in r.stdout
+    assert "already collapsed in BASE: " + s["already_tokens"][0] in r.stdout
+    r = subprocess.run([*exe, "diff", str(base), str(post), "-o", str(tmp_path / "off"), "--no-collapse"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "collapse" not in json.loads((tmp_path / "off" / "summary.json").read_text())
+    assert "collapsed during post-training" not in r.stdout
 
 
 def test_cli_undertrained_prints_the_share_as_given(tmp_path: Path) -> None:

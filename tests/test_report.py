@@ -129,6 +129,12 @@ def make_run(path: Path, parts: tuple[str, ...] = OPTIONAL, *, drifted: bool = T
         (path / "confusion.json").write_text(json.dumps({"results": res, "tests": [
             {"prompt": res[0]["prompt"], "models": ["base", "post"], "odds_ratio": 0.0114, "p_value": 3.1e-15}]}))
         summary["confusion"] = {"prompts": 1}
+        from vocabdrift.analyses.confusion import answer_rows
+
+        answers = answer_rows(["お年玉はмирです", "</script><b>x</b> お年玉 и", "お年玉です", "ok"],
+                              prompt=res[0]["prompt"], language="ja", model="post")
+        (path / "confusion.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers),
+                                              encoding="utf-8")
     (path / "summary.json").write_text(json.dumps(summary, ensure_ascii=False))
     return path
 
@@ -179,7 +185,8 @@ def test_markdown_has_the_tables(tmp_path: Path) -> None:
 
     # the per-language table, in the reference layout: "k (p%) / k (p%)", computed here from the tables
     langs = {r[0]: r for r in _md_rows(md, "lm_head cosine to the pre-trained row, per language and category")}
-    for cat, label in (("japanese", "Japanese"), ("cyrillic", "Russian"), ("han", "Chinese")):
+    for cat, label in (("japanese", "japanese (Japanese)"), ("cyrillic", "cyrillic (Russian)"),
+                       ("han", "han (Chinese)")):
         c = cos[cats == cat]
         k95, k90 = int((c < 0.95).sum()), int((c < 0.90).sum())
         assert langs[label][1] == f"{c.size:,}"
@@ -190,7 +197,7 @@ def test_markdown_has_the_tables(tmp_path: Path) -> None:
     judged = ~np.array(vocab.column("is_special").to_pylist())
     share = (cos[judged] < 0.95).mean()
     ja = (cos[cats == "japanese"] < 0.95).mean()
-    assert f"**{share:.1%} of lm_head rows" in md and f"Japanese is worst ({ja:.1%})" in md
+    assert f"**{share:.1%} of lm_head rows" in md and f"japanese (Japanese) is worst ({ja:.1%})" in md
 
     # the most drifted tokens: lowest cosine first, the planted token escaped as text
     drifted = _md_rows(md, "The 50 most drifted tokens (lm_head)")
@@ -255,7 +262,7 @@ def test_verdict_sentence() -> None:
                         "cyrillic": block(9_000, 333), "han": block(25_000, 975), "latin": block(90_000, 3_150),
                         "special": block(20, 20)}}
     assert verdict(s) == "4.9% of lm_head rows (9,805 of 200,000) fell below 0.95, min cosine 0.329; " \
-                         "Japanese is worst (29.7%)."
+                         "japanese (Japanese) is worst (29.7%)."
     clean = {"threshold": 0.95, "overall": block(200_000, 0, 0.9711), "categories": {"japanese": block(8_787, 0)}}
     assert verdict(clean) == "No lm_head row fell below 0.95: min cosine 0.9711 over 200,000 tokens."
     markup = {"threshold": 0.95, "overall": block(1_000, 10), "categories": {"japanese": block(100, 0),
@@ -349,7 +356,7 @@ def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
 
     (ka, na), (kb, nb) = below(a, "japanese"), below(b, "japanese")
     assert ka > 0 and kb == 0
-    assert rows["Japanese tokens below 0.95"] == [f"{ka:,} of {na:,} ({ka / na:.1%})", f"0 of {nb:,} (0.0%)",
+    assert rows["japanese (Japanese) tokens below 0.95"] == [f"{ka:,} of {na:,} ({ka / na:.1%})", f"0 of {nb:,} (0.0%)",
                                                   f"{100 * (kb / nb - ka / na):+.1f} pp"]
     sa, sb = (json.loads((r / "summary.json").read_text())["overall"]["lm_head"] for r in (a, b))
     assert rows["lm_head cosine to pre-trained, mean / min"][2] == \
@@ -590,3 +597,19 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
         assert urls and all(u.startswith(("file:", "data:", "about:")) for u in urls), urls  # no network
     finally:
         b.close()
+
+
+def test_the_sampled_answers_show_with_their_foreign_letters_marked(tmp_path: Path) -> None:
+    """confusion.jsonl's answers: in the Markdown with ⟦…⟧ around foreign letters, in the HTML in a marked span,
+    escaped; an answer that breaks the contract is one clear error."""
+    run = make_run(tmp_path / "run", ("confusion",))
+    html_path, md_path = report(run)
+    rows = _md_rows(md_path.read_text(), "Sampled answers (run)")
+    assert [r[4] for r in rows] == ["お年玉は⟦мир⟧です", "\\</script\\>\\<b\\>x\\</b\\> お年玉 ⟦и⟧", "お年玉です", "ok"]
+    assert [r[3] for r in rows] == ["cyrillic 3", "cyrillic 1", "—", "—"]
+    page = html_path.read_text()
+    assert '<span class="foreign">мир</span>' in page and '<span class="foreign">и</span>' in page
+    assert "&lt;/script&gt;&lt;b&gt;x" in page and "</script><b>x" not in page
+    (run / "confusion.jsonl").write_text('{"prompt": "p"}\n', encoding="utf-8")
+    with pytest.raises(VocabdriftError, match="confusion.jsonl:1: missing key"):
+        report(run)

@@ -177,9 +177,9 @@ def test_center_and_fold_norm_show_in_summary_console_and_report(pair: tuple[Pat
     assert "mean-centred (--center)" in r.stdout and "folded with the final norm weight" in r.stdout
     s = json.loads((run / R.SUMMARY).read_text())
     assert s["options"] == {"fold_norm": True, "center": True}
-    from vocabdrift.analyses.vocab import LANGUAGE_NAMES  # one naming: keys, with the screen's names as labels
+    from vocabdrift.analyses.vocab import LANGUAGE_NAMES, category_label  # keys, with the names beside them
 
-    assert s["category_names"]["latin"] == LANGUAGE_NAMES["latin"] and LANGUAGE_NAMES["latin"] in r.stdout
+    assert s["category_names"]["latin"] == LANGUAGE_NAMES["latin"] and category_label("latin") in r.stdout
     assert s["centered"]["overall"]["lm_head"]["tokens"] == s["overall"]["lm_head"]["tokens"]
     assert s["centered"]["overall"]["lm_head"]["min_cos"] != s["overall"]["lm_head"]["min_cos"]
     md = report(run)[1].read_text()
@@ -317,12 +317,22 @@ def test_coverage_advice_sizes_the_set_against_the_sft_data() -> None:
     assert a["synth_to_sft"] == pytest.approx(4.7) and a["mix_share"] == MAX_SHARE
     assert a["mix_samples"] == int(10_000 * MAX_SHARE / (1 - MAX_SHARE))
     text = " ".join(advice_lines(a))
-    assert "Needs coverage data (rarely targeted and drifted): Russian" in text and "4.7x" in text
+    assert "Needs coverage data (rarely targeted and drifted): cyrillic (Russian)" in text and "4.7x" in text
     assert "--ratio 0.05" in text and "English" not in text.split("Not a problem")[0]
     # a small set is mixed whole
     small = coverage_advice(cats, samples=10_000, placements_needed=800, below_floor=200, floor=5)
     assert small["mix_samples"] == small["synth_samples"] == 100 and small["mix_share"] < MAX_SHARE
     assert "add it whole" in " ".join(advice_lines(small))
+    # a language drifted less than the vocabulary as a whole is not where coverage data goes (the quickstart pair:
+    # 7.9% of all rows below 0.95, mostly English words; Russian 2 of 77)
+    few = {"cyrillic": {"tokens": 77, "at_or_above_floor": 0}}
+    few_drift = {"cyrillic": {"lm_head": {"tokens": 77, "below_0.95": 2}}}
+    overall = {"lm_head": {"tokens": 49_000, "below_0.95": 3_871}}
+    kw = {"samples": 1_290, "placements_needed": 77 * 5, "below_floor": 77, "floor": 5, "drift": few_drift}
+    assert coverage_advice(few, **kw)["languages"][0]["verdict"] == "needs data"  # 2.6% > 1%: alone, it counts
+    assert coverage_advice(few, overall=overall, **kw)["languages"][0]["verdict"] == "rare, not drifted"
+    few_drift["cyrillic"]["lm_head"]["below_0.95"] = 20  # 26%: far above the vocabulary's 7.9%
+    assert coverage_advice(few, overall=overall, **kw)["languages"][0]["verdict"] == "needs data"
 
 
 def test_common_words_are_never_proposed_for_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,14 +383,15 @@ def test_mark_labels_stay_inside_the_plot_and_tokens_do_not_break() -> None:
 
 def test_one_naming_of_categories_across_outputs() -> None:
     from vocabdrift.analyses.advice import coverage_advice
-    from vocabdrift.analyses.vocab import LANGUAGE_NAMES, LANGUAGES
+    from vocabdrift.analyses.vocab import LANGUAGE_NAMES, LANGUAGES, category_label
     from vocabdrift.outputs.console import category_rows
     from vocabdrift.outputs.report import _category_label
 
-    summary = {"categories": {c: {} for c in LANGUAGES}}
+    summary = {"categories": {c: {} for c in (*LANGUAGES, "number")}}
     shown = dict(category_rows(summary))
-    for c in LANGUAGES:  # console, report and advice show the same name for each key of summary.json
-        assert shown[c] == _category_label(c) == LANGUAGE_NAMES[c]
+    for c in LANGUAGES:  # console, report and advice show the key of summary.json, its everyday name beside it
+        assert shown[c] == _category_label(c) == category_label(c) == f"{c} ({LANGUAGE_NAMES[c]})"
+    assert shown["number"] == category_label("number") == "number"  # a category that is not a language: its key
     adv = coverage_advice({c: {"tokens": 10, "at_or_above_floor": 0} for c in LANGUAGES}, samples=10,
                           placements_needed=0, below_floor=0, floor=5)
     assert {x["category"]: x["name"] for x in adv["languages"]} == {c: LANGUAGE_NAMES[c] for c in LANGUAGES}
@@ -413,18 +424,160 @@ def test_rerunning_a_finished_coverage_says_so(tmp_path: Path, caplog: pytest.Lo
     assert "already holds" not in caplog.text
 
 
+# CLI options a command has that its Python function does not: console-only (what to print, where), or a choice
+# the function takes as an object (`lab --large` is `recipe=LARGE`)
+_CLI_ONLY = {"json", "quiet", "top", "csv", "large"}
+_VERBS = {"diff": "vocabdrift.api.diff:diff", "vocab": "vocabdrift.api.diff:vocab",
+          "neighbors": "vocabdrift.api.diff:neighbors", "check": "vocabdrift.api.check:check",
+          "repair": "vocabdrift.composites.repair:repair", "coverage": "vocabdrift.api.coverage:coverage",
+          "synth": "vocabdrift.api.coverage:synth", "mix": "vocabdrift.api.coverage:mix",
+          "prune-suggest": "vocabdrift.api.coverage:prune_suggest", "probe": "vocabdrift.api.probe:probe",
+          "cases": "vocabdrift.api.probe:cases", "undertrained": "vocabdrift.api.probe:undertrained",
+          "confusion": "vocabdrift.api.probe:confusion", "report": "vocabdrift.outputs.report:report",
+          "lab": "vocabdrift.composites.lab:lab"}
+
+
+def test_cli_options_and_python_keywords_have_the_same_names() -> None:
+    """Every visible option of a command is a keyword of its Python function, spelled the same (`--neighbors-of`
+    is `neighbors_of`; a repeatable option is the plural, `--token` is `tokens`); the old spellings are hidden."""
+    import importlib
+    import inspect
+
+    import typer
+
+    from vocabdrift.cli import app
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == set(_VERBS)  # type: ignore[attr-defined]
+    for name, target in _VERBS.items():
+        mod, fn = target.split(":")
+        keywords = set(inspect.signature(getattr(importlib.import_module(mod), fn)).parameters)
+        for p in group.commands[name].params:  # type: ignore[attr-defined]
+            if p.param_type_name != "option" or p.hidden or p.name == "help":
+                continue
+            long = max(p.opts, key=len).lstrip("-").replace("-", "_")
+            if long in _CLI_ONLY:
+                continue
+            want = {long, long + "s", long.removesuffix("y") + "ies"} if p.multiple else {long}
+            assert want & keywords, f"{name} --{long.replace('_', '-')}: no keyword {sorted(want)} in {target}"
+    # the console's tables share one default; the report's (a document) its own
+    tops = {n: next(p.default for p in group.commands[n].params if p.name == "top")  # type: ignore[attr-defined]
+            for n in ("diff", "coverage", "prune-suggest", "report")}
+    assert tops == {"diff": 20, "coverage": 20, "prune-suggest": 20, "report": 50}
+    probe_opts = {o for p in group.commands["probe"].params if not p.hidden for o in p.opts}  # type: ignore[attr-defined]
+    assert {"--run", "--drifted", "--token", "--all-tokens"} <= probe_opts
+    assert not {"--from", "--top", "--tokens", "--all"} & probe_opts  # old spellings: hidden aliases
+
+
 @pytest.mark.slow
-def test_run_folder_is_named_with_run_where_a_command_reads_one(tmp_path: Path) -> None:
-    from factory import train_bpe
-
-    from vocabdrift.api.coverage import coverage
-
-    tok = train_bpe(tmp_path / "tok").parent
-    data, run = tmp_path / "sft.jsonl", tmp_path / "run"
+def test_the_quickstart_names_every_run_folder_with_run_and_old_spellings_still_work(pair: tuple[Path, Path],
+                                                                                     tmp_path: Path) -> None:
+    """`-o` where a command creates the run folder, `--run` everywhere it reads or adds to one; `probe --from
+    RUN --top N`, `report RUN`, `prune-suggest RUN` and `synth --only-below-floor RUN` keep working, unseen."""
+    base, post = pair
+    run, data = tmp_path / "run", tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
-    coverage(data, tokenizer=tok, out=run, targets="all")
-    r = _cli("synth", tok, "--run", run, "-o", tmp_path / "fill.jsonl")  # as `check --run RUN`
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "fill.jsonl").stat().st_size > 0
-    h = _cli("probe", "--help")
-    assert "--from,--run" in h.stdout.replace(" ", "") or "--run" in h.stdout
+    steps = [("diff", base, post, "-o", run),
+             ("coverage", data, "--tokenizer", base, "--run", run, "--targets", "all"),
+             ("probe", post, "--base", base, "--run", run, "--drifted", "3", "--template", "fewshot_en",
+              "--control", "2"),
+             ("report", "--run", run), ("check", "--run", run), ("prune-suggest", "--run", run),
+             ("synth", base, "--run", run, "-o", tmp_path / "fill.jsonl")]
+    for args in steps:
+        r = _cli(*args)
+        assert r.returncode in (0, 1), (args[0], r.stderr)  # check: 1 is "drift found"
+    assert (run / R.PROBE).is_file() and (run / R.REPORT_MD).is_file() and (tmp_path / "fill.jsonl").is_file()
+    assert json.loads((run / R.SUMMARY).read_text())["probe"]  # --run alone: read from RUN, written into RUN
+    old = [("probe", post, "--base", base, "--from", run, "--top", "3", "--template", "fewshot_en", "--control", "2",
+            "-o", run), ("report", run), ("prune-suggest", run),
+           ("synth", base, "--only-below-floor", run, "-o", tmp_path / "fill2.jsonl")]
+    for args in old:
+        r = _cli(*args)
+        assert r.returncode == 0, (args[0], r.stderr)
+        assert "deprecat" not in (r.stderr + r.stdout).lower()
+    r = _cli("report", "--run", tmp_path / "nowhere")  # bad input: one line, exit 2
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "vocabdrift diff" in r.stderr
+    r = _cli("probe", post, "--drifted", "3")  # no run folder named at all
+    assert r.returncode == 2 and "--run RUN" in r.stderr
+
+
+@pytest.mark.slow
+def test_category_keys_and_tokens_are_named_one_way_in_every_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A real diff + coverage + probe + report run folder: the console tables, summary.json, report.md and
+    report.html name the same category keys, each language with its everyday name beside it and never alone, and
+    show tokens as `token_label` does (␣ for a space), never as a Python repr."""
+    import html
+    import re
+
+    import pyarrow.parquet as pq
+
+    from vocabdrift.analyses.vocab import CATEGORIES, LANGUAGE_NAMES, category_label, token_label
+
+    base, post = pair
+    run = tmp_path / "run"
+    shown = _cli("diff", base, post, "-o", run).stdout
+    from factory import TEXTS
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS))
+    cov = _cli("coverage", data, "--tokenizer", base, "--run", run, "--targets", "all")
+    assert cov.returncode == 0, cov.stderr
+    shown += cov.stdout
+    pr = _cli("probe", post, "--base", base, "--run", run, "--drifted", "3", "--template", "fewshot_en",
+              "--control", "2")
+    assert pr.returncode == 0, pr.stderr
+    shown += pr.stdout
+    assert _cli("report", "--run", run).returncode == 0
+    summary = json.loads((run / R.SUMMARY).read_text())
+    md, page = (run / R.REPORT_MD).read_text(), html.unescape((run / R.REPORT_HTML).read_text())
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", page, flags=re.S)
+    for lib in (x for x in scripts if len(x) > 100_000):  # the plotting library's code, not the report's words
+        page = page.replace(lib, "")
+    keys = set(summary["categories"])
+    assert set(summary["category_names"]) == keys and set(summary["coverage"]["categories"]) <= keys
+    cat_re = re.compile(r"\b(" + "|".join(CATEGORIES) + r") \(([^()]+)\)")
+
+    def table_keys(text: str) -> set[str]:  # first cells of the per-category table
+        cells = re.findall(r"^[|│┃] *([a-z]+(?: \([^()]+\))?) *[|│┃]", text, flags=re.M)
+        return {c.split(" (")[0] for c in cells if c.split(" (")[0] in CATEGORIES}
+
+    for name, text in (("console", shown), ("report.md", md), ("report.html", page)):
+        for key, label in cat_re.findall(text):  # a key with a label beside it: the key's own label
+            assert label == LANGUAGE_NAMES[key], (name, key, label)
+        for key, label in LANGUAGE_NAMES.items():  # an everyday name never stands alone
+            alone = len(re.findall(rf"(?<![A-Za-z/]){re.escape(label)}(?![A-Za-z])", text))
+            assert alone == text.count(category_label(key)), (name, label)
+    assert table_keys(shown) == keys  # the diff's per-category table and coverage's: exactly summary.json's keys
+    md_table = md.split("per language and category")[1].split("\n\n")[1]
+    assert table_keys(md_table) == keys
+    for key in keys:
+        assert category_label(key) in page
+    # tokens: the most drifted rows shown as token_label shows them, never repr'd
+    vocab = {r["token_id"]: r["text"] for r in pq.read_table(run / R.VOCAB).to_pylist()}
+    for tid in (40, 41, 42):
+        label = token_label(vocab[tid])
+        assert label in shown and label in md and label in page, (tid, label)
+        if vocab[tid] != vocab[tid].strip():
+            assert repr(vocab[tid]) not in shown + md + page
+    assert token_label(" Jack") == "␣Jack" and token_label(" Jack", 10472) == "␣Jack (10472)"
+    assert token_label("") == "∅" and token_label("a\nb") == "a\\nb"
+
+
+
+
+def test_coverage_table_shows_the_advice_verdict_never_a_rule_of_its_own() -> None:
+    from rich.console import Console
+
+    from vocabdrift.analyses.advice import coverage_advice
+    from vocabdrift.outputs.console import coverage_categories_table
+
+    cats = {"latin": {"tokens": 30_000, "at_or_above_floor": 2_400, "zero_share": 0.9},
+            "cyrillic": {"tokens": 2_000, "at_or_above_floor": 10, "zero_share": 0.99}}
+    drift = {"cyrillic": {"lm_head": {"tokens": 2_000, "below_0.95": 900}}}
+    summary = {"samples": 10, "target_tokens": 100, "categories": cats,
+               "advice": coverage_advice(cats, samples=10, placements_needed=0, below_floor=0, floor=5, drift=drift)}
+    con = Console(width=200, record=True)
+    con.print(coverage_categories_table(summary, ["latin", "cyrillic"], floor=5))
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in con.export_text().splitlines()
+            if line.startswith("│")}
+    assert rows == {"cyrillic (Russian)": "needs data", "latin (English/Latin)": "present"}  # not "under-covered"

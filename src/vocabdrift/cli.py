@@ -35,6 +35,44 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON a
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (.bin/.pt, loaded with "
                                                                   "weights_only=True); refused otherwise.")]
+# One way to name a run folder (docs/ARCHITECTURE.md, "The run folder"): `-o/--out RUN` where a command creates or
+# writes one, `--run RUN` where it reads (or adds to) an existing one. Older spellings stay as hidden aliases.
+RunIn = Annotated[Path | None, typer.Option("--run", help="An existing run folder (from `diff`) to read and add "
+                                                          "to.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Run folder to write (created when missing); "
+                                                                 "or --run for an existing one.")]
+# Rows of a table printed to the console: one default for every command (`--top`); the report's tables are a
+# document's and take their own (`report --top`, 50).
+TOP = 20
+
+
+_EXTRA_ARGS = {"allow_extra_args": True}  # the old positional RUN of report and prune-suggest, not in --help
+
+
+def _positional_runs(ctx: typer.Context, run: Path | None, second: Path | None, command: str
+                     ) -> tuple[Path, Path | None]:
+    """`report RUN [RUN_B]` and `prune-suggest RUN`, the old spellings of `--run RUN [--compare RUN_B]`: still
+    accepted, not shown in --help."""
+    extra = [Path(a) for a in ctx.args]
+    if len(extra) > (2 if command == "report" else 1):
+        raise VocabdriftError(f"{command}: unexpected arguments {' '.join(ctx.args)}; see `vocabdrift {command} "
+                              "--help`")
+    if extra:
+        run = _alias(run, extra[0], "RUN given as an argument")  # type: ignore[assignment]
+    if len(extra) > 1:
+        second = _alias(second, extra[1], "RUN_B given as an argument")  # type: ignore[assignment]
+    if run is None:
+        raise VocabdriftError(f"name the run folder: vocabdrift {command} --run RUN")
+    return run, second
+
+
+def _alias(new: object, old: object, spelling: str) -> object:
+    """A hidden old spelling of an option: either may be given, not both with different values."""
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise VocabdriftError(f"{spelling} is the old spelling of the same option; give one of the two")
+    return old
 
 
 def _echo(msg: str) -> None:
@@ -75,13 +113,14 @@ def diff(
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer to read the vocabulary from "
                                                         "(default: POST's, else BASE's).")] = None,
     threshold: Annotated[float, typer.Option(help="Cosine below which a row counts as drifted.")] = 0.95,
-    top: Annotated[int, typer.Option(help="How many of the most drifted tokens to print.")] = 20,
+    top: Annotated[int, typer.Option(help="How many of the most drifted tokens to print.")] = TOP,
     fold_norm: Annotated[bool, typer.Option("--fold-norm", help="Fold the final norm weight g into lm_head "
                                                                 "rows first (logits are W·(g⊙x̂)).")] = False,
     center: Annotated[bool, typer.Option("--center", help="Also give mean-centred cosines (one more pass).")] = False,
-    collapse: Annotated[bool, typer.Option("--collapse", help="Also find groups of near-identical lm_head rows in "
-                                                              "BASE and POST (three more passes each): which tokens "
-                                                              "collapsed during post-training.")] = False,
+    collapse: Annotated[bool, typer.Option("--collapse/--no-collapse", help="Find groups of near-identical lm_head "
+                                                                           "rows in BASE and POST (three more passes "
+                                                                           "each): which tokens collapsed during "
+                                                                           "post-training.")] = True,
     neighbors_of: Annotated[list[str] | None, typer.Option("--neighbors-of", help="Also store lm_head neighbours "
                                                            "of this token; repeatable. " + TOKEN_RULE)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
@@ -140,7 +179,7 @@ def diff(
     if summary.get("collapse"):
         from .outputs.console import collapse_line
 
-        con.print(collapse_line(summary["collapse"]))
+        con.print(collapse_line(summary["collapse"]), markup=False, highlight=False)  # token texts: never markup
     _echo(f"wrote {path}/ (vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
 
 
@@ -199,9 +238,9 @@ def neighbors(
     if as_json:
         _echo_json(nt.to_pylist())
         return
-    from .analyses.vocab import printable
+    from .analyses.vocab import token_label
 
-    Console().print(neighbors_console_table(nt, title=f"{space} neighbours of {printable(token)}"))
+    Console().print(neighbors_console_table(nt, title=f"{space} neighbours of {token_label(token)}"))
 
 # ---- commands from other modules are added below this line, one section per module -------------------------
 
@@ -255,7 +294,7 @@ def check(
         raise VocabdriftError("--write records the result in the folder given by --run; with BASE and POST, "
                               "-o writes the run folder and the result")
     result = run_check(base, post, run=run, min_cos=min_cos, max_below=max_below or None,
-                       categories=category or (), space=space, population="all" if all_tokens else "reachable",
+                       categories=category or (), space=space, all_tokens=all_tokens,
                        out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle,
                        progress=sys.stderr.isatty() and not (as_json or quiet), write=write)
     if as_json:
@@ -361,14 +400,15 @@ def coverage(
                                                    "sets.")],
     tokenizer: Annotated[str, typer.Option(help="The BASE model's tokenizer: model folder, tokenizer.json, .gguf "
                                                 "or hub id.")],
-    out: Out,
+    out: OutOpt = None,
+    run: RunIn = None,
     targets: Annotated[str, typer.Option(help="assistant (assistant turns, completions, plain text) or all.")]
     = "assistant",
     floor: Annotated[int, typer.Option(help="Occurrences a token needs to count as covered.")] = 5,
     field: Annotated[str | None, typer.Option(help="Read this record field (text, or a list of messages) "
                                                    "instead of detecting the shape.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed record.")] = False,
-    top: Annotated[int, typer.Option(help="How many below-floor tokens to print.")] = 30,
+    top: Annotated[int, typer.Option(help="How many below-floor tokens to print.")] = TOP,
     engine: Annotated[str, typer.Option(help="local (streaming, this process) or ray (Ray Data; connects to "
                                              "RAY_ADDRESS, else starts a local Ray).")] = "local",
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray (--engine ray).")] = None,
@@ -388,7 +428,10 @@ def coverage(
     from .api.coverage import coverage as run_coverage
     from .outputs.console import below_floor_table, coverage_categories_table
 
-    r = run_coverage(data, tokenizer=tokenizer, out=out, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
+    if out is None and run is None:
+        raise VocabdriftError("say where to write: -o RUN (a new or existing run folder) or --run RUN (a diff's)")
+    where = run if run is not None else out
+    r = run_coverage(data, tokenizer=tokenizer, out=out, run=run, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
                      strict=strict, progress=sys.stderr.isatty() and not (as_json or quiet), engine=engine,
                      num_cpus=num_cpus, force=force)
     s, con = r.summary, Console()
@@ -409,17 +452,17 @@ def coverage(
     for line in advice:
         con.print(line, highlight=False)
     if any(x["verdict"] in ("needs data", "rare") for x in s.get("advice", {}).get("languages", [])):
-        con.print(f"Fill them with `vocabdrift synth {tokenizer} --only-below-floor {out} -o synth.jsonl`, then "
+        con.print(f"Fill them with `vocabdrift synth {tokenizer} --run {where} -o synth.jsonl`, then "
                   "`vocabdrift mix` at the share above.", highlight=False)
     if s["malformed"]:
         shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
         typer.echo(f"{s['malformed']} malformed records skipped: {shown}{' ...' if s['malformed'] > 5 else ''}",
                    err=True)
-    _echo(f"wrote {out}/coverage.parquet and summary.json" + (" and coverage_drift.parquet" if r.scatter else ""))
+    _echo(f"wrote {where}/coverage.parquet and summary.json" + (" and coverage_drift.parquet" if r.scatter else ""))
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift synth Qwen/Qwen2.5-7B -o coverage.jsonl\n\n"
-                    "    vocabdrift synth ./base -o fill.jsonl --only-below-floor runs/sft1\n\n"
+                    "    vocabdrift synth ./base -o fill.jsonl --run runs/sft1\n\n"
                     "    vocabdrift synth ./base -o cov.jsonl --min-per-token 3 --format sharegpt")
 def synth(
     model: Annotated[str, typer.Argument(help="Model folder, tokenizer.json, .gguf or hub id.")],
@@ -427,10 +470,10 @@ def synth(
                                                            "beside it).")],
     min_per_token: Annotated[int, typer.Option(help="Verified occurrences of each token as a target.")] = 2,
     tokens_per_sample: Annotated[int, typer.Option(help="Tokens per conversation.")] = 8,
-    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", "--run", help="A coverage run "
-                                                          "folder: cover only the tokens it found below its "
-                                                          "floor, up to the floor (--run, as in check, works "
-                                                          "too).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A run folder holding a coverage count: cover only the "
+                                                         "tokens it found below its floor, up to the floor.")]
+    = None,
+    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", hidden=True)] = None,
     format: Annotated[str, typer.Option(help="messages, sharegpt, alpaca or prompt-completion.")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for phrasings and order.")] = 0,
 ) -> None:
@@ -439,17 +482,18 @@ def synth(
     Every answer is re-tokenized: each target id must come back as that id. Tokens that cannot be placed are
     listed in NAME.stats.json with the reason.
     """
-    from .analyses.vocab import printable
+    from .analyses.vocab import token_label
     from .api.coverage import synth as run_synth
 
     r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
-                  only_below_floor=only_below_floor, format=format, seed=seed, progress=sys.stderr.isatty())
+                  run=_alias(run, only_below_floor, "--only-below-floor"), format=format, seed=seed,
+                  progress=sys.stderr.isatty())
     st = r.stats
     _echo(f"covered {st['covered']:,} of {st['targets']:,} tokens (min {st['occurrences']['min']} occurrences) "
           f"in {st['samples']:,} samples; {st['unreachable']['count']:,} unreachable and {st['special']:,} special "
           "tokens not targeted")
     for sk in st["skipped"][:10]:
-        typer.echo(f"  skipped {printable(sk['text'])} ({sk['token_id']}): {sk['reason']}", err=True)
+        typer.echo(f"  skipped {token_label(sk['text'], sk['token_id'])}: {sk['reason']}", err=True)
     if len(st["skipped"]) > 10:
         typer.echo(f"  ... {len(st['skipped']) - 10} more skipped, see {r.stats_path}", err=True)
     _echo(f"wrote {r.path} and {r.stats_path}")
@@ -480,15 +524,17 @@ def mix(
           f"({r.synth / max(1, r.sft + r.synth):.1%} synthetic)")
 
 
-@app.command("prune-suggest", epilog="Examples:\n\n    vocabdrift prune-suggest runs/sft1\n\n"
-                                     "    vocabdrift prune-suggest runs/sft1 --threshold 0.9 --csv prune.csv")
+@app.command("prune-suggest", context_settings=_EXTRA_ARGS,
+             epilog="Examples:\n\n    vocabdrift prune-suggest --run runs/sft1\n\n"
+                    "    vocabdrift prune-suggest --run runs/sft1 --threshold 0.9 --csv prune.csv")
 def prune_suggest(
-    run: Annotated[Path, typer.Argument(help="A run folder holding drift.parquet (diff) and coverage.parquet "
-                                             "(coverage).")],
+    ctx: typer.Context,
+    run: Annotated[Path | None, typer.Option("--run", help="A run folder holding drift.parquet (diff) and "
+                                                           "coverage.parquet (coverage).")] = None,
     floor: Annotated[int | None, typer.Option(help="Count below which a token is rare (default: the coverage "
                                                    "run's floor).")] = None,
     threshold: Annotated[float, typer.Option(help="lm_head cosine below which a token counts as drifted.")] = 0.95,
-    top: Annotated[int, typer.Option(help="How many candidates to print.")] = 30,
+    top: Annotated[int, typer.Option(help="How many candidates to print.")] = TOP,
     csv: Annotated[Path | None, typer.Option(help="Also write the full candidate list to this CSV file.")] = None,
     as_json: AsJson = False,
     quiet: Quiet = False,
@@ -499,6 +545,7 @@ def prune_suggest(
     from .api.coverage import prune_suggest as run_prune
     from .outputs.console import prune_candidates_table, prune_categories_table
 
+    run = _positional_runs(ctx, run, None, "prune-suggest")[0]  # type: ignore[assignment]
     r = run_prune(run, floor=floor, threshold=threshold)
     if csv is not None:
         import pyarrow.csv as pacsv
@@ -523,22 +570,27 @@ def prune_suggest(
 
 # ---- prove it with the model: probe, cases, undertrained, confusion ----------------------------------------
 
-@app.command(epilog="Examples:\n\n    vocabdrift probe ./sft --base ./base --from runs/sft1 --top 500 -o runs/sft1\n\n"
-                    "    vocabdrift probe ./sft --tokens 嘉祺 --tokens 地税 --tokens 12345 -o runs/p\n\n"
-                    "    vocabdrift probe ./sft --base ./base --tokens-file names.txt -o runs/sft1 --json\n\n"
-                    "    vocabdrift probe SmolLM2-135M-Instruct.Q4_1.gguf --all -o runs/smol --batch-size 128")
+@app.command(epilog="Examples:\n\n    vocabdrift probe ./sft --base ./base --run runs/sft1 --drifted 500\n\n"
+                    "    vocabdrift probe ./sft --token 嘉祺 --token 地税 --token 12345 -o runs/p\n\n"
+                    "    vocabdrift probe ./sft --base ./base --tokens-file names.txt --run runs/sft1 --json\n\n"
+                    "    vocabdrift probe SmolLM2-135M-Instruct.Q4_1.gguf --all-tokens -o runs/smol --batch-size 128")
 def probe(
     model: Annotated[str, typer.Argument(help="The (post-trained) model: folder, .gguf or hub id.")],
-    out: Out,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder to write (default: --run).")] = None,
     base: Annotated[str | None, typer.Option(help="Also probe BASE and list LOST tokens (sayable in BASE, "
                                                   "not in MODEL).")] = None,
-    tokens: Annotated[list[str] | None, typer.Option("--tokens", help="A token to probe; repeatable. "
-                                                                      + TOKEN_RULE)] = None,
-    from_run: Annotated[Path | None, typer.Option("--from", "--run", help="Probe the most drifted tokens of this "
-                                                                          "diff run (--run, as in check, works "
-                                                                          "too).")] = None,
-    top: Annotated[int, typer.Option(help="With --from: how many of the most drifted tokens.")] = 200,
-    all_tokens: Annotated[bool, typer.Option("--all", help="Probe every non-special token.")] = False,
+    token: Annotated[list[str] | None, typer.Option("--token", help="A token to probe; repeatable. "
+                                                                    + TOKEN_RULE)] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A diff's run folder: probe its most drifted tokens "
+                                                           "(unless --token or --all-tokens), draw the control "
+                                                           "tokens from it, and write the probe into it (unless "
+                                                           "-o).")] = None,
+    drifted: Annotated[int, typer.Option(help="How many of RUN's most drifted tokens to probe.")] = 200,
+    all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Probe every non-special token.")] = False,
+    tokens_old: Annotated[list[str] | None, typer.Option("--tokens", hidden=True)] = None,
+    from_old: Annotated[Path | None, typer.Option("--from", hidden=True)] = None,
+    top_old: Annotated[int | None, typer.Option("--top", hidden=True)] = None,
+    all_old: Annotated[bool, typer.Option("--all", hidden=True)] = False,
     template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family (repeat_en, quoted_en, "
                                                        "repeat_zh, repeat_ja, fewshot_en, fewshot_zh); "
                                                        "repeatable. Default: chat families, or few-shot for "
@@ -558,8 +610,8 @@ def probe(
                                                      "(blank lines and # comments skipped); with --tokens, "
                                                      "both.")] = None,
     control: Annotated[int, typer.Option(help="With --base: also probe this many undrifted control tokens, "
-                                              "drawn (seeded) from the most stable rows of the diff in RUN or "
-                                              "--from, to compare against (0: none).")] = 40,
+                                              "drawn (seeded) from the most stable rows of RUN's diff, to "
+                                              "compare against (0: none).")] = 40,
     force: Annotated[bool, typer.Option("--force", help="Replace the probe RUN holds even when this one is "
                                                         "narrower or made another way.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary[\"probe\"] (and per-token rows) as JSON "
@@ -580,7 +632,11 @@ def probe(
     from .api.probe import probe as run_probe
     from .outputs.console import probe_headline_table, probe_outcomes_table, probe_tokens_table
 
-    r = run_probe(model, out=out, tokens=tokens or None, base=base, from_run=from_run, top=top,
+    tokens = [*(token or ()), *(tokens_old or ())]
+    run = _alias(run, from_old, "--from")  # type: ignore[assignment]
+    drifted = _alias(None, top_old, "--top") or drifted  # type: ignore[assignment]
+    all_tokens = all_tokens or all_old
+    r = run_probe(model, out=out, tokens=tokens or None, base=base, run=run, drifted=drifted,
                   all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
                   tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
@@ -618,11 +674,11 @@ def probe(
             from .sources.tokenizer import load_tokenizer
 
             tok = load_tokenizer(tokenizer or model)
-            from .analyses.vocab import printable
+            from .analyses.vocab import token_label
 
-            con.print("  " + ", ".join(f"{printable(tok.decode([i]))} ({i})" for i in s["lost"][:30]),
+            con.print("  " + ", ".join(token_label(tok.decode([i]), i) for i in s["lost"][:30]),
                       highlight=False)  # tokens shown as everywhere else: ␣ for a space, the id beside
-    _echo(f"wrote {out}/probe.parquet")
+    _echo(f"wrote {r.path}/probe.parquet")
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift cases ./sft                      # the published cases\n\n"
@@ -633,6 +689,8 @@ def cases(
     model: Annotated[str, typer.Argument(help="Model folder, .gguf, hub id (or the served name with --endpoint).")],
     cases_file: Annotated[Path | None, typer.Argument(help="Cases JSONL (default: the published cases).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/cases.json.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Also write cases.json into this existing run "
+                                                           "folder.")] = None,
     endpoint: Annotated[str | None, typer.Option(help="An OpenAI-compatible server to ask instead.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
@@ -647,15 +705,15 @@ def cases(
     from .api.probe import cases as run_cases
     from .outputs.console import cases_table
 
-    r = run_cases(model, cases_file, out=out, endpoint=endpoint, max_tokens=max_tokens, device=device,
+    r = run_cases(model, cases_file, out=out, run=run, endpoint=endpoint, max_tokens=max_tokens, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                   progress=sys.stderr.isatty() and not (as_json or quiet))
     if as_json:
         _echo_json(r.to_json())
     elif not quiet:
         Console().print(cases_table(r.model, r.cases, passed=r.passed, total=r.total))
-        if out is not None:
-            _echo(f"wrote {out}/cases.json")
+        if (out or run) is not None:
+            _echo(f"wrote {run or out}/cases.json")
     if r.passed < r.total:
         raise typer.Exit(1)
 
@@ -665,7 +723,8 @@ def cases(
 def undertrained(
     model: Annotated[str, typer.Argument(help="Model folder or .gguf (the matrices are read; the model is loaded "
                                               "only to verify).")],
-    out: Out,
+    out: OutOpt = None,
+    run: RunIn = None,
     token: Annotated[list[str] | None, typer.Option("--token", help="Answer 'was this token trained at all?': "
                                                     "its embedding-norm percentile; repeatable. " + TOKEN_RULE)]
     = None,
@@ -690,8 +749,10 @@ def undertrained(
     from .api.probe import undertrained as run_ut
     from .outputs.console import undertrained_tokens_table
 
-    r = run_ut(model, out=out, tokens=token or (), share=share, unused=unused or (), verify=verify, collapse=collapse,
-               device=device,
+    if out is None and run is None:
+        raise VocabdriftError("say where to write: -o RUN (a new or existing run folder) or --run RUN")
+    r = run_ut(model, out=out, run=run, tokens=token or (), share=share, unused=unused or (), verify=verify,
+               collapse=collapse, device=device,
                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=sys.stderr.isatty())
     s = r.summary
     if as_json or quiet:  # --json: summary["undertrained"] alone on stdout
@@ -707,7 +768,7 @@ def undertrained(
         con.print(collapse_line(s["collapse"]))
     if s["tokens"]:
         con.print(undertrained_tokens_table(s["tokens"]))
-    _echo(f"wrote {out}/undertrained.parquet")
+    _echo(f"wrote {run or out}/undertrained.parquet")
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift confusion ./sft --prompt 富士山とは？ --language ja -n 100\n\n"
@@ -727,7 +788,10 @@ def confusion(
     seed: Annotated[int, typer.Option(help="Seed (same seed, same samples).")] = 0,
     base: Annotated[str | None, typer.Option(help="Also sample BASE and test the difference (Fisher).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="Ask MODEL through an OpenAI-compatible server.")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/confusion.json.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/confusion.json and every "
+                                                                 "sampled answer to RUN/confusion.jsonl.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Also write confusion.json into this existing run "
+                                                           "folder.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     allow_pickle: AllowPickle = False,
@@ -743,7 +807,7 @@ def confusion(
     if prompt and prompts:
         raise VocabdriftError("give --prompt or --prompts, not both")
     doc = run_confusion(model, prompts=prompt or prompts, language=language, n=n, temperature=temperature,
-                        top_p=top_p, max_tokens=max_tokens, seed=seed, base=base, endpoint=endpoint, out=out,
+                        top_p=top_p, max_tokens=max_tokens, seed=seed, base=base, endpoint=endpoint, out=out, run=run,
                         device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                         progress=sys.stderr.isatty() and not (as_json or quiet))
     if as_json or quiet:
@@ -755,38 +819,44 @@ def confusion(
     for x in doc["tests"]:
         con.print(f"Fisher exact test, {x['prompt'][:30]!r}: odds ratio {x['odds_ratio']:.3g}, "
                   f"p = {x['p_value']:.3g}")
-    if out is not None:
-        _echo(f"wrote {out}/confusion.json")
+    if (out or run) is not None:
+        _echo(f"wrote {run or out}/confusion.json and confusion.jsonl")
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
 
-@app.command(epilog="Examples:\n\n    vocabdrift report runs/sft1\n\n"
-                    "    vocabdrift report runs/sft1 --token 嘉祺 --token 12345 --top 100\n\n"
-                    "    vocabdrift report runs/sft1 runs/fixed --names baseline,repaired")
+@app.command(context_settings=_EXTRA_ARGS, epilog="Examples:\n\n    vocabdrift report --run runs/sft1\n\n"
+                    "    vocabdrift report --run runs/sft1 --token 嘉祺 --token 12345 --top 100\n\n"
+                    "    vocabdrift report --run runs/sft1 --compare runs/fixed --names baseline,repaired")
 def report(
-    run: Annotated[Path, typer.Argument(help="The run folder (from `diff`, with any of coverage, probe, cases, "
-                                             "confusion); the report is written into it.")],
-    run_b: Annotated[Path | None, typer.Argument(help="A second run folder to put side by side with RUN.")] = None,
+    ctx: typer.Context,
+    run: Annotated[Path | None, typer.Option("--run", help="The run folder (from `diff`, with any of coverage, "
+                                                           "probe, cases, confusion); the report is written into "
+                                                           "it.")] = None,
+    compare: Annotated[Path | None, typer.Option("--compare", help="A second run folder to put side by side with "
+                                                                   "RUN (written beside RUN's own report).")] = None,
     names: Annotated[str | None, typer.Option(help="Names of RUN and RUN_B in the comparison, e.g. "
                                                    "baseline,repaired (default: the folder names).")] = None,
     token: Annotated[list[str] | None, typer.Option("--token", help="Mark this token and show its neighbours; "
                                                                     "repeatable. " + TOKEN_RULE)] = None,
-    top: Annotated[int, typer.Option(help="Rows in the tables of most drifted and lost tokens.")] = 50,
+    top: Annotated[int, typer.Option(help="Rows in the report's tables of most drifted and lost tokens (a "
+                                          "document's tables: more than the console's 20).")] = 50,
 ) -> None:
     """Write RUN/report.html (self-contained, interactive) and RUN/report.md (with PNG plots in
     RUN/report_files/), read from the run folder alone.
     """
     from .outputs.report import report as run_report
 
-    html_path, md_path = run_report(run, compare=run_b, names=names, tokens=token or (), top=top)
+    run, compare = _positional_runs(ctx, run, compare, "report")
+    html_path, md_path = run_report(run, compare=compare, names=names, tokens=token or (), top=top)
     _echo(f"wrote {html_path} and {md_path}")
 
 
 # ---- the lab ---------------------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n    vocabdrift lab -o runs/lab\n\n    vocabdrift lab -o runs/lab-quick --quick\n\n"
-                    "    vocabdrift report runs/lab/baseline runs/lab/repaired --names baseline,repaired")
+                    "    vocabdrift report --run runs/lab/baseline --compare runs/lab/repaired --names "
+                    "baseline,repaired")
 def lab(
     out: Out,
     quick: Annotated[bool, typer.Option("--quick", help="The same models, fewer probes, no remedies (for tests; "
@@ -797,8 +867,9 @@ def lab(
     seed: Annotated[int | None, typer.Option(help="Seed of the corpus, the initialisation and the data order "
                                                    "(default: the recipe's: 5, or 0 with --large).")] = None,
     remedies: Annotated[bool | None, typer.Option(
-        "--remedies/--no-remedies", help="Also train +replay, +anchor and +gate with `repair` and compare the five "
-        "ways in OUT/remedies.md. Default: on, off with --quick.")] = None,
+        "--remedies/--no-remedies", help="Also train +replay, +anchor, +gate and +coverage5 (the coverage set at "
+        "5% of the samples) with `repair` and compare the six ways in OUT/remedies.md. Default: on, off with "
+        "--quick.")] = None,
 ) -> None:
     """Reproduce the whole investigation offline on a CPU: pre-train a tiny Llama, SFT it with and without the
     coverage set, and measure, probe and compare both; then the training-side remedies beside them.
@@ -824,8 +895,10 @@ def lab(
 
 
 # Exit codes: 0 success (check: pass), 1 check failed (drift found) or cases failed, 2 bad input, 70 a bug in
-# vocabdrift (EX_SOFTWARE), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+# vocabdrift (EX_SOFTWARE), 130 interrupted (Ctrl-C), 141 the reader of stdout went away (`| head`), 143 terminated
+# (SIGTERM).
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for `cat` in the same place
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -872,6 +945,27 @@ def _bug(e: BaseException) -> None:
     sys.exit(EXIT_BUG)
 
 
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: the interpreter's last flush of stdout must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _broken_pipe(self: object) -> None:
+    """stdout's reader went away (`vocabdrift check ... | head`): rich would exit with 1, which `check` uses for
+    "drift found". Unwind as an exception instead (every `finally` cleans up) and end with EXIT_BROKEN_PIPE."""
+    _stdout_to_devnull()
+    raise BrokenPipeError
+
+
+def _refuse_empty_locations(argv: list[str]) -> None:
+    """`-o ""` would reach us as Path("") == "." (the current folder): refuse an empty location before parsing."""
+    for i, a in enumerate(argv):
+        flag = a[:-1] if a.endswith("=") else argv[i - 1] if a == "" and i else None
+        if flag in ("-o", "--out", "--run"):
+            raise VocabdriftError(f"{flag} is empty; name the {'run folder' if flag == '--run' else 'output'} "
+                                  "to use")
+
+
 def main() -> None:
     """Entry point and the one error boundary: a VocabdriftError (bad input) becomes one line and exit code 2,
     a full disk or a missing permission one line and 2, Ctrl-C 130 and SIGTERM 143 after cleaning up, and
@@ -882,15 +976,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():  # a log file or CI: our bars are off there, and so are the libraries' own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it when imported
+    if not sys.stdout.isatty():  # a pipe or a log: tables 120 columns wide (rich's 80 would wrap "latin
+        os.environ.setdefault("COLUMNS", "120")  # (English/Latin)" and the numbers); COLUMNS set by the user wins
     from .outputs.console import quiet_third_party
 
     quiet_third_party(terminal=sys.stderr.isatty())  # before any library is imported: tqdm reads it then
+    import rich.console
+
+    rich.console.Console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign] # ours and typer's tables
     _MAIN_PID[0] = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
     # typer parses with its own copy of click; its exception classes are reached through the public BadParameter
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
+        _refuse_empty_locations(sys.argv[1:])
         rv = app(standalone_mode=False)  # usage errors come back here, to be one line like every other error
     except usage_error as e:  # a bad option value, a missing argument, an unknown command
         ctx = getattr(e, "ctx", None)
@@ -917,6 +1017,9 @@ def main() -> None:
             typer.echo("vocabdrift: terminated" if _terminated else "vocabdrift: interrupted", err=True)
             sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
         raise
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        sys.exit(EXIT_BROKEN_PIPE)
     except MemoryError:
         typer.echo("vocabdrift: error: out of memory; free memory, or give smaller inputs", err=True)
         sys.exit(EXIT_BAD_INPUT)

@@ -12,11 +12,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .vocab import LANGUAGE_NAMES, LANGUAGES
+from .vocab import LANGUAGE_NAMES, LANGUAGES, category_label
 
 MAX_SHARE = 0.05  # the coverage set's largest advised share of the training mix (the published repair: a few %)
 PRESENT = 200  # a language with this many tokens at or above the floor is plainly in the data: its tail is rare words
-DRIFTED_SHARE = 0.01  # a language counts as drifted when more than this share of its rows fell below 0.95
+DRIFTED_SHARE = 0.01  # a language counts as drifted when more than this share of its rows fell below 0.95 ...
+# ... and more than the vocabulary as a whole: when an SFT run moved 8% of all rows (mostly English words), a
+# language with 2 of 77 rows below 0.95 is not what coverage data should go to
 COMMON_ZIPF = 3.0  # Zipf frequency (log10 per billion words) from which a word is common: once per million words
 
 # wordfreq's language for each script category; Latin is checked in several languages that write with it
@@ -29,14 +31,16 @@ _WORDFREQ_LANGS: dict[str, tuple[str, ...]] = {
 
 def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, placements_needed: int,
                     below_floor: int, floor: int, drift: dict[str, dict[str, Any]] | None = None,
-                    tokens_per_sample: int = 8, under_share: float = 0.1) -> dict[str, Any]:
+                    overall: dict[str, Any] | None = None, tokens_per_sample: int = 8, under_share: float = 0.1
+                    ) -> dict[str, Any]:
     """summary["coverage"]["advice"]: which languages call for coverage data, and how much of it to mix.
 
     Args:
         categories: coverage's per-category counts ({"tokens", "at_or_above_floor"}).
         samples: SFT samples counted. placements_needed: sum over below-floor tokens of (floor - count).
         drift: diff's per-category summary (`summary["categories"]`) when the run folder holds one: a language
-            is then "needs data" only when its rows also drifted.
+            is then "needs data" only when its rows also drifted: more than DRIFTED_SHARE of them below 0.95, and
+            a larger share than `overall` (diff's `summary["overall"]`) when given.
         tokens_per_sample: target tokens per coverage sample (`synth`'s default).
     A language rarely targeted but plainly present (PRESENT tokens at the floor: its uncovered tail is rare
     words and names) or not drifted is not called under-covered.
@@ -50,7 +54,7 @@ def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, plac
         if share >= under_share:
             continue
         d = ((drift or {}).get(lang) or {}).get("lm_head")
-        drifted = None if d is None or not d.get("tokens") else d["below_0.95"] / d["tokens"] > DRIFTED_SHARE
+        drifted = None if d is None or not d.get("tokens") else d["below_0.95"] / d["tokens"] > _floor_share(overall)
         if c["at_or_above_floor"] >= PRESENT:
             verdict = "present"  # in the data; the uncovered part is its long tail
         elif drifted is False:
@@ -69,12 +73,19 @@ def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, plac
             "mix_samples": mix_count, "placements_per_token": round(per_token, 2)}
 
 
+def _floor_share(overall: dict[str, Any] | None) -> float:
+    """The share of a language's rows below 0.95 above which it counts as drifted."""
+    o = (overall or {}).get("lm_head")
+    return max(DRIFTED_SHARE, o["below_0.95"] / o["tokens"]) if o and o.get("tokens") else DRIFTED_SHARE
+
+
 def advice_lines(advice: dict[str, Any]) -> list[str]:
     """The advice as sentences for the console and the report."""
     lines = []
-    need = [x["name"] for x in advice["languages"] if x["verdict"] == "needs data"]
-    rare = [x["name"] for x in advice["languages"] if x["verdict"] == "rare"]
-    fine = [x["name"] for x in advice["languages"] if x["verdict"] in ("present", "rare, not drifted")]
+    def shown(*verdicts: str) -> list[str]:
+        return [category_label(x["category"]) for x in advice["languages"] if x["verdict"] in verdicts]
+
+    need, rare, fine = shown("needs data"), shown("rare"), shown("present", "rare, not drifted")
     if need:
         lines.append(f"Needs coverage data (rarely targeted and drifted): {', '.join(need)}.")
     if rare:
@@ -92,8 +103,8 @@ def advice_lines(advice: dict[str, Any]) -> list[str]:
                          f"{s:,} samples, {advice['synth_to_sft']:.1f}x your {f:,} SFT samples: too much. Mix a "
                          f"{advice['mix_share']:.0%} share (`vocabdrift mix SFT SYNTH -o MIXED --ratio "
                          f"{advice['mix_share']:g}`, {advice['mix_samples']:,} samples, about "
-                         f"{advice['placements_per_token']:g} placements per token), and cover the languages that "
-                         "need data first.")
+                         f"{advice['placements_per_token']:g} placements per token)"
+                         + (", and cover the languages that need data first." if need else "."))
     return lines
 
 

@@ -48,28 +48,34 @@ class Collapse:
 
 
 def _unit(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    b = np.nan_to_num(np.asarray(b, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    b = np.asarray(b, dtype=np.float32)
+    if not np.isfinite(b).all():  # one pass; nan_to_num alone makes several
+        b = np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
     norm = np.linalg.norm(b, axis=1)
     zero = norm == 0
     return b / np.where(zero, 1.0, norm)[:, None], zero
 
 
 def _codes(x: np.ndarray, planes: np.ndarray) -> np.ndarray:
-    """uint64 sign codes of rows `x` (n, H) on `planes` (tables, H, bits): (n, tables)."""
-    out = np.zeros((len(x), planes.shape[0]), dtype=np.uint64)
-    weights = (np.uint64(1) << np.arange(planes.shape[2], dtype=np.uint64))
-    for t in range(planes.shape[0]):
-        bits = (x @ planes[t]) > 0
-        out[:, t] = (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-    return out
+    """uint64 sign codes of rows `x` (n, H) on `planes` (tables, H, bits): (n, tables). One product for all the
+    tables."""
+    t, h, nb = planes.shape
+    flat = planes.transpose(1, 0, 2).reshape(h, t * nb)
+    bits = ((x @ flat) > 0).reshape(len(x), t, nb)
+    weights = (np.uint64(1) << np.arange(nb, dtype=np.uint64))
+    return (bits.astype(np.uint64) * weights).sum(axis=2, dtype=np.uint64)
 
 
 def _buckets(codes: np.ndarray) -> list[np.ndarray]:
-    """Positions sharing a code, for codes held by two positions or more."""
+    """Positions sharing a code, for codes held by two positions or more (only those are cut out: most codes
+    are held by one position)."""
     order = np.argsort(codes, kind="stable")
     sc = codes[order]
     cut = np.flatnonzero(np.diff(sc)) + 1
-    return [g for g in np.split(order, cut) if len(g) >= 2]
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [len(sc)]])
+    return [order[a:b] for a, b in zip(starts[ends - starts >= 2].tolist(), ends[ends - starts >= 2].tolist(),
+                                       strict=True)]
 
 
 def collapsed_groups(blocks: Blocks, *, min_cos: float = MIN_COS, bits: int | None = None, tables: int = 6,

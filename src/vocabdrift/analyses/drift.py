@@ -256,7 +256,7 @@ def most_drifted(drift: pa.Table, vocab: pa.Table, n: int, *, space: str = "lm_h
 def most_drifted_ids(drift: pa.Table, vocab: pa.Table | None, n: int | None = None, *,
                      space: str = "lm_head") -> list[int]:
     """The token ids of `most_drifted` (THE definition of "most drifted"), for callers that need only the order:
-    `probe --from`, the report's tables, the lab. `vocab` may be None (no special tokens known) or hold only
+    `probe --run`, the report's tables, the lab. `vocab` may be None (no special tokens known) or hold only
     token_id and is_special; `n` None means every judged row."""
     import pyarrow as pa
     import pyarrow.compute as pc

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import VocabdriftError
 from .drift import undefined_rows
-from .vocab import CATEGORIES, LANGUAGE_NAMES, printable
+from .vocab import CATEGORIES, LANGUAGE_NAMES, token_label
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -68,8 +68,8 @@ class RuleResult:
             return f"{where}no tokens to judge"
         who = ""
         if not self.passed and self.worst:
-            who = f" (token {self.worst[0]}" + (f" '{printable(self.worst_text)}')" if self.worst_text is not None
-                                                else ")")
+            w = self.worst[0] if self.worst_text is None else token_label(self.worst_text, self.worst[0])
+            who = f" (token {w})"
         if r.kind == "min_cos":
             op = ">=" if self.passed else "<"
             if self.undefined:

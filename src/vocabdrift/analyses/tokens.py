@@ -1,6 +1,6 @@
 """THE token-spec resolver: one rule for "text, piece or id" in every command that takes tokens.
 
-`neighbors TOKEN`, `diff --neighbors-of`, `probe --tokens`, `undertrained --token` and `report --token` all resolve
+`neighbors TOKEN`, `diff --neighbors-of`, `probe --token`, `undertrained --token` and `report --token` all resolve
 through `resolve_tokens`, against the same index (the vocabulary table's texts and raw pieces, plus the tokenizer's
 encoder where one is at hand), so the same spec names the same token everywhere. The rule is `TOKEN_RULE`, shown in
 each of those commands' --help.

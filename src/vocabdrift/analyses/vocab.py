@@ -338,3 +338,18 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def token_label(text: str, token_id: int | None = None) -> str:
+    """The one way a token is shown, on the console, in report.html, report.md and log lines: its text with
+    whitespace and control characters made visible (`printable`: ' Jack' -> '␣Jack', the empty text -> '∅'),
+    and its id beside it when given: '␣Jack (10472)'."""
+    shown = printable(text) if text else "∅"
+    return shown if token_id is None else f"{shown} ({int(token_id)})"
+
+
+def category_label(category: str) -> str:
+    """The one way a category is shown: its key (the name in summary.json, the vocabulary table, `check
+    --category` and the report), with a language's everyday name beside it: 'cyrillic (Russian)', 'number'."""
+    name = LANGUAGE_NAMES.get(category)
+    return f"{category} ({name})" if name else category

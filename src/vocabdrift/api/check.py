@@ -33,7 +33,8 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
           min_cos: float | str | None = None, max_below: str | Sequence[str] | None = None,
           categories: Sequence[str] = (), space: str = "lm_head", population: str = "reachable",
           out: PathLike | None = None, tokenizer: PathLike | None = None, device: str | None = None,
-          allow_pickle: bool = False, progress: bool = False, write: bool = False) -> CheckResult:
+          allow_pickle: bool = False, progress: bool = False, write: bool = False,
+          all_tokens: bool = False) -> CheckResult:
     """Judge the drift from BASE to POST against limits; the result has a one-line `verdict`.
 
     Args:
@@ -42,7 +43,8 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         max_below: "COS:LIMIT", e.g. "0.95:1%" (at most 1% of tokens below 0.95) or "0.9:0" (none below 0.9).
         categories: "NAME:COS:LIMIT" ("japanese:0.95:5%") or "NAME:MIN_COS" ("japanese:0.9").
         space: "lm_head" (what the model says) or "embed" (what it reads).
-        population: "reachable" (reachable, non-special tokens; the default) or "all" (every non-special one).
+        all_tokens: judge every non-special token, unreachable ones too (`--all-tokens`); by default only the
+            reachable, non-special ones. `population="all"` is its old spelling.
         out: also write the run folder (diff's tables, and summary.json's "check" key).
         write: with `run`, record the result in the run folder (summary.json's "check" key); a gate reads
             and judges, so by default it leaves the folder as it was.
@@ -56,6 +58,8 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
     """
     from ..outputs.run import Run, open_run
 
+    if all_tokens:
+        population = "all"
     rules = rules_from(min_cos=min_cos, max_below=max_below, categories=categories)
     if run is not None:
         if base is not None or post is not None:

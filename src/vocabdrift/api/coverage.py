@@ -28,7 +28,7 @@ from ..analyses.vocab import LANGUAGE_NAMES
 from ..errors import VocabdriftError
 from ..outputs import run as R
 from ..outputs.location import check_out
-from ..outputs.run import Timer, open_run, write_lines_atomic
+from ..outputs.run import Timer, open_run, run_target, write_lines_atomic
 from ..sources.data import DataReader, Malformed, Sample, detect_shape
 from ..sources.tokenizer import load_tokenizer
 from ..sources.vocabulary import table_of_tokenizer, vocab_table
@@ -272,7 +272,7 @@ def _covered_before(run: Path, arguments: dict[str, Any], inputs: dict[str, Any]
 def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, tokenizer: Any, out: PathLike | None = None,
              targets: C.Targets = "assistant", floor: int = 5, field: str | None = None, strict: bool = False,
              batch_size: int = 512, progress: bool = False, engine: str = "local",
-             num_cpus: int | None = None, force: bool = False) -> CoverageResult:
+             num_cpus: int | None = None, force: bool = False, run: PathLike | None = None) -> CoverageResult:
     """Count, per token id, its occurrences as a generation target in DATA and the samples that hold it.
 
     Args:
@@ -281,6 +281,7 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
         tokenizer: model folder, tokenizer.json, .gguf, hub id or tokenizer object (the BASE model's).
         out: run folder; gets coverage.parquet and summary["coverage"] (and, when it holds drift.parquet,
             coverage_drift.parquet plus the Spearman correlation).
+        run: an existing run folder (from `diff`) to add to, instead of `out`.
         targets: "assistant" (assistant turns, completions, plain text) or "all" (every token).
         floor: the count a token needs to be called covered.
         field: read this record field instead of detecting the shape.
@@ -294,6 +295,7 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
         >>> r = coverage("sft.jsonl", tokenizer="Qwen/Qwen2.5-7B", out="runs/sft1")
         >>> r.summary["categories"]["japanese"]
     """
+    out = run_target(out, run, required=False)
     if floor < 1:
         raise VocabdriftError(f"--floor must be at least 1, not {floor}")
     if targets not in ("assistant", "all"):
@@ -375,11 +377,12 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
         scatter = C.scatter_table(table, drift, vocab)
         summary["correlation"] = C.correlate(scatter)
     below = C.below_floor(table, vocab, floor=floor)
-    drift_cats = None
+    drift_summary: dict[str, Any] = {}
     if scatter is not None and (run_path / R.SUMMARY).exists():  # type: ignore[operator]
-        drift_cats = json.loads((run_path / R.SUMMARY).read_text()).get("categories")  # type: ignore[operator]
+        drift_summary = json.loads((run_path / R.SUMMARY).read_text())  # type: ignore[operator]
     summary["advice"] = coverage_advice(  # how much coverage data, sized against this SFT data
-        cats, samples=stats["samples"], floor=floor, below_floor=below.num_rows, drift=drift_cats,
+        cats, samples=stats["samples"], floor=floor, below_floor=below.num_rows,
+        drift=drift_summary.get("categories"), overall=drift_summary.get("overall"),
         placements_needed=int(np.maximum(floor - below.column("count").to_numpy(), 0).sum()))
     result = CoverageResult(run_path, table, summary, below, C.under_covered(cats), reader.malformed, scatter,
                             timer.timings)
@@ -426,8 +429,8 @@ def _stats_path(out: Path) -> Path:
 
 
 def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tokens_per_sample: int = 8,
-          only_below_floor: PathLike | None = None, format: str = "messages", seed: int = 0,
-          progress: bool = False) -> SynthResult:
+          run: PathLike | None = None, format: str = "messages", seed: int = 0,
+          progress: bool = False, only_below_floor: PathLike | None = None) -> SynthResult:
     """Write the full-vocabulary coverage set: repetition tasks placing every reachable, non-special token as a
     generation target at least `min_per_token` times, each placement verified by re-tokenizing the answer.
 
@@ -436,14 +439,21 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         out: the JSONL file to write; `<name>.stats.json` goes beside it.
         min_per_token: verified occurrences per token.
         tokens_per_sample: tokens per conversation (more: fewer, longer samples).
-        only_below_floor: a run folder holding coverage.parquet: cover only the tokens it found below its floor,
-            each just enough times to reach the floor (the minimal fix); `min_per_token` is then not used.
+        run: a run folder holding coverage.parquet: cover only the tokens it found below its floor, each just
+            enough times to reach the floor (the minimal fix); `min_per_token` is then not used.
+            `only_below_floor` is its old spelling, still accepted.
         format: "messages" (TRL SFTTrainer), "sharegpt" or "alpaca".
 
     Example:
         >>> r = synth("Qwen/Qwen2.5-7B", out="coverage.jsonl")
         >>> r.stats["covered"], r.stats["skipped"]
     """
+    if only_below_floor is not None:  # the old spelling of `run`
+        if run is not None and Path(run) != Path(only_below_floor):
+            raise VocabdriftError(f"--run {run} and --only-below-floor {only_below_floor} name two folders; give "
+                                  "--run alone")
+        run = only_below_floor
+    only_below_floor = run
     if format not in FORMATS:
         raise VocabdriftError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if min_per_token < 1:
@@ -683,7 +693,7 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
         missing = [n for n in (R.VOCAB, R.DRIFT, R.COVERAGE) if not r.has(n)]
         if missing:
             raise VocabdriftError(f"{run}: missing {', '.join(missing)}; run `vocabdrift diff BASE POST -o {run}` and "
-                                  f"`vocabdrift coverage DATA --tokenizer BASE -o {run}` first")
+                                  f"`vocabdrift coverage DATA --tokenizer BASE --run {run}` first")
         vocab, drift = r.read_table(R.VOCAB), r.read_table(R.DRIFT)
         cov = r.read_table(R.COVERAGE)
         summary = r.read_json(R.SUMMARY, default={"_": 0})

@@ -447,6 +447,7 @@ def _collapse(b: Checkpoint, p: Checkpoint, m: Measurement) -> tuple[pa.Table, d
     import pyarrow as pa
 
     from ..analyses.collapse import collapse_change, collapse_summary, collapsed_groups
+    from ..analyses.vocab import token_label
 
     n = m.info["common_rows"]
     cats = m.vocab.column("category").combine_chunks().cast("string").to_numpy(zero_copy_only=False)[:n]
@@ -464,9 +465,14 @@ def _collapse(b: Checkpoint, p: Checkpoint, m: Measurement) -> tuple[pa.Table, d
     for key in ("new", "already", "released"):
         for cat in np.unique(cats[change[key]]).tolist():
             by_cat.setdefault(cat, {"new": 0, "already": 0, "released": 0})[key] = int((cats[change[key]] == cat).sum())
+    texts = m.vocab.column("text").to_numpy(zero_copy_only=False)
+    examples = {f"{key}_tokens": [token_label(str(texts[i]), int(i)) for i in np.flatnonzero(change[key])[:12]]
+                for key in ("new", "already")}  # a few, as the console and the report show them
     summary = {"lm_head": {"base": collapse_summary(found["base"], cats), "post": collapse_summary(found["post"], cats),
                            **{key: int(v.sum()) for key, v in change.items()},
-                           "new_ids": np.flatnonzero(change["new"]).tolist()[:1000], "categories": by_cat}}
+                           "new_ids": np.flatnonzero(change["new"]).tolist()[:1000],
+                           "already_ids": np.flatnonzero(change["already"]).tolist()[:1000], **examples,
+                           "categories": by_cat}}
     return drift, summary
 
 
@@ -476,11 +482,15 @@ def diff(base: PathLike, post: PathLike, *, out: PathLike, tokenizer: PathLike |
          threshold: float = 0.95, fold_norm: bool = False, center: bool = False, neighbors_top: int = 20,
          neighbors_of: Sequence[str | int] = (), k: int = 10, device: str | None = None,
          block_rows: int | None = None, allow_pickle: bool = False, progress: bool = False,
-         force: bool = False, collapse: bool = False) -> Path:
+         force: bool = False, collapse: bool = True) -> Path:
     """Measure drift from BASE to POST and write the run folder `out`.
 
     Writes vocab.parquet, drift.parquet, neighbors.parquet (lm_head neighbours, before and after, of the
     `neighbors_top` most drifted tokens and of `neighbors_of`), summary.json and manifest.json.
+
+    With `collapse` (the default; about 2 s per model for the 151,936 x 896 lm_head of Qwen2.5-0.5B), groups of
+    near-identical lm_head rows in BASE and in POST: summary["collapse"] says which tokens collapsed during
+    post-training and which already were collapsed in BASE, and drift.parquet gets each row's group in both.
 
     A run folder holds one BASE/POST pair: writing another pair into a folder that holds results of a previous
     one removes those results (coverage joins, probe, cases, confusion, check, report) and says so. The same

@@ -23,7 +23,7 @@ from ..analyses.tokens import TokenIndex
 from ..errors import VocabdriftError
 from ..outputs import run as R
 from ..outputs.location import check_out
-from ..outputs.run import Timer, open_run, write_bytes_atomic, write_parquet_atomic
+from ..outputs.run import Timer, existing_run, open_run, run_target, write_bytes_atomic, write_parquet_atomic
 from ..sources.spec import ModelSpec, check_weights_policy, parse_model_spec
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ def _job_key(job: dict[str, Any]) -> str:
 
 
 CONTROL = 40  # undrifted control tokens probed beside the asked ones (with BASE)
+DRIFTED = 200  # most drifted tokens of a run probed when no token is named (`--drifted`)
 
 
 def read_token_file(path: PathLike) -> list[str]:
@@ -244,13 +245,14 @@ def _probed_before(out: Path, ids: list[int], plans: list[Any], inputs: dict[str
                           "run folder")
 
 
-def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None = None, base: PathLike | None = None,
-          from_run: PathLike | None = None, top: int = 200, all_tokens: bool = False,
-          templates: Sequence[str] | None = None, base_templates: Sequence[str] | None = None,
-          top_p: float = P.TOP_P, endpoint: str | None = None, engine: Any = None,
-          tokenizer: str | None = None, device: str | None = None, batch_size: int = 64, block_tokens: int = 1024,
-          trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = False,
-          tokens_file: PathLike | None = None, control: int = CONTROL, force: bool = False) -> ProbeResult:
+def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[TokenSpec] | None = None,
+          base: PathLike | None = None, run: PathLike | None = None, drifted: int = DRIFTED,
+          all_tokens: bool = False, templates: Sequence[str] | None = None,
+          base_templates: Sequence[str] | None = None, top_p: float = P.TOP_P, endpoint: str | None = None,
+          engine: Any = None, tokenizer: str | None = None, device: str | None = None, batch_size: int = 64,
+          block_tokens: int = 1024, trust_remote_code: bool = False, allow_pickle: bool = False,
+          progress: bool = False, tokens_file: PathLike | None = None, control: int = CONTROL, force: bool = False,
+          from_run: PathLike | None = None, top: int | None = None) -> ProbeResult:
     """Ask MODEL (and BASE) to say each token; write RUN/probe.parquet and summary["probe"].
 
     Each token goes into every template (chat families for a model with a chat template, few-shot ones for a base
@@ -263,9 +265,13 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
 
     Args:
         model: the (post-trained) model: folder, .gguf file or hub id (or the served name with `endpoint`).
-        out: the run folder.
-        tokens: ids, pieces or texts to probe; or `from_run` + `top` (most drifted of a diff run); or
-            `all_tokens` (every non-special token).
+        out: the run folder to write (default: `run`).
+        tokens: ids, pieces or texts to probe; or `all_tokens` (every non-special token); without either, the
+            `drifted` most drifted tokens of the diff in `run` (or in `out`).
+        run: an existing run folder (`--run`, as every command names one): where the most drifted and the control
+            tokens are read from, and where the probe is written unless `out` says otherwise.
+        drifted: how many of the most drifted tokens to probe (`--drifted`).
+        from_run, top: the old spellings of `run` and `drifted`, still accepted.
         base: the pre-trained model, probed the same way (locally).
         templates / base_templates: template names from `analyses.probe.TEMPLATES` (default by model kind).
         endpoint: probe MODEL through an OpenAI-compatible server that returns logprobs.
@@ -276,7 +282,7 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
             as `tokens` (and added to them).
         control: with `base`, also probe this many undrifted tokens drawn from RUN's drift table (the most
             stable reachable, non-special rows, seeded), so the headline compares the probed tokens' change
-            against tokens SFT left alone (0: none). Needs drift.parquet in RUN or in `from_run`.
+            against tokens SFT left alone (0: none). Needs drift.parquet in `run` or `out`.
         force: replace a probe RUN already holds even when this one is narrower or made another way. Without
             it, a rerun whose tokens RUN already probed the same way says so and recomputes nothing, and a probe
             that would replace a different one is refused.
@@ -290,12 +296,27 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
 
     from ..sources.tokenizer import load_tokenizer
 
-    out = Path(out)
+    if from_run is not None:  # the old spelling of `run`
+        if run is not None and Path(run) != Path(from_run):
+            raise VocabdriftError(f"--run {run} and --from {from_run} name two folders; give --run alone")
+        run = from_run
+    if top is not None:  # the old spelling of `drifted`
+        drifted = top
+    if run is not None:
+        run = existing_run(run)
+    if out is None and run is None:
+        raise VocabdriftError("say where to write: --run RUN (an existing run folder, e.g. from diff) or -o RUN")
+    out = Path(out) if out is not None else Path(run)  # type: ignore[arg-type]
     if tokens_file is not None:
         tokens = [*(tokens or ()), *read_token_file(tokens_file)]
-    if sum(x is not None and x is not False for x in (tokens, from_run, all_tokens or None)) != 1:
-        raise VocabdriftError("say which tokens to probe: give exactly one of --tokens, --from RUN (with --top) "
-                              "or --all")
+    if tokens is not None and all_tokens:
+        raise VocabdriftError("say which tokens to probe: --token/--tokens-file or --all-tokens, not both")
+    drift_run = run if run is not None else out if (out / R.DRIFT).is_file() else None
+    if tokens is None and not all_tokens and drift_run is None:
+        raise VocabdriftError("say which tokens to probe: --token (or --tokens-file), --all-tokens, or --run RUN "
+                              "(a diff's run folder: its --drifted most drifted tokens)")
+    if drifted < 1:
+        raise VocabdriftError(f"--drifted {drifted}: probe at least one token")
     if not 0 <= top_p <= 1:
         raise VocabdriftError(f"--top-p must be in [0, 1] (0: greedy), not {top_p}")
     if batch_size < 1 or block_tokens < 1:
@@ -320,8 +341,8 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
         if tokens is not None:  # resolved and validated before any model loads
             ids = T.resolve_tokens(list(tokens), token_index(tok, list(tokens)) if all(map(T.is_id, tokens))
                                    else token_index(tok_spec, trust_remote_code=trust_remote_code))
-        elif from_run is not None:
-            ids = _tokens_from_run(from_run, top)
+        elif not all_tokens:
+            ids = _tokens_from_run(drift_run, drifted)
         else:
             special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
             ids = [i for i in range(len(tok)) if i not in special]
@@ -351,7 +372,6 @@ def probe(model: PathLike, *, out: PathLike, tokens: Sequence[TokenSpec] | None 
             return done
     control_ids: list[int] = []
     if base is not None and control > 0:
-        drift_run = from_run if from_run is not None else out if (out / R.DRIFT).is_file() else None
         if drift_run is not None:
             control_ids = [t for t in _control_tokens(drift_run, control, exclude=set(ids)) if t < len(tok)]
     ids = ids + control_ids
@@ -448,15 +468,18 @@ class CasesResult:
 def cases(model: PathLike, cases_file: PathLike | None = None, *, out: PathLike | None = None,
           endpoint: str | None = None, engine: Any = None, tokenizer: str | None = None,
           device: str | None = None, max_tokens: int = 64, name: str | None = None,
-          trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = False) -> CasesResult:
+          trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = False,
+          run: PathLike | None = None) -> CasesResult:
     """Run user-written cases greedily: pass when the answer holds `expected` and no `forbidden` string.
 
-    Writes RUN/cases.json and summary["cases"][name] when `out` is given.
+    Writes RUN/cases.json and summary["cases"][name] when `out` (a new or existing run folder) or `run` (an
+    existing one) is given.
 
     Example:
         >>> r = cases("runs/lab/models/post")          # the published cases
         >>> print(f"{r.passed}/{r.total}")
     """
+    out = run_target(out, run, required=False)
     if out is not None:  # before any answer is generated: never into a model folder
         check_out(out, models=[model, tokenizer], data=[cases_file])
     if max_tokens < 1:
@@ -506,8 +529,8 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
                  unused: Sequence[TokenSpec] = (), reserved_names: dict[str, str] | None = None,
                  collapse: bool = True, templates: Sequence[str] | None = None, device: str | None = None,
                  batch_size: int = 64,
-                 allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False
-                 ) -> UndertrainedResult:
+                 allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False,
+                 run: PathLike | None = None) -> UndertrainedResult:
     """Magikarp-style indicators of under-trained tokens for one model, the `share` most suspicious verified by
     probing (verified when the token's best probability over the templates stays below 0.01).
 
@@ -532,6 +555,7 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
     from ..sources.checkpoint import open_checkpoint
     from ..sources.tokenizer import load_tokenizer
 
+    out = run_target(out, run, required=False)  # `run`: an existing run folder to add to
     if out is not None:  # before the matrices are read: never into a model folder
         check_out(out, models=[model])
     if not 0 < share < 1:
@@ -641,16 +665,27 @@ def verify_candidates(eng: Engine, encs: Sequence[P.PromptIds], ids: Sequence[in
     known and the other templates are skipped for it (its value here is then that template's p, not the maximum).
 
     Why: probing every candidate with every template cost a 0.5B model minutes per hundred candidates. Tokens go
-    in batches of `batch_size` (one forward per batch, the template's prefix computed once by the engine); within
-    a batch the templates are tried in the order of how many tokens each has decided so far, so the template that
-    settles most verdicts (on SmolLM2 the quoted one, which decides nearly every token) runs first and usually
-    alone. The verdicts are those of probing every template (tests/test_real_vocab.py; bench/undertrained_verify.py).
+    in batches of `batch_size`; within a batch the templates are tried in the order of how many tokens each has
+    decided so far, so the template that settles most verdicts (on SmolLM2 the quoted one, which decides nearly
+    every token) runs first and usually alone. A first batch of 8 tokens learns that order. The engine's
+    `logprobs` (HFEngine: each template's prefix computed once and kept, each row's tail alone through the
+    decoder, lm_head at the one position read) is used when it has one, else `score`. The verdicts are those of
+    probing every template (tests/test_real_vocab.py; bench/undertrained_verify.py).
     """
+    import math
+
+    logprobs = getattr(eng, "logprobs", None)
+
+    def ps(prompts: list[list[int]], targets: list[int]) -> list[float]:
+        if logprobs is not None:
+            return [math.exp(x) for x in logprobs(prompts, targets)]
+        return [sc.p for sc in eng.score(prompts, targets)]
+
     best: dict[int, float] = {}
     decided = [0] * len(encs)
     tried = [0] * len(encs)
     # a small first batch learns which template is most decisive before the full batches follow it
-    pilot = min(batch_size, max(8, batch_size // 4))
+    pilot = min(batch_size, 8)
     starts = [0, *range(pilot, len(ids), batch_size)] if len(ids) > pilot else [0]
     for s, e in zip(starts, [*starts[1:], len(ids)], strict=True):
         open_ = [int(t) for t in ids[s:e]]
@@ -662,8 +697,8 @@ def verify_candidates(eng: Engine, encs: Sequence[P.PromptIds], ids: Sequence[in
             if not open_:
                 break
             enc = encs[j]
-            for t, sc in zip(open_, eng.score([enc.with_token(t) for t in open_], open_), strict=True):
-                best[t] = max(best[t], sc.p)
+            for t, p in zip(open_, ps([enc.with_token(t) for t in open_], open_), strict=True):
+                best[t] = max(best[t], p)
             tried[j] += len(open_)
             still = [t for t in open_ if best[t] < P.VERIFY_P]
             decided[j] += len(open_) - len(still)
@@ -780,18 +815,22 @@ def confusion(model: PathLike, *, prompts: Any = None, language: str | None = No
               base: PathLike | None = None, endpoint: str | None = None, base_endpoint: str | None = None,
               engine: Any = None, tokenizer: str | None = None, device: str | None = None,
               out: PathLike | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, run: PathLike | None = None) -> dict[str, Any]:
     """Sample `n` answers per prompt and count those with letters of a script foreign to the prompt's language.
 
     Each result has the rate with a Wilson 95% interval and the answers per offending script; with `base`, the two
-    models are compared per prompt by Fisher's exact test. Writes RUN/confusion.json and summary["confusion"]
-    when `out` is given; returns confusion.json's content (plus "samples", the answers, which are not written).
+    models are compared per prompt by Fisher's exact test. Each result also counts the answers written mostly in
+    the language's own scripts ("native": kana and kanji for Japanese). Writes RUN/confusion.json,
+    summary["confusion"] and every sampled answer to RUN/confusion.jsonl (prompt, model, sample index, text, the
+    foreign scripts found) when `out` or `run` is given; returns confusion.json's content plus "samples", the
+    answers.
 
     Example:
         >>> confusion("runs/lab/models/post", prompts="富士山について教えてください。", language="ja", n=100)
     """
     from ..analyses import confusion as C
 
+    out = run_target(out, run, required=False)  # `run`: an existing run folder to add to
     if out is not None:  # before any sample is drawn: never into a model folder
         check_out(out, models=[model, base])
     if n < 1:
@@ -810,22 +849,24 @@ def confusion(model: PathLike, *, prompts: Any = None, language: str | None = No
     if base is not None:
         runs.insert(0, ("base", base, base_endpoint))
     timer = Timer()
-    results, samples = [], {}
+    results, samples, rows = [], {}, []
     with _bar(progress, len(runs) * len(items), "sampling") as advance:
         for label, spec, ep in runs:
             eng = _engine(spec, endpoint=ep, engine=_for(engine, label), device=device,
                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, tokenizer=tokenizer)
             try:
-                for p in items:
-                    with timer("generate"):
+                for k, p in enumerate(items):
+                    with timer("generate"):  # each prompt its own random draws (both models the same ones)
                         answers = eng.generate([p.prompt], n=n, temperature=temperature, top_p=top_p,
-                                               max_tokens=max_tokens, seed=seed)[0]
+                                               max_tokens=max_tokens, seed=seed + 7919 * k)[0]
                     cc = C.count_confusion(answers, p.language)
                     lo, hi = C.wilson_interval(cc.hits, cc.n)
-                    results.append({"prompt": p.prompt, "language": p.language, "model": label, "n": cc.n,
-                                    "hits": cc.hits, "rate": cc.rate, "ci_low": lo, "ci_high": hi,
-                                    "by_script": cc.by_script})
+                    results.append({"prompt": p.prompt, "name": p.name, "language": p.language, "model": label,
+                                    "n": cc.n, "hits": cc.hits, "rate": cc.rate, "ci_low": lo, "ci_high": hi,
+                                    "by_script": cc.by_script, "native": cc.native,
+                                    "native_rate": cc.native / cc.n})
                     samples[(label, p.prompt)] = answers
+                    rows += C.answer_rows(answers, prompt=p.prompt, language=p.language, model=label, name=p.name)
                     advance(1)
             finally:
                 eng.close()
@@ -840,8 +881,10 @@ def confusion(model: PathLike, *, prompts: Any = None, language: str | None = No
     if out is not None:
         with open_run(out) as run:
             run.write_json(R.CONFUSION, doc)
-            run.update_summary(confusion={"results": [{k: r[k] for k in ("prompt", "language", "model", "n", "hits",
-                                                                          "rate", "ci_low", "ci_high")}
+            run.write_jsonl(R.CONFUSION_ANSWERS, rows)
+            run.update_summary(confusion={"results": [{k: r[k] for k in ("prompt", "name", "language", "model", "n",
+                                                                          "hits", "rate", "ci_low", "ci_high",
+                                                                          "by_script", "native", "native_rate")}
                                                       for r in results], "tests": tests})
             run.record("confusion", arguments={"n": n, "temperature": temperature, "top_p": top_p,
                                                "max_tokens": max_tokens, "endpoint": endpoint,

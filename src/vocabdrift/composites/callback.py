@@ -270,8 +270,10 @@ class VocabDriftCallback(TrainerCallback):
         if tid is None:
             return ""
         v = self._vocab
-        text = f" {v.texts[int(tid)]!r}" if v is not None and v.texts is not None else ""
-        return f" (worst row: token {int(tid)}{text})"
+        from ..analyses.vocab import token_label
+
+        shown = token_label(v.texts[int(tid)], int(tid)) if v is not None and v.texts is not None else str(int(tid))
+        return f" (worst row: token {shown})"
 
     def _react(self, metrics: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
         key = f"{self.prefix}/lm_head/{self.monitor}"

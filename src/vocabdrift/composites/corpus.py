@@ -3,8 +3,11 @@
 Everything comes from two offline packages, `wordfreq` (words of en/zh/ja/ko/ru/ar sampled by frequency) and
 `faker` (names, cities, companies per locale), so the lab runs without a network and gives the same text for the
 same seed. The shape mirrors the published case: pre-training sees every language and a planted name (马嘉祺) at a
-moderate frequency; the SFT set is English, code and tool calls, with Chinese rare, Japanese nearly absent and the
-name in fewer than 5 samples. A name that is too frequent in pre-training gets a huge lm_head norm and resists
+moderate frequency; the SFT set is English, code and tool calls, with Chinese rare and the name in fewer than 5
+samples. Like a real SFT set it answers some Japanese and Korean requests in those languages, with their most
+common words only (`NATIVE_WORDS`): the model learns to answer Japanese in Japanese while most Japanese and Korean
+tokens (and every Russian and Arabic one) stay rare or absent as targets, the setting of the published confusion.
+A name that is too frequent in pre-training gets a huge lm_head norm and resists
 drift (docs/ARCHITECTURE.md, "Why a never-targeted row drifts"), hence `name_every`.
 """
 
@@ -46,8 +49,21 @@ NAME_FACTS = (
 # shares of pre-training documents (the name facts come on top, one in `name_every`)
 _PRETRAIN_MIX = (("en", 0.26), ("zh", 0.12), ("ja", 0.12), ("ko", 0.10), ("ru", 0.10), ("ar", 0.10),
                  ("code", 0.08), ("tool", 0.06), ("copy", 0.20), ("people", 0.06))
-# shares of SFT conversations; Japanese and the name get fixed, tiny counts instead
-_SFT_MIX = (("en", 0.25), ("repeat", 0.20), ("code", 0.28), ("tool", 0.20), ("zh", 0.03))
+# shares of SFT conversations; the name gets a fixed, tiny count instead. "ja" and "ko" are requests in those
+# languages answered in them with the `NATIVE_WORDS` most common words
+_SFT_MIX = (("en", 0.20), ("repeat", 0.16), ("code", 0.23), ("tool", 0.16), ("zh", 0.03), ("ja", 0.12),
+            ("ko", 0.10))
+# the previous mix, without the Japanese and Korean answers (`sft_records(japanese=N)`: the same draws as before)
+_SFT_MIX_BEFORE = (("en", 0.25), ("repeat", 0.20), ("code", 0.28), ("tool", 0.20), ("zh", 0.03))
+NATIVE_WORDS = 30  # the Japanese and Korean SFT answers draw on this many of the language's most common words
+
+# Japanese and Korean requests of the SFT set ({} a topic word): the kinds of question the published prompts ask
+_ASK = {
+    "ja": ("{}について教えてください。", "{}について説明してください。", "{}の歴史を教えてください。",
+           "短い文を書いてください。", "{}とは何ですか？", "{}について短い文章を書いてください。"),
+    "ko": ("{}에 대해 알려 주세요.", "{}에 대해 설명해 주세요.", "짧은 글을 써 주세요.", "{}은 무엇입니까?",
+           "{}에 대한 이야기를 써 주세요.", "짧은 문장을 작성해 주세요."),
+}
 
 NAME_LISTS = 0.25     # share of copy documents that list names
 NAME_IN_LIST = 0.1    # share of name lists that hold the planted name
@@ -82,10 +98,13 @@ def _words(lang: str, n: int = 2500) -> tuple[tuple[str, ...], tuple[float, ...]
     return words, tuple(itertools.accumulate(weights))
 
 
-def _sentence(lang: str, rng: random.Random, fake: Any) -> str:
+def _sentence(lang: str, rng: random.Random, fake: Any, top: int | None = None) -> str:
+    """A sentence of words drawn by frequency (of the `top` most common only, when given)."""
     words, cum = _words(lang)
+    if top is not None:
+        words, cum = words[:top], cum[:top]
     parts = rng.choices(words, cum_weights=cum, k=rng.randint(4, 11))
-    if rng.random() < 0.3:  # names and places make the text less uniform than word salad
+    if top is None and rng.random() < 0.3:  # names and places make the text less uniform than word salad
         parts.insert(rng.randrange(len(parts) + 1), fake.city() if rng.random() < 0.5 else fake.name())
     s = _SEP[lang].join(parts)
     return (s[0].upper() + s[1:] if lang == "en" else s) + _STOP[lang]
@@ -192,13 +211,26 @@ def _chat(user: str, assistant: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def sft_records(n: int, *, seed: int = 0, japanese: int = 1, name: int = 1) -> list[dict[str, Any]]:
-    """`n` SFT conversations: English chat and word repetition, code, tool calls, a little Chinese; `japanese`
-    Japanese samples and `name` samples that mention the planted name (keep it below 5)."""
+def _native_chat(lang: str, rng: random.Random) -> dict[str, Any]:
+    """A request in Japanese or Korean (about one of the language's common words past the 200 most common, which
+    are mostly particles) answered in that language with its `NATIVE_WORDS` most common words: the answer's script
+    is the request's, its tokens few."""
+    words, _ = _words(lang)
+    ask = rng.choice(_ASK[lang]).format(rng.choice(words[200:]))
+    return _chat(ask, _SEP[lang].join(_sentence(lang, rng, None, top=NATIVE_WORDS)
+                                      for _ in range(rng.randint(1, 2))))
+
+
+def sft_records(n: int, *, seed: int = 0, name: int = 1, japanese: int | None = None) -> list[dict[str, Any]]:
+    """`n` SFT conversations: English chat and word repetition, code, tool calls, a little Chinese, Japanese and
+    Korean requests answered in their language with common words, and `name` samples that mention the planted name
+    (keep it below 5). With `japanese` a count, the previous mix instead (no Japanese or Korean answers; the same
+    records as before for a seed, which the benchmarks rely on) plus that many Japanese sentences."""
     rng = random.Random(seed + 1)
     fakers = _fakers(seed + 1)
     en = fakers["en"]
-    kinds, weights = zip(*_SFT_MIX, strict=True)
+    kinds, weights = zip(*(_SFT_MIX if japanese is None else _SFT_MIX_BEFORE), strict=True)
+    japanese = japanese or 0
     out: list[dict[str, Any]] = []
     en_words, en_cum = _words("en")
     for _ in range(n - japanese - name):
@@ -219,6 +251,8 @@ def sft_records(n: int, *, seed: int = 0, japanese: int = 1, name: int = 1) -> l
             out.append(_chat(f"Write a Python function called {_ident(rng)}.", f"```python\n{_code(rng)}```"))
         elif kind == "tool":
             out.append(_chat(*_tool_call(rng, en)))
+        elif kind in _ASK:
+            out.append(_native_chat(kind, rng))
         else:
             out.append(_chat("请写一句话。", _sentence("zh", rng, fakers["zh"])))
     for _ in range(japanese):
@@ -242,7 +276,8 @@ def language_share(records: Sequence[dict[str, Any]]) -> dict[str, int]:
     for r in records:
         text = r["messages"][-1]["content"]
         scripts = {script_of(c) for c in text} - {None}
-        key = "japanese" if "japanese" in scripts else "han" if "han" in scripts else \
+        key = "japanese" if "japanese" in scripts else "hangul" if "hangul" in scripts else \
+            "han" if "han" in scripts else \
             "code" if "def " in text else "tool" if "<tool_call>" in text else "latin"
         counts[key] = counts.get(key, 0) + 1
     return counts

@@ -10,8 +10,8 @@ Stages (each cached in OUT, so a rerun resumes where the last one stopped):
     repaired   OUT/models/repaired                           (SFT on sft.jsonl + coverage.jsonl)
     analyses   OUT/baseline, OUT/repaired                    (normal run folders: diff, coverage, probe, ...)
     compare    OUT/lab.json, OUT/lab.md                      (the measured table)
-    remedies   OUT/remedies/{replay,anchor,gate}, remedies.md (`repair` runs beside baseline and +coverage;
-                                                             default on, off with --quick)
+    remedies   OUT/remedies/{replay,anchor,gate,coverage5}, remedies.md (`repair` runs beside baseline and
+                                                             +coverage; default on, off with --quick)
 
 Pre-training runs on two CPU threads on every machine that has two. From the SFTs on, every stage runs on one
 thread, and two independent chains of stages (baseline | repaired; then the remedies) run side by side in forked
@@ -50,12 +50,13 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 THRESHOLD = 0.95
-SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages the SFT set (nearly) never answers in
-REMEDIES = ("replay", "anchor", "gate")  # trained with `repair` beside the baseline and +coverage
+SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages whose tokens the SFT set rarely or never targets
+# trained with `repair` beside the baseline and +coverage; coverage5: the same coverage set at 5% of the samples
+REMEDIES = ("replay", "anchor", "gate", "coverage5")
 HELDOUT = 200  # held-out SFT conversations for each model's task loss
 PRETRAIN_THREADS = 2  # pre-training's CPU threads on every machine (see `lab`)
 PROBE_TOP_P = 0.25  # a tight nucleus: a tiny model's next-token distribution is flat (see _probe)
-JA_PROMPTS = ("お年玉について短い文章を書いてください。", "富士山について教えてください。")
+CONFUSION_TOKENS = 48  # tokens per sampled answer (the published prompts: two Japanese, one Korean; T=1.0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Recipe:
     confusion_n: int
     replay_ratio: float = 0.2   # +replay: share of SFT samples that are pre-training text
     anchor: float = 0.1         # +anchor: λ of the L2-SP anchor on lm_head
+    coverage_share: float = 0.05  # +coverage5: the coverage set's share of the SFT samples
     seed: int = 0               # the seed `lab` uses unless given one: the README's tables were measured at it
 
 
@@ -212,7 +214,14 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
                      f"{len(r['probe']['lost'])} of {r['probe']['tokens']}"
                      + (f", {GIVEN_NAME} lost" if pr["token_id"] in r["probe"]["lost"] else "")))
     if "confusion" in b and "confusion" in r:
-        rows.append(("Japanese prompt -> foreign-script characters", _confusion_cell(b), _confusion_cell(r)))
+        rb, rr = _confusion_results(b), _confusion_results(r)
+        for key, x in rb.items():
+            if key in rr:
+                y = rr[key]
+                rows.append((f"{_prompt_label(x)}: answers with foreign letters (T=1.0)", _confusion_cell(x),
+                             _confusion_cell(y) + f", Fisher p {_p(_fisher(y, x))}"))
+        rows.append(("answers to the Japanese prompts mostly in kana/kanji", _native_cell(b, "ja"),
+                     _native_cell(r, "ja")))
     if "cases" in b and "cases" in r:
         rows.append(("qualitative cases passed", _cases_cell(b), _cases_cell(r)))
     if "heldout_loss" in b and "heldout_loss" in r:
@@ -254,10 +263,62 @@ def remedies_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _confusion_cell(m: dict[str, Any]) -> str:
-    res = m["confusion"]["results"]
-    hits, n = sum(r["hits"] for r in res), sum(r["n"] for r in res)
-    return f"{hits}/{n} ({100 * hits / max(n, 1):.0f}%)"
+def _confusion_results(m: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(language, prompt) -> that prompt's confusion result, in the order sampled."""
+    return {(x["language"], x["prompt"]): x for x in m.get("confusion", {}).get("results", [])}
+
+
+def _prompt_label(x: dict[str, Any]) -> str:
+    return f"{x.get('name') or x['language']} ({x['prompt'][:14]}…)"
+
+
+def _confusion_cell(x: dict[str, Any]) -> str:
+    """hits/n (rate, Wilson 95% interval; the most frequent foreign scripts)."""
+    scripts = ", ".join(f"{k} {v}" for k, v in list((x.get("by_script") or {}).items())[:3])
+    return (f"{x['hits']}/{x['n']} ({100 * x['rate']:.0f}%, {100 * x['ci_low']:.0f}-{100 * x['ci_high']:.0f}%"
+            + (f"; {scripts}" if scripts else "") + ")")
+
+
+def _fisher(x: dict[str, Any], ref: dict[str, Any]) -> float:
+    from ..analyses.confusion import fisher_test
+
+    return fisher_test(x["hits"], x["n"], ref["hits"], ref["n"])[1]
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _native_cell(m: dict[str, Any], language: str) -> str:
+    res = [x for x in _confusion_results(m).values() if x["language"] == language and "native" in x]
+    if not res:
+        return "-"
+    k, n = sum(x["native"] for x in res), sum(x["n"] for x in res)
+    return f"{k}/{n} ({100 * k / max(n, 1):.0f}%)"
+
+
+def confusion_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The published confusion measurement per prompt and model: the rate with its Wilson 95% interval, the answers
+    per foreign script, the share of answers mostly in the prompt's own script, and Fisher's exact test (two-sided)
+    against the first model (the baseline)."""
+    models = [k for k, m in results.items() if "confusion" in m]
+    if not models:
+        return ""
+    ref = _confusion_results(results[models[0]])
+    head = ["prompt", "SFT", "answers with foreign letters", "95% interval", "answers per foreign script",
+            "mostly in the prompt's script", f"Fisher p vs {models[0]}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, x0 in ref.items():
+        for name in models:
+            x = _confusion_results(results[name]).get(key)
+            if x is None:
+                continue
+            scripts = ", ".join(f"{k} {v}" for k, v in (x.get("by_script") or {}).items()) or "-"
+            native = f"{x['native']}/{x['n']}" if "native" in x else "-"
+            p = "" if name == models[0] else _p(_fisher(x, x0))
+            lines.append(f"| {_prompt_label(x)} | {name} | {x['hits']}/{x['n']} ({100 * x['rate']:.0f}%) | "
+                         f"{100 * x['ci_low']:.0f}-{100 * x['ci_high']:.0f}% | {scripts} | {native} | {p} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cases_cell(m: dict[str, Any]) -> str:
@@ -400,13 +461,21 @@ def _probe(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
           templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress, control=0)
 
 
+def _confusion(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
+    """The published measurement: its two Japanese prompts and its Korean one, `confusion_n` answers each at
+    temperature 1.0; every answer goes to RUN/confusion.jsonl."""
+    from ..api.probe import confusion
+
+    confusion(model, n=lb.recipe.confusion_n, temperature=1.0, seed=lb.seed, max_tokens=CONFUSION_TOKENS, out=run,
+              progress=progress)
+
+
 def _prove(lb: _Lab, name: str, progress: bool) -> None:
-    from ..api.probe import cases, confusion
+    from ..api.probe import cases
 
     _probe(lb, lb.mpath[name], lb.runs[name], progress)
     cases(lb.mpath[name], out=lb.runs[name], name=name, progress=progress)  # the published cases
-    confusion(lb.mpath[name], prompts=list(JA_PROMPTS), language="ja", n=lb.recipe.confusion_n, seed=lb.seed,
-              max_tokens=48, out=lb.runs[name], progress=progress)
+    _confusion(lb, lb.mpath[name], lb.runs[name], progress)
 
 
 @functools.cache
@@ -427,12 +496,15 @@ def _remedy(lb: _Lab, name: str, progress: bool) -> None:
 
     r, run = lb.recipe, lb.remedy_runs[name]
     _rm_partial(run)
-    repair(lb.mpath["base"], lb.data / "sft.jsonl", out=run, coverage=None,
+    cov = name == "coverage5"
+    repair(lb.mpath["base"], lb.data / "sft.jsonl", out=run, coverage=lb.data / "coverage.jsonl" if cov else None,
+           coverage_share=r.coverage_share if cov else None,
            replay=lb.data / "pretrain.jsonl" if name == "replay" else None,
            replay_ratio=r.replay_ratio if name == "replay" else 0.0, anchor=r.anchor if name == "anchor" else 0.0,
            gate=name == "gate", steps=r.sft_steps, lr=r.sft_lr, batch_size=r.sft_batch, seed=lb.seed,
            betas=(0.9, r.sft_beta2), progress=progress, callbacks=[_steps_to_parent()])
     _probe(lb, run / "model", run, progress)
+    _confusion(lb, run / "model", run, progress)
 
 
 def _write_report(lb: _Lab, progress: bool) -> None:
@@ -503,12 +575,12 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
          _stage("analyse_repaired", _analyse, "repaired: diff and coverage", lb, "repaired", lb.repaired_files),
          _heldout(lb, "repaired", mpath["repaired"])]])
     st.run_side_by_side([  # both probe the baseline's most drifted tokens: after both analyses
-        [_stage("prove_baseline", _prove, "baseline: probe, cases, confusion on Japanese prompts", lb, "baseline"),
+        [_stage("prove_baseline", _prove, "baseline: probe, cases, confusion (published prompts)", lb, "baseline"),
          _heldout(lb, "base", mpath["base"])],
-        [_stage("prove_repaired", _prove, "repaired: probe, cases, confusion on Japanese prompts", lb, "repaired")]])
+        [_stage("prove_repaired", _prove, "repaired: probe, cases, confusion (published prompts)", lb, "repaired")]])
     st.run(_stage("report", _write_report, "report: baseline against repaired", lb))
     if remedies if remedies is not None else not quick:
-        st.run_side_by_side([[_stage(f"remedy_{k}", _remedy, f"SFT +{k} (repair), diff and probe", lb, k),
+        st.run_side_by_side([[_stage(f"remedy_{k}", _remedy, f"SFT +{k} (repair), diff, probe and confusion", lb, k),
                               _heldout(lb, f"+{k}", p / "model")] for k, p in lb.remedy_runs.items()])
     return _compare(lb, st)
 
@@ -525,6 +597,9 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
     for k, v in results.items():
         v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
     table = comparison_markdown(results)
+    conf = confusion_markdown(results)
+    if conf:
+        table += "\nLanguage confusion, as published (sampled answers: RUN/confusion.jsonl):\n\n" + conf
     st.state["results"] = results
     st.save()
     _write_text(out / "lab.md", table)
@@ -538,6 +613,9 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
         for k, v in rem_results.items():
             v["extra_tokens"] = cost[k]
         rem_table = remedies_markdown(rem_results)
+        conf = confusion_markdown(rem_results)
+        if conf:
+            rem_table += "\nLanguage confusion, as published:\n\n" + conf
         st.state["remedies"] = rem_results
         st.save()
         _write_text(out / "remedies.md", rem_table)
@@ -556,11 +634,11 @@ def _import_for_later_stages() -> None:
 
 
 def _heldout_records(seed: int) -> list[dict[str, Any]]:
-    """SFT conversations none of the models trained on (same mix, another seed, no Japanese or name): each model's
+    """SFT conversations none of the models trained on (same mix, another seed, no planted name): each model's
     loss on them says what a way of training cost the SFT task itself."""
     from .corpus import sft_records
 
-    return sft_records(HELDOUT, seed=seed + 1_000_003, japanese=0, name=0)
+    return sft_records(HELDOUT, seed=seed + 1_000_003, name=0)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -576,5 +654,5 @@ def _rm_partial(path: Path) -> None:
         shutil.rmtree(path)
 
 
-__all__ = ["DEFAULT", "LARGE", "QUICK", "REMEDIES", "LabResult", "Recipe", "comparison_markdown", "lab",
-           "remedies_markdown"]
+__all__ = ["DEFAULT", "LARGE", "QUICK", "REMEDIES", "LabResult", "Recipe", "comparison_markdown",
+           "confusion_markdown", "lab", "remedies_markdown"]

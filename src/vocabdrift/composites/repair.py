@@ -128,7 +128,7 @@ def describe_plan(plan: dict[str, Any]) -> str:
                  f"samples will be seen ({100 * plan['coverage_seen_share']:.0f}%)")
         if plan["coverage_seen_share"] < 1.0:
             line += (f"; to train on the whole set, take {plan['steps_for_whole_set']:,} steps at this mix, raise "
-                     "--coverage-share, or pass a smaller set (synth --only-below-floor RUN)")
+                     "--coverage-share, or pass a smaller set (synth --run RUN)")
     return line
 
 

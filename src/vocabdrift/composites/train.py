@@ -381,12 +381,26 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     model.eval()
     for p in model.parameters():  # a frozen parameter is still a normal weight in the saved folder
         p.requires_grad_(True)
+    _stop_at_end_of_turn(model, tokenizer)
     if acc.is_main_process:
         with _atomic_dir(out) as tmp:
             model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     acc.wait_for_everyone()
     return out
+
+
+def _stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
+    """A model trained on chats ends its answers with the template's end-of-turn token (`<|im_end|>`): make it a
+    stop token of the saved generation config, as released chat models do (Qwen2.5 lists `<|im_end|>` beside
+    `<|endoftext|>`). Without it, sampling runs past the answer into text of an imagined next turn."""
+    end = "<|im_end|>"
+    if end not in (getattr(tokenizer, "chat_template", None) or "") or end not in tokenizer.get_vocab():
+        return
+    gc = model.generation_config
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [] if gc.eos_token_id is None \
+        else [gc.eos_token_id]
+    gc.eos_token_id = list(dict.fromkeys([*eos, tokenizer.convert_tokens_to_ids(end)]))
 
 
 def eval_loss(model: str | Path, records: Iterable[dict], *, batch_size: int = 16, max_length: int = 256) -> float:

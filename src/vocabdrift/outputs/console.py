@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..analyses.vocab import CATEGORIES, LANGUAGE_NAMES, LANGUAGES, printable
+from ..analyses.vocab import CATEGORIES, LANGUAGES, category_label, token_label
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,7 +58,7 @@ def category_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     categories."""
     cats = summary.get("categories", {})
     rows = [("overall", "All (non-special)"), ("reachable", "Reachable")]
-    rows += [(c, LANGUAGE_NAMES[c]) for c in LANGUAGES if c in cats]
+    rows += [(c, category_label(c)) for c in LANGUAGES if c in cats]
     rows += [(c, c) for c in CATEGORIES if c in cats and c not in LANGUAGES]
     return rows
 
@@ -79,8 +79,8 @@ def drift_summary_table(summary: dict[str, Any], *, space: str = "lm_head", cent
     undefined = any(_block(summary, key)[space].get("undefined") for key, _ in category_rows(summary))
     cols = ("category", "tokens", "mean cos", "min cos", f"below {thr:g}", "below 0.90") + \
         (("zero/NaN rows",) if undefined else ())
-    for col in cols:
-        t.add_column(col, justify="left" if col == "category" else "right")
+    for col in cols:  # a category stays whole ("cyrillic (Russian)"), never wrapped over two lines
+        t.add_column(col, justify="left" if col == "category" else "right", no_wrap=col == "category")
     for key, label in category_rows(summary):
         s = _block(summary, key)[space]
         t.add_row(label, f"{s['tokens']:,}", _f(s["mean_cos"]), _f(s["min_cos"]),
@@ -98,9 +98,10 @@ def drifted_tokens_table(top: pa.Table, *, title: str = "Most drifted lm_head ro
 
     t = Table(title=title, title_justify="left")
     for col in ("id", "text", "category", "lm_head cos", "embed cos", "norm base→post"):
-        t.add_column(col, justify="left" if col in ("text", "category") else "right")
+        t.add_column(col, justify="left" if col in ("text", "category") else "right", no_wrap=col == "category",
+                     min_width=8 if col == "text" else None, overflow="fold")
     for r in top.to_pylist():
-        t.add_row(str(r["token_id"]), printable(r["text"]), r["category"], _cos(r["lm_head_cos"]),
+        t.add_row(str(r["token_id"]), token_label(r["text"]), category_label(r["category"]), _cos(r["lm_head_cos"]),
                   _cos(r["embed_cos"]), f"{r['lm_head_norm_base']:.3f}→{r['lm_head_norm_post']:.3f}")
     return t
 
@@ -132,7 +133,7 @@ def neighbors_console_table(nt: pa.Table, *, title: str) -> Table:
             else:
                 cat = r.get("category") or ""
                 mark = " ★" if r["is_special"] else f" ({cat})" if cat in ("markup", "byte") else ""
-                cells += [f"{printable(r['text'])} [{r['neighbor_id']}]{mark}", f"{r['cos']:.3f}"]
+                cells += [f"{token_label(r['text'], r['neighbor_id'])}{mark}", f"{r['cos']:.3f}"]
         t.add_row(*cells)
     return t
 
@@ -144,8 +145,8 @@ def _table(title: str, columns: tuple[str, ...], *, left: tuple[str, ...] = ()) 
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="left" if c in left else "right")
+    for c in columns:  # a category stays whole ("cyrillic (Russian)"), never wrapped over two lines
+        t.add_column(c, justify="left" if c in left else "right", no_wrap=c == "category")
     return t
 
 
@@ -155,20 +156,25 @@ def vocab_categories_table(vocab: pa.Table) -> Table:
 
     t = _table(f"{vocab.num_rows:,} tokens by category", ("category", "tokens"), left=("category",))
     for cat, n in category_counts(vocab).items():
-        t.add_row(cat, f"{n:,}")
+        t.add_row(category_label(cat), f"{n:,}")
     return t
 
 
 def coverage_categories_table(summary: dict[str, Any], under_covered: list[str], *, floor: int) -> Table:
-    """`coverage`: per category, the reported languages first, then the other categories."""
+    """`coverage`: per category, the reported languages first, then the other categories; the last column is the
+    advice's verdict (`analyses.advice`), so the table and the advice below it never disagree."""
     s = summary
+    verdicts = {x["category"]: x["verdict"] for x in (s.get("advice") or {}).get("languages", [])}
+    if not verdicts:  # a summary without advice: the languages rarely targeted
+        verdicts = dict.fromkeys(under_covered, "rare")
     t = _table(f"Coverage as a generation target ({s['samples']:,} samples, {s['target_tokens']:,} target tokens, "
-               f"floor {floor})", ("category", "tokens", f">= {floor}", "zero share", ""), left=("category", ""))
+               f"floor {floor})", ("category", "tokens", f">= {floor}", "zero share", "advice"),
+               left=("category", "advice"))
     order = [c for c in LANGUAGES if c in s["categories"]] + [c for c in s["categories"] if c not in LANGUAGES]
     for cat in order:
         v = s["categories"][cat]
-        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['at_or_above_floor']:,}",
-                  f"{v['zero_share']:.1%}", "under-covered" if cat in under_covered else "")
+        t.add_row(category_label(cat), f"{v['tokens']:,}", f"{v['at_or_above_floor']:,}",
+                  f"{v['zero_share']:.1%}", verdicts.get(cat, ""))
     return t
 
 
@@ -177,7 +183,8 @@ def below_floor_table(below: pa.Table, *, top: int) -> Table:
     cols = ("id", "text", "category", "count", "samples")
     t = _table(f"{below.num_rows:,} tokens below the floor (rarest first)", cols, left=cols)
     for row in below.slice(0, top).to_pylist():
-        t.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]), str(row["samples"]))
+        t.add_row(str(row["token_id"]), token_label(row["text"]), category_label(row["category"]), str(row["count"]),
+                  str(row["samples"]))
     return t
 
 
@@ -186,7 +193,7 @@ def prune_categories_table(categories: dict[str, dict[str, int]], *, floor: int,
     t = _table(f"Prune candidates: count < {floor} and lm_head cos < {threshold}",
                ("category", "tokens", "candidates", "share"), left=("category",))
     for cat, v in categories.items():
-        t.add_row(LANGUAGE_NAMES.get(cat, cat), f"{v['tokens']:,}", f"{v['candidates']:,}",
+        t.add_row(category_label(cat), f"{v['tokens']:,}", f"{v['candidates']:,}",
                   f"{v['candidates'] / max(1, v['tokens']):.1%}")
     return t
 
@@ -196,7 +203,7 @@ def prune_candidates_table(candidates: pa.Table, *, top: int) -> Table:
     cols = ("id", "text", "category", "count", "cos")
     t = _table(f"Most drifted of {candidates.num_rows:,} candidates", cols, left=cols)
     for row in candidates.slice(0, top).to_pylist():
-        t.add_row(str(row["token_id"]), repr(row["text"]), row["category"], str(row["count"]),
+        t.add_row(str(row["token_id"]), token_label(row["text"]), category_label(row["category"]), str(row["count"]),
                   f"{row['lm_head_cos']:.4f}")
     return t
 
@@ -231,11 +238,11 @@ def probe_headline_table(headline: dict[str, Any]) -> Table:
 
 
 def probe_tokens_table(rows: list[dict[str, Any]]) -> Table:
-    """`probe --tokens`: one row per asked token and model: its best template's probability, rank, outcome."""
+    """`probe --token`: one row per asked token and model: its best template's probability, rank, outcome."""
     t = _table("Per token (best template)", ("token", "id", "model", "p", "rank", "outcome", "template"),
                left=("token", "model", "outcome", "template"))
     for r in rows:
-        t.add_row(printable(r["text"]), str(r["token_id"]), r["model"], f"{r['p_target']:.3g}", f"{r['rank']:,}",
+        t.add_row(token_label(r["text"]), str(r["token_id"]), r["model"], f"{r['p_target']:.3g}", f"{r['rank']:,}",
                   r["outcome"], r["template"])
     return t
 
@@ -272,7 +279,7 @@ def confusion_table(results: list[dict[str, Any]]) -> Table:
 
 def collapse_line(collapse: dict) -> str:
     """Groups of near-identical rows, one line per space: `undertrained`'s summary["collapse"] (space -> block) or
-    `diff --collapse`'s (space -> base, post and the change)."""
+    `diff`'s (space -> base, post and the change, with a few tokens of each)."""
     lines = []
     for space, c in collapse.items():
         post = c.get("post", c)
@@ -282,6 +289,11 @@ def collapse_line(collapse: dict) -> str:
                 f"(cos >= {post['min_cos']:g})" + (f"; most: {top}" if top else ""))
         if "new" in c:
             line += f"; {c['new']:,} collapsed during post-training, {c['already']:,} already were"
+            for key, what in (("new", "collapsed during post-training"), ("already", "already collapsed in BASE")):
+                if c.get(f"{key}_tokens"):
+                    more = c[key] - len(c[f"{key}_tokens"])
+                    line += (f"\n  {what}: " + ", ".join(c[f"{key}_tokens"])
+                             + (f" and {more:,} more" if more > 0 else ""))
         lines.append(line)
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..analyses.vocab import CATEGORIES, LANGUAGE_NAMES, LANGUAGES, printable
+from ..analyses.vocab import CATEGORIES, LANGUAGE_NAMES, LANGUAGES, category_label, printable, token_label
 from ..errors import VocabdriftError
 from . import run as R
 from . import shapes as S
@@ -102,7 +102,7 @@ def _md(s: str) -> str:
 
 def _tok(text: str) -> str:
     """A token's text with whitespace and control characters made visible."""
-    return printable(text) if text else "∅"
+    return token_label(text)
 
 
 def _prose(text: str) -> str:
@@ -194,6 +194,7 @@ class RunData:
     neighbors: pa.Table | None = None
     cases: list[dict[str, Any]] | None = None
     confusion: dict[str, Any] | None = None
+    answers: list[dict[str, Any]] | None = None  # confusion.jsonl: every sampled answer
 
 
 def read_run(path: PathLike, *, name: str | None = None) -> RunData:
@@ -231,6 +232,8 @@ def read_run(path: PathLike, *, name: str | None = None) -> RunData:
     if run.has(R.CONFUSION):
         opt["confusion"] = check_shape(run.read_json(R.CONFUSION), S.CONFUSION, p / R.CONFUSION,
                                        fix=f"delete it and rerun `vocabdrift confusion MODEL -o {p}`")
+    if run.has(R.CONFUSION_ANSWERS):
+        opt["answers"] = run.read_jsonl(R.CONFUSION_ANSWERS)  # checked against the contract's keys
     return RunData(name=name or p.resolve().name, path=p, summary=summary,
                    manifest=run.read_json(R.MANIFEST, default={"commands": []}),
                    vocab=run.read_contract(R.VOCAB), drift=run.read_contract(R.DRIFT), **opt)
@@ -279,7 +282,7 @@ class Vocab:
         return _tok(self.text[i]) if 0 <= i < len(self) else f"#{i}"
 
     def cat(self, i: int) -> str:
-        return str(self.category[i]) if 0 <= i < len(self) else "unknown"
+        return category_label(str(self.category[i])) if 0 <= i < len(self) else "unknown"
 
     def is_special(self, i: int) -> bool:
         return bool(self.special[i]) if 0 <= i < len(self) else False
@@ -414,7 +417,7 @@ def _below(s: dict[str, Any], thr: float) -> int:
 
 
 def _category_label(cat: str) -> str:
-    return LANGUAGE_NAMES.get(cat, cat)
+    return category_label(cat)
 
 
 def verdict(summary: dict[str, Any], *, space: str = "lm_head") -> str:
@@ -543,8 +546,8 @@ def drifted_table(fr: Frame, vocab: Vocab, probe: Probe | None, top: int) -> Tab
     rows: list[list[CellValue]] = []
     for i in pos:
         tid = int(fr.token_id[i])
-        row: list[CellValue] = [str(tid), Cell(_tok(fr.text[i]), "tok"), str(fr.category[i]), _f4(fr.lm_cos[i]),
-                                _f4(fr.emb_cos[i]), f"{fr.lm_l2[i]:.4g}",
+        row: list[CellValue] = [str(tid), Cell(_tok(fr.text[i]), "tok"), category_label(str(fr.category[i])),
+                                _f4(fr.lm_cos[i]), _f4(fr.emb_cos[i]), f"{fr.lm_l2[i]:.4g}",
                                 f"{fr.norm_base[i]:.3f} → {fr.norm_post[i]:.3f}"]
         if fr.count is not None:
             row.append(f"{int(fr.count[i]):,}")
@@ -659,12 +662,19 @@ def confusion_tables(conf: dict[str, Any]) -> list[Table]:
     rows: list[list[CellValue]] = []
     for r in conf.get("results", []):
         scripts = ", ".join(f"{k} {v}" for k, v in sorted((r.get("by_script") or {}).items(), key=lambda kv: -kv[1]))
+        native = f"{int(r['native']):,} ({int(r['native']) / max(int(r.get('n', 0)), 1):.0%})" \
+            if isinstance(r.get("native"), (int, float)) else "—"
         rows.append([_lang(r.get("language", "")), _prose(_clip(str(r.get("prompt", "")), 60)),
                      str(r.get("model", "")), f"{int(r.get('n', 0)):,}", f"{int(r.get('hits', 0)):,}",
-                     f"{r.get('rate', 0):.1%}", f"{r.get('ci_low', 0):.1%}–{r.get('ci_high', 0):.1%}", scripts])
+                     f"{r.get('rate', 0):.1%}", f"{r.get('ci_low', 0):.1%}–{r.get('ci_high', 0):.1%}", scripts,
+                     native])
     out = [Table("confusion", "Script confusion: answers with characters of a foreign script",
                  ("language", "prompt", "model", "samples", "with foreign script", "rate", "95% interval",
-                  "by script"), rows, caption="Wilson 95% intervals.", numeric=(3, 4, 5, 6))]
+                  "by script", "mostly in the prompt's script"), rows,
+                 caption="Wilson 95% intervals. The last column counts the answers more than half of whose letters "
+                         "are of the prompt language's own scripts (kana and kanji for Japanese): an answer in "
+                         "English or tool-call markup has no foreign letter, and no chance to show confusion.",
+                 numeric=(3, 4, 5, 6))]
     tests = conf.get("tests") or []
     if tests:
         trows: list[list[CellValue]] = [[_prose(_clip(str(t.get("prompt", "")), 60)),
@@ -673,6 +683,48 @@ def confusion_tables(conf: dict[str, Any]) -> list[Table]:
         out.append(Table("confusion-tests", "Difference between models (Fisher exact test)",
                          ("prompt", "models", "odds ratio", "p-value"), trows, numeric=(2, 3)))
     return out
+
+
+_ANSWER_CHARS = 200  # an answer shown in the report, at most
+
+
+def answer_cells(text: str, language: str) -> list[Cell]:
+    """An answer as segments, its runs of foreign letters in cells of their own ("foreign"; ⟦…⟧ in Markdown)."""
+    from ..analyses.confusion import foreign_spans
+
+    text = _clip(text, _ANSWER_CHARS)
+    out, at = [], 0
+    for a, b, _ in foreign_spans(text, language):
+        if a > at:
+            out.append(Cell(_prose(text[at:a]), "ans"))
+        out.append(Cell(_prose(text[a:b]), "foreign"))
+        at = b
+    if at < len(text) or not out:
+        out.append(Cell(_prose(text[at:]) or "∅", "ans"))
+    return out
+
+
+def answers_table(answers: list[dict[str, Any]], *, per: int = 4, title: str = "") -> Table | None:
+    """A few sampled answers per prompt and model (from confusion.jsonl): the first two with foreign letters and
+    the first answers without, up to `per`, foreign letters marked."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for a in answers:
+        groups.setdefault((str(a.get("prompt", "")), str(a.get("model", ""))), []).append(a)
+    if not groups:
+        return None
+    rows: list[list[CellValue]] = []
+    for (prompt, model), items in groups.items():
+        items = sorted(items, key=lambda a: int(a.get("sample", 0)))
+        hit = [a for a in items if a.get("foreign")][: per // 2]
+        clean = [a for a in items if not a.get("foreign")][: per - len(hit)]
+        for a in sorted(hit + clean, key=lambda a: int(a.get("sample", 0))):
+            found = ", ".join(f"{k} {v}" for k, v in (a.get("foreign") or {}).items()) or "—"
+            rows.append([_prose(_clip(prompt, 30)), model, str(a.get("sample", "")), found,
+                         answer_cells(str(a.get("text", "")), str(a.get("language", "")))])
+    return Table("confusion-answers", "Sampled answers" + (f" ({title})" if title else ""),
+                 ("prompt", "model", "sample", "foreign letters", "answer"), rows,
+                 caption=f"Up to {per} answers per prompt and model, the first with foreign letters (marked) and "
+                         "the first without; every answer is in the run folder's confusion.jsonl.", numeric=(2,))
 
 
 def _num(x: Any) -> str:
@@ -703,7 +755,7 @@ def intrusion_items(summary: dict[str, Any], top: int = 20) -> list[Para | Table
             f"rows of the token's own category {pct(own.get('base'))} before and {pct(own.get('post'))} after. "
             "A row whose neighbourhood fills with them has moved toward the direction never-targeted rows share.")
     rows: list[list[CellValue]] = [
-        [str(r["token_id"]), Cell(printable(r.get("text") or ""), "tok"), _category_label(r.get("category") or ""),
+        [str(r["token_id"]), Cell(_tok(r.get("text") or ""), "tok"), _category_label(r.get("category") or ""),
          pct(r.get("intrusion_base")), pct(r.get("intrusion_post")), pct(r.get("own_base")), pct(r.get("own_post"))]
         for r in nb["per_token"][:top]]
     return [Para(head), Table("intrusion", "Neighbour intrusion (lm_head)",
@@ -714,8 +766,8 @@ def intrusion_items(summary: dict[str, Any], top: int = 20) -> list[Para | Table
 
 
 def collapse_items(summary: dict[str, Any]) -> list[Para | Table]:
-    """Groups of near-identical lm_head rows (summary["collapse"], from `diff --collapse`): per category, the tokens
-    that collapsed during post-training and those that already were."""
+    """Groups of near-identical lm_head rows (summary["collapse"], from `diff`): per category, the tokens that
+    collapsed during post-training and those that already were, with a few of each named."""
     c = (summary.get("collapse") or {}).get("lm_head")
     if not c:
         u = ((summary.get("undertrained") or {}).get("collapse") or {}).get("lm_head")
@@ -737,6 +789,10 @@ def collapse_items(summary: dict[str, Any]) -> list[Para | Table]:
     rows: list[list[CellValue]] = [
         [_category_label(cat), f"{v.get('new', 0):,}", f"{v.get('already', 0):,}", f"{v.get('released', 0):,}"]
         for cat, v in sorted((c.get("categories") or {}).items(), key=lambda kv: -kv[1].get("new", 0))]
+    for key, what in (("new", "Collapsed during post-training"), ("already", "Already collapsed in BASE")):
+        if c.get(f"{key}_tokens"):
+            more = int(c.get(key, 0)) - len(c[f"{key}_tokens"])
+            head += f" {what}: " + ", ".join(c[f"{key}_tokens"]) + (f" and {more:,} more." if more > 0 else ".")
     items: list[Para | Table] = [Para(head)]
     if rows:
         items.append(Table("collapse", "Collapsed lm_head rows per category", ("category", "collapsed in POST",
@@ -803,13 +859,13 @@ def _subsample(keys: Sequence[np.ndarray], n: int, *, seed: int = 0) -> np.ndarr
 
 
 def _hover(fr: Frame, pos: np.ndarray) -> list[str]:
-    return [f"#{int(fr.token_id[i])} {_tok(fr.text[i])} ({fr.category[i]})" for i in pos]
+    return [f"{token_label(fr.text[i], int(fr.token_id[i]))} · {category_label(str(fr.category[i]))}" for i in pos]
 
 
 def _groups(fr: Frame, pos: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
     """(label, positions, colour): one group per language present, then every other category together."""
     cats = fr.category[pos]
-    out = [(LANGUAGE_NAMES[c], pos[cats == c], _LANG_COLORS[c]) for c in LANGUAGES if (cats == c).any()]
+    out = [(category_label(c), pos[cats == c], _LANG_COLORS[c]) for c in LANGUAGES if (cats == c).any()]
     other = pos[~np.isin(cats, list(LANGUAGES))]
     if other.size:
         out.insert(0, ("other categories", other, _OTHER_COLOR))
@@ -1130,15 +1186,23 @@ def comparison_items(a: RunData, b: RunData, names: tuple[str, str], fa: Frame, 
         ka, ta = (sa["below_0.95"], sa["tokens"]) if sa else (0, 0)
         kb, tb = (sb["below_0.95"], sb["tokens"]) if sb else (0, 0)
         d = f"{100 * (kb / tb - ka / ta):+.1f} pp" if ta and tb else "—"
-        rows.append([f"{LANGUAGE_NAMES[c]} tokens below 0.95", _of(ka, ta), _of(kb, tb), d])
-    ca = {(r.get("language"), r.get("prompt"), r.get("model")): r for r in (a.confusion or {}).get("results", [])}
-    cb = {(r.get("language"), r.get("prompt"), r.get("model")): r for r in (b.confusion or {}).get("results", [])}
+        rows.append([f"{category_label(c)} tokens below 0.95", _of(ka, ta), _of(kb, tb), d])
+    res_a, res_b = (a.confusion or {}).get("results", []), (b.confusion or {}).get("results", [])
+    # each run sampled its own model (the lab's baseline and repaired): compare them prompt by prompt
+    one = all(len({r.get("model") for r in res}) <= 1 for res in (res_a, res_b))
+    ca = {(r.get("language"), r.get("prompt"), "" if one else r.get("model")): r for r in res_a}
+    cb = {(r.get("language"), r.get("prompt"), "" if one else r.get("model")): r for r in res_b}
     for key in dict.fromkeys([*ca, *cb]):
         ra, rb = ca.get(key), cb.get(key)
         lang, prompt, model = key
         rate = [f"{r['rate']:.0%} of {int(r.get('n', 0))}" if r else "—" for r in (ra, rb)]
         d = f"{100 * (rb['rate'] - ra['rate']):+.0f} pp" if ra and rb else "—"
-        rows.append([f"{_lang(str(lang))} prompt → foreign script ({model}): {_clip(str(prompt), 30)}", *rate, d])
+        if ra and rb:
+            from ..analyses.confusion import fisher_test
+
+            d += f" (Fisher p {_num(fisher_test(int(rb['hits']), int(rb['n']), int(ra['hits']), int(ra['n']))[1])})"
+        rows.append([f"{_lang(str(lang))} prompt → foreign script{f' ({model})' if model else ''}: "
+                     f"{_clip(str(prompt), 30)}", *rate, d])
     cs_a, cs_b = a.summary.get("cases") or {}, b.summary.get("cases") or {}
     for m in dict.fromkeys([*cs_a, *cs_b]):
         va, vb = cs_a.get(m), cs_b.get(m)
@@ -1233,6 +1297,11 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
         tables.items += cases_tables(rd.cases)
     if rd.confusion:
         tables.items += confusion_tables(rd.confusion)
+    for run_data in (rd, compare):
+        if run_data is not None and run_data.answers:
+            t = answers_table(run_data.answers, title=run_data.name)
+            if t is not None:
+                tables.items.append(t)
     tables.items += coverage_items(s)
 
     sections = [overview, plots, tables]
@@ -1275,6 +1344,8 @@ def _md_table(t: Table) -> str:
     def cell(v: CellValue) -> str:
         if isinstance(v, Cell):
             return _md(v.text)
+        if isinstance(v, list) and v and all(c.cls in ("ans", "foreign") for c in v):  # an answer, marked
+            return "".join(f"⟦{_md(c.text)}⟧" if c.cls == "foreign" else _md(c.text) for c in v)
         if isinstance(v, list):
             return _md(", ".join(c.text for c in v))
         return _md(v)

@@ -43,6 +43,7 @@ SUMMARY = "summary.json"
 MANIFEST = "manifest.json"
 CASES = "cases.json"
 CONFUSION = "confusion.json"
+CONFUSION_ANSWERS = "confusion.jsonl"  # every answer `confusion` sampled, one JSON object a line
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 REPORT_FILES = "report_files"
@@ -50,8 +51,8 @@ REPORT_FILES = "report_files"
 
 
 def comparison_files(a: str, b: str) -> tuple[str, str, str]:
-    """The files of `report RUN RUN_B`, written into RUN beside its own report (which they never overwrite):
-    (html, md, folder of the Markdown's plots), named for both runs."""
+    """The files of `report --run RUN --compare RUN_B`, written into RUN beside its own report (which they never
+    overwrite): (html, md, folder of the Markdown's plots), named for both runs."""
     import re
 
     stem = "compare_" + "_vs_".join(re.sub(r"[^\w.-]+", "-", x).strip("-.") or "run" for x in (a, b))
@@ -70,13 +71,17 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     COVERAGE_DRIFT: ("token_id", "count", "lm_head_cos"),
     PROBE: ("token_id", "model", "p_target", "sayable"),
     UNDERTRAINED: ("token_id", "embed_norm", "embed_norm_percentile", "verified"),
+    # JSON lines, not a table: the keys every line holds ("foreign": script -> letters of it in the answer;
+    # writers add "name" and "native")
+    CONFUSION_ANSWERS: ("prompt", "language", "model", "sample", "text", "foreign"),
 }
 
 # The files that belong to diff's BASE/POST pair and that diff itself writes; every other file of a run folder
 # (coverage joins, probe, cases, confusion, undertrained, the report) was computed on top of a pair and is removed
 # when `diff` writes a different pair into the folder (`Run.set_pair`).
 PAIR_FILES = (VOCAB, DRIFT, NEIGHBORS, SUMMARY, MANIFEST)
-_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, UNDERTRAINED, CASES, CONFUSION, REPORT_HTML, REPORT_MD, REPORT_FILES)
+_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, UNDERTRAINED, CASES, CONFUSION, CONFUSION_ANSWERS, REPORT_HTML,
+              REPORT_MD, REPORT_FILES)
 _SUMMARY_KEY = "summary.json#"  # manifest["files"] also stamps each summary key a command wrote
 _WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -167,6 +172,42 @@ class Run:
     def read_contract(self, name: str) -> pa.Table:
         """Read `name`, checking it holds every column of the contract (`REQUIRED_COLUMNS`): what the report does."""
         return self.read_table(name, REQUIRED_COLUMNS.get(name, ()))
+
+    # ---- json lines ---------------------------------------------------------------------------------------
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        """Write `name` (e.g. "confusion.jsonl") atomically, one JSON object a line, checking the contract's keys."""
+        need = REQUIRED_COLUMNS.get(name, ())
+        for i, r in enumerate(rows):
+            missing = [k for k in need if k not in r]
+            if missing:
+                raise ValueError(f"{name} row {i} lacks {', '.join(missing)}")
+        out = self.path / name
+        write_lines_atomic(out, (json.dumps(r, ensure_ascii=False, default=_json_default) for r in rows))
+        self._written.append(name)
+        return out
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """Read `name`'s lines, checking each holds the contract's keys: one clear error for a damaged file."""
+        p = self.path / name
+        if not p.exists():
+            raise VocabdriftError(f"{p}: not found; run the command that writes {name} into {self.path} first")
+        need = REQUIRED_COLUMNS.get(name, ())
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise VocabdriftError(f"{p}:{i}: not JSON ({e}); delete it and rerun the command that wrote "
+                                          "it") from e
+                missing = [k for k in need if not isinstance(r, dict) or k not in r]
+                if missing:
+                    raise VocabdriftError(f"{p}:{i}: missing key(s) {', '.join(missing)}; it was written by an "
+                                          "incompatible version — rerun the command that wrote it")
+                rows.append(r)
+        return rows
 
     def read_table(self, name: str, columns: tuple[str, ...] = ()) -> pa.Table:
         """Read `name`, checking it holds `columns` (the ones this reader needs): one clear error, not a KeyError."""
@@ -361,6 +402,33 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def existing_run(run: str | os.PathLike) -> Path:
+    """`--run RUN`: a run folder that must exist already (one line naming the fix otherwise)."""
+    p = Path(run)
+    if not p.is_dir():
+        what = "is not a folder" if p.exists() else "no such run folder"
+        raise VocabdriftError(f"--run {p}: {what}; create it with `vocabdrift diff BASE POST -o {p}` (or give -o "
+                              "to create a new run folder)")
+    return p
+
+
+def run_target(out: str | os.PathLike | None, run: str | os.PathLike | None, *, required: bool = True
+               ) -> Path | None:
+    """Where a command writes: `-o/--out OUT` (created when missing) or `--run RUN` (an existing run folder the
+    results are added to); the one way every command names a run folder (docs/ARCHITECTURE.md, "The run
+    folder"). Both at once must name the same folder."""
+    if run is not None:
+        r = existing_run(run)
+        if out is not None and Path(out).resolve() != r.resolve():
+            raise VocabdriftError(f"-o {out} and --run {run} name two folders; give one (--run adds to an "
+                                  "existing run folder, -o creates one)")
+        return r
+    if out is None and required:
+        raise VocabdriftError("say where to write: -o RUN (a new or existing run folder) or --run RUN (an "
+                              "existing one)")
+    return Path(out) if out is not None else None
 
 
 @contextlib.contextmanager

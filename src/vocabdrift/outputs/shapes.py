@@ -93,7 +93,7 @@ _ONE_MODEL_CASES = _obj({"passed": _int, "total": _int, "model": _str,
                          "cases": _list(_obj({"forbidden": _opt(_list(lambda v, w: None)), "passed": _opt(lambda v, w:
                                                                                                        None)}))})
 _CONF_RESULT = _obj({"n": _int, "hits": _int, "rate": _num, "ci_low": _num, "ci_high": _num,
-                     "by_script": _opt(_obj({}, rest=_num))})
+                     "by_script": _opt(_obj({}, rest=_num)), "native": _int, "native_rate": _num})
 CONFUSION = _obj({"results": _list(_CONF_RESULT),
                   "tests": _opt(_list(_obj({"models": _list(lambda v, w: None), "odds_ratio": _opt_num,
                                             "p_value": _opt_num})))})
