@@ -151,7 +151,7 @@ def test_untie_gives_a_tied_model_its_own_head(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("share", [None, 0.2, 0.5])
 def test_coverage_share_and_the_plan_say_what_a_run_sees(share: float | None) -> None:
-    from vocabdrift.composites.repair import describe_plan, mix_coverage, training_plan
+    from vocabdrift.composites.repair import describe_plan, mix_coverage, plan_warning, training_plan
 
     sft = [{"text": f"s{i}"} for i in range(1290)]
     cov = [{"text": f"c{i}"} for i in range(6195)]
@@ -172,6 +172,11 @@ def test_coverage_share_and_the_plan_say_what_a_run_sees(share: float | None) ->
     line = describe_plan(plan)
     assert f"about {plan['coverage_seen']:,} of the coverage set's 6,195 samples will be seen" in line
     assert f"take {plan['steps_for_whole_set']:,} steps at this mix" in line
+    warning = plan_warning(plan)  # the whole set (83%), 20% and 50%: above the share that raised the lab's confusion
+    assert warning is not None and f"coverage is {100 * len(mixed) / total:.0f}% of the samples" in warning
+    small = training_plan(sft=len(sft), coverage=len(mix_coverage(sft, cov, 0.05, seed=3)), replay=0, steps=160,
+                          batch_size=8, coverage_set=len(cov))
+    assert plan_warning(small) is None
 
 
 def test_a_small_coverage_set_is_repeated_to_its_share() -> None:

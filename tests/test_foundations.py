@@ -467,8 +467,8 @@ def test_the_lab_runs_each_stage_once_in_order_with_the_recipe(tmp_path: Path, m
     monkeypatch.setattr(L, "_measure", lambda run, reach, planted: {})
     monkeypatch.setattr(L, "comparison_markdown", lambda results: "TABLE")
     monkeypatch.setattr(L, "remedies_markdown", lambda results: "REMEDIES")
-    monkeypatch.setattr(L, "_costs", lambda o, rr: dict.fromkeys(("baseline", "+coverage", "+replay", "+anchor",
-                                                                  "+gate"), 0))
+    monkeypatch.setattr(L, "_costs", lambda o, rr: dict.fromkeys(("baseline", "+coverage",
+                                                                  *(f"+{k}" for k in L.REMEDIES)), 0))
     cov = pa.table({"token_id": [7], "count": [1]})
     monkeypatch.setattr(L.R.Run, "read_table", lambda self, name, *a: cov)
 
@@ -477,7 +477,7 @@ def test_the_lab_runs_each_stage_once_in_order_with_the_recipe(tmp_path: Path, m
     stages = json.loads((out / "lab.json").read_text())["stages"]
     assert set(stages) == {"corpus", "tokenizer", "base", "synth", "baseline", "repaired", "analyse_baseline",
                            "analyse_repaired", "prove_baseline", "prove_repaired", "report",
-                           *(f"heldout_{k}" for k in ("base", "baseline", "repaired", "+replay", "+anchor", "+gate")),
+                           *(f"heldout_{k}" for k in ("base", "baseline", "repaired", *(f"+{r}" for r in L.REMEDIES))),
                            *(f"remedy_{k}" for k in L.REMEDIES)}
     calls = sorted(tuple(json.loads(line)) for line in log.read_text().splitlines() if "load_tokenizer" not in line)
     assert calls == sorted([
@@ -488,5 +488,5 @@ def test_the_lab_runs_each_stage_once_in_order_with_the_recipe(tmp_path: Path, m
         ("probe", "OUT/baseline"), ("probe", "OUT/repaired"), ("cases", "OUT/baseline"), ("cases", "OUT/repaired"),
         ("confusion", "OUT/baseline"), ("confusion", "OUT/repaired"), ("report", "OUT/baseline"),
         *(("eval_loss", f"OUT/{m}") for m in ("models/base", "models/baseline", "models/repaired",
-                                              "remedies/replay/model", "remedies/anchor/model", "remedies/gate/model")),
-        *((f, f"OUT/remedies/{k}") for k in L.REMEDIES for f in ("repair", "probe"))])
+                                              *(f"remedies/{r}/model" for r in L.REMEDIES))),
+        *((f, f"OUT/remedies/{k}") for k in L.REMEDIES for f in ("repair", "probe", "confusion"))])

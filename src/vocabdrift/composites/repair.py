@@ -117,6 +117,11 @@ def training_plan(*, sft: int, coverage: int, replay: int, steps: int, batch_siz
     return plan
 
 
+# Above this share of the samples, coverage data raised the lab's language confusion (12% and the whole set did;
+# 5% did not): docs/LAB.md, "Why coverage raises confusion here".
+LARGE_COVERAGE_SHARE = 0.1
+
+
 def describe_plan(plan: dict[str, Any]) -> str:
     """The plan as one line for the log."""
     line = (f"repair: {plan['samples']:,} training samples ({plan['sft']:,} SFT, {plan['coverage']:,} coverage, "
@@ -130,6 +135,16 @@ def describe_plan(plan: dict[str, Any]) -> str:
             line += (f"; to train on the whole set, take {plan['steps_for_whole_set']:,} steps at this mix, raise "
                      "--coverage-share, or pass a smaller set (synth --run RUN)")
     return line
+
+
+def plan_warning(plan: dict[str, Any]) -> str | None:
+    """A warning when the plan gives coverage a share that raised language confusion in the lab."""
+    if plan["coverage_share"] <= LARGE_COVERAGE_SHARE:
+        return None
+    return (f"repair: coverage is {100 * plan['coverage_share']:.0f}% of the samples; in the lab a share above "
+            f"{LARGE_COVERAGE_SHARE:.0%} taught the model to switch scripts (docs/LAB.md, \"Why coverage raises "
+            "confusion here\"): run `vocabdrift confusion` on BASE and on the repaired model, or lower "
+            "--coverage-share")
 
 
 # ---- repair ---------------------------------------------------------------------------------------------------
@@ -290,6 +305,8 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                                  coverage_set=cov_set if cov_records else None)
             if main:
                 log.info("%s", describe_plan(plan))
+                if (warning := plan_warning(plan)) is not None:
+                    log.warning("%s", warning)
             encoded: dict[str, Any] = {}
             sft(model, train_records, out=model_dir, steps=steps, lr=lr, betas=betas, batch_size=batch_size,
                 max_length=max_length, seed=seed, callbacks=[cb, *callbacks], loss_terms=terms, freeze=tuple(freeze),
