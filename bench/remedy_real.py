@@ -184,12 +184,14 @@ def table(results: dict) -> str:
     median rank and the share of the 40 most drifted tokens at rank 0 or 1 beside the top-1 share."""
     import statistics
 
+    from vocabdrift.analyses.vocab import token_label
+
     def ranks(r: dict) -> str:
         w = r["ranks_worst40"]
         return (f"{sum(x == 0 for x in w) / len(w):.0%} / {sum(x <= 1 for x in w) / len(w):.0%} / "
                 f"{statistics.median(w):g}")
 
-    names = ", ".join(repr(n) for n in results["names"])
+    names = ", ".join(token_label(n) for n in results["names"])
     lines = ["| run | wall | lm_head mean / min cos | rows below 0.95 | 40 most drifted: top-1 / rank <= 1 / median "
              f"rank | ranks of {names} | held-out loss | most drifted |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
@@ -198,7 +200,7 @@ def table(results: dict) -> str:
     for r in results["runs"]:
         lines.append(f"| {r['run']} | {r['wall_s'] / 60:.1f} min | {r['mean_cos']:.4f} / {r['min_cos']:.4f} | "
                      f"{r['below_0.95']:,} | {ranks(r)} | {r['name_ranks']} | {r['heldout_loss']:.3f} | "
-                     + ", ".join(f"{t!r} {c}" for t, c in r["most_drifted"][:4]) + " |")
+                     + ", ".join(f"{token_label(t)} {c}" for t, c in r["most_drifted"][:4]) + " |")
     return "\n".join(lines) + "\n"
 
 
