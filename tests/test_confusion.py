@@ -211,3 +211,20 @@ def test_shipped_confusion_prompts_and_bad_input(tiny_model: Path) -> None:
         confusion(tiny_model, prompts="hello", n=2)
     with pytest.raises(VocabdriftError, match="unknown language"):
         confusion(tiny_model, prompts="hello", language="klingon", n=2)
+
+
+def test_console_table_shows_the_answers_in_the_prompts_own_script() -> None:
+    from rich.console import Console
+
+    from vocabdrift.analyses.confusion import count_confusion
+    from vocabdrift.outputs.console import confusion_table
+
+    answers = ["富士山はとても高い山です", "Fuji is a mountain", "富士山はとても高い山 да"]
+    cc = count_confusion(answers, "ja")
+    row = {"prompt": "富士山について", "language": "ja", "model": "post", "hits": cc.hits, "n": cc.n,
+           "rate": cc.hits / cc.n, "ci_low": 0.0, "ci_high": 1.0, "by_script": cc.by_script, "native": cc.native}
+    con = Console(width=200, record=True)
+    con.print(confusion_table([row]))
+    cells = [c.strip() for c in next(x for x in con.export_text().splitlines() if "post" in x).split("│")[1:-1]]
+    assert cells[-1] == "2/3"  # the English answer has no foreign letters, and is not in Japanese either
+    assert cells[3] == "1/3 = 33%"

@@ -268,12 +268,15 @@ def undertrained_tokens_table(tokens: dict[str, dict[str, Any]]) -> Table:
 
 
 def confusion_table(results: list[dict[str, Any]]) -> Table:
-    """`confusion`: the share of answers with letters of a foreign script, per prompt and model."""
-    cols = ("prompt", "lang", "model", "rate", "95% interval", "scripts")
-    t = _table("Answers with letters of a foreign script", cols, left=cols)
+    """`confusion`: the share of answers with letters of a foreign script, per prompt and model, and the answers
+    mostly in the prompt's own script (without those, a low rate may only mean the model answers in English)."""
+    cols = ("prompt", "lang", "model", "rate", "95% interval", "scripts", "own script")
+    t = _table("Answers with letters of a foreign script", cols, left=cols[:3] + cols[5:6])
     for r in results:
+        own = f"{r['native']}/{r['n']}" if "native" in r else "-"
         t.add_row(r["prompt"][:30], r["language"], r["model"], f"{r['hits']}/{r['n']} = {r['rate']:.0%}",
-                  f"{r['ci_low']:.0%}–{r['ci_high']:.0%}", ", ".join(f"{k} {v}" for k, v in r["by_script"].items()))
+                  f"{r['ci_low']:.0%}–{r['ci_high']:.0%}", ", ".join(f"{k} {v}" for k, v in r["by_script"].items()),
+                  own)
     return t
 
 
