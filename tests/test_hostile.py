@@ -805,6 +805,22 @@ def _bad_tokenizer(m: Models, t: Path, text: str) -> Path:
     return d
 
 
+def test_a_broken_post_tokenizer_is_said_before_base_s_is_used(m: Models, tmp_path: Path) -> None:
+    post = _bad_tokenizer(m, tmp_path, "{garbage")
+    (post / "model.safetensors").unlink()
+    shutil.copy(m.post / "model.safetensors", post / "model.safetensors")
+    r = cli("diff", m.base, post, "-o", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stderr.splitlines() if x.startswith("WARNING")]
+    assert len(warned) == 1 and "tokenizer.json" in warned[0] and f"from {m.base}" in warned[0], r.stderr
+    nowhere = tmp_path / "weights_only"  # no tokenizer at all: BASE's, in silence
+    nowhere.mkdir()
+    shutil.copy(m.post / "model.safetensors", nowhere / "model.safetensors")
+    shutil.copy(m.post / "config.json", nowhere / "config.json")
+    r = cli("diff", m.base, nowhere, "-o", tmp_path / "run2")
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
+
+
 def _damaged_coverage_run(t: Path) -> Path:
     run = t / "covrun"
     run.mkdir()

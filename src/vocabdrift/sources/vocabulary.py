@@ -169,13 +169,19 @@ def _build_vocab_table(model: PathLike, *, size: int | None, trust_remote_code: 
 
 
 def first_vocab_table(candidates: Sequence[tuple[str, int]]) -> pa.Table:
-    """The table of the first (tokenizer, row count) that gives one; the last one's error otherwise."""
+    """The table of the first (tokenizer, row count) that gives one; the last one's error otherwise.
+
+    A candidate with no tokenizer (POST saved with its weights only) is passed over in silence; one whose
+    tokenizer is there but unreadable is passed over with a warning, since the next one may not know POST's
+    added tokens."""
     err: VocabdriftError | None = None
-    for spec, size in candidates:
+    for i, (spec, size) in enumerate(candidates):
         try:
             return vocab_table(spec, size=size)
         except VocabdriftError as e:
             err = e
+            if i + 1 < len(candidates) and "no tokenizer here" not in str(e):
+                log.warning("%s; reading the vocabulary from %s instead", e, candidates[i + 1][0])
     assert err is not None
     raise err
 
