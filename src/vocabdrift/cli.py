@@ -53,26 +53,21 @@ def _positional_runs(ctx: typer.Context, run: Path | None, second: Path | None, 
                      ) -> tuple[Path, Path | None]:
     """`report RUN [RUN_B]` and `prune-suggest RUN`, the old spellings of `--run RUN [--compare RUN_B]`: still
     accepted, not shown in --help."""
+    from .outputs.run import old_spelling
+
     extra = [Path(a) for a in ctx.args]
     if len(extra) > (2 if command == "report" else 1):
         raise VocabdriftError(f"{command}: unexpected arguments {' '.join(ctx.args)}; see `vocabdrift {command} "
                               "--help`")
     if extra:
-        run = _alias(run, extra[0], "RUN given as an argument")  # type: ignore[assignment]
+        run = old_spelling(run, extra[0], new_name="--run", old_name="RUN given as an argument")
     if len(extra) > 1:
-        second = _alias(second, extra[1], "RUN_B given as an argument")  # type: ignore[assignment]
+        second = old_spelling(second, extra[1], new_name="--compare", old_name="RUN_B given as an argument")
     if run is None:
         raise VocabdriftError(f"name the run folder: vocabdrift {command} --run RUN")
     return run, second
 
 
-def _alias(new: object, old: object, spelling: str) -> object:
-    """A hidden old spelling of an option: either may be given, not both with different values."""
-    if old is None:
-        return new
-    if new is not None and new != old:
-        raise VocabdriftError(f"{spelling} is the old spelling of the same option; give one of the two")
-    return old
 
 
 def _echo(msg: str) -> None:
@@ -427,10 +422,9 @@ def coverage(
     from .analyses.advice import advice_lines
     from .api.coverage import coverage as run_coverage
     from .outputs.console import below_floor_table, coverage_categories_table
+    from .outputs.run import run_target
 
-    if out is None and run is None:
-        raise VocabdriftError("say where to write: -o RUN (a new or existing run folder) or --run RUN (a diff's)")
-    where = run if run is not None else out
+    where = run_target(out, run)
     r = run_coverage(data, tokenizer=tokenizer, out=out, run=run, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
                      strict=strict, progress=sys.stderr.isatty() and not (as_json or quiet), engine=engine,
                      num_cpus=num_cpus, force=force)
@@ -486,7 +480,7 @@ def synth(
     from .api.coverage import synth as run_synth
 
     r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
-                  run=_alias(run, only_below_floor, "--only-below-floor"), format=format, seed=seed,
+                  run=run, only_below_floor=only_below_floor, format=format, seed=seed,
                   progress=sys.stderr.isatty())
     st = r.stats
     _echo(f"covered {st['covered']:,} of {st['targets']:,} tokens (min {st['occurrences']['min']} occurrences) "
@@ -633,11 +627,9 @@ def probe(
     from .outputs.console import probe_headline_table, probe_outcomes_table, probe_tokens_table
 
     tokens = [*(token or ()), *(tokens_old or ())]
-    run = _alias(run, from_old, "--from")  # type: ignore[assignment]
-    drifted = _alias(None, top_old, "--top") or drifted  # type: ignore[assignment]
     all_tokens = all_tokens or all_old
-    r = run_probe(model, out=out, tokens=tokens or None, base=base, run=run, drifted=drifted,
-                  all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
+    r = run_probe(model, out=out, tokens=tokens or None, base=base, run=run, drifted=drifted, from_run=from_old,
+                  top=top_old, all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
                   tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                   progress=sys.stderr.isatty() and not (as_json or quiet), tokens_file=tokens_file,
@@ -748,9 +740,9 @@ def undertrained(
 
     from .api.probe import undertrained as run_ut
     from .outputs.console import undertrained_tokens_table
+    from .outputs.run import run_target
 
-    if out is None and run is None:
-        raise VocabdriftError("say where to write: -o RUN (a new or existing run folder) or --run RUN")
+    run_target(out, run)  # one of the two is needed here (the Python API may write nothing)
     r = run_ut(model, out=out, run=run, tokens=token or (), share=share, unused=unused or (), verify=verify,
                collapse=collapse, device=device,
                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=sys.stderr.isatty())

@@ -28,7 +28,7 @@ from ..analyses.vocab import LANGUAGE_NAMES
 from ..errors import VocabdriftError
 from ..outputs import run as R
 from ..outputs.location import check_out
-from ..outputs.run import Timer, open_run, run_target, write_lines_atomic
+from ..outputs.run import Timer, old_spelling, open_run, run_target, write_lines_atomic
 from ..sources.data import DataReader, Malformed, Sample, detect_shape
 from ..sources.tokenizer import load_tokenizer
 from ..sources.vocabulary import table_of_tokenizer, vocab_table
@@ -448,12 +448,7 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         >>> r = synth("Qwen/Qwen2.5-7B", out="coverage.jsonl")
         >>> r.stats["covered"], r.stats["skipped"]
     """
-    if only_below_floor is not None:  # the old spelling of `run`
-        if run is not None and Path(run) != Path(only_below_floor):
-            raise VocabdriftError(f"--run {run} and --only-below-floor {only_below_floor} name two folders; give "
-                                  "--run alone")
-        run = only_below_floor
-    only_below_floor = run
+    only_below_floor = old_spelling(run, only_below_floor, new_name="--run", old_name="--only-below-floor")
     if format not in FORMATS:
         raise VocabdriftError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if min_per_token < 1:

@@ -23,7 +23,15 @@ from ..analyses.tokens import TokenIndex
 from ..errors import VocabdriftError
 from ..outputs import run as R
 from ..outputs.location import check_out
-from ..outputs.run import Timer, existing_run, open_run, run_target, write_bytes_atomic, write_parquet_atomic
+from ..outputs.run import (
+    Timer,
+    existing_run,
+    old_spelling,
+    open_run,
+    run_target,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 from ..sources.spec import ModelSpec, check_weights_policy, parse_model_spec
 
 if TYPE_CHECKING:
@@ -296,12 +304,8 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
 
     from ..sources.tokenizer import load_tokenizer
 
-    if from_run is not None:  # the old spelling of `run`
-        if run is not None and Path(run) != Path(from_run):
-            raise VocabdriftError(f"--run {run} and --from {from_run} name two folders; give --run alone")
-        run = from_run
-    if top is not None:  # the old spelling of `drifted`
-        drifted = top
+    run = old_spelling(run, from_run, new_name="--run", old_name="--from")
+    drifted = old_spelling(None, top, new_name="--drifted", old_name="--top") or drifted
     if run is not None:
         run = existing_run(run)
     if out is None and run is None:
