@@ -6,6 +6,7 @@ and `analyses.synth`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -627,7 +628,8 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     try:
         buckets: list[Any] = []
         try:  # opened inside the try: a SIGTERM among the opens still closes those already open
-            buckets.extend(open(tmpdir / f"{k:04d}.jsonl", "w", encoding="utf-8") for k in range(n_buckets))
+            with _signals_held():  # ... and none lands between an open and its place in `buckets`
+                buckets.extend(open(tmpdir / f"{k:04d}.jsonl", "w", encoding="utf-8") for k in range(n_buckets))
 
             def put(rec: Any) -> None:
                 buckets[rng.randrange(n_buckets)].write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
@@ -652,6 +654,22 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return MixResult(out, n_sft, int(times.sum()), sft_malformed, sft_bad)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (then arrive as usual): a file opened in it always reaches the
+    list that closes it, instead of being left to the garbage collector's ResourceWarning."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # ---- prune-suggest ----------------------------------------------------------------------------------------------
