@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,29 @@ def qwen_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qwen36_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3.6's vocabulary (248,044 ranks + specials) as a `tokenizer.json`."""
     return _qwen_json(tmp_path_factory, "qwen36")
+
+
+Cli = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """`vocabdrift ARGS...` in this process: (exit code, stdout, stderr). What `main` sets for the process (the
+    environment off a terminal, the SIGTERM handler) is put back afterwards."""
+    env = dict(os.environ)
+    term = signal.getsignal(signal.SIGTERM)
+
+    from vocabdrift.cli import main
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["vocabdrift", *map(str, args)])
+        capsys.readouterr()  # the test's own set-up output is not the command's
+        with pytest.raises(SystemExit) as e:
+            main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    yield run
+    signal.signal(signal.SIGTERM, term)
+    os.environ.clear()
+    os.environ.update(env)

@@ -74,8 +74,13 @@ def test_malformed_sft_and_bad_arguments(files, tmp_path: Path) -> None:
     assert len(_lines(tmp_path / "m.jsonl")) == 190
     with pytest.raises(VocabdriftError, match=f"{bad}:191"):
         mix(bad, syn, out=tmp_path / "s.jsonl", count=1, strict=True)
-    with pytest.raises(VocabdriftError, match="exactly one of --ratio"):
-        mix(sft, syn, out=tmp_path / "x.jsonl")
+    with pytest.raises(VocabdriftError, match="at most one of --ratio"):
+        mix(sft, syn, out=tmp_path / "x.jsonl", ratio=0.1, count=3)
+    # by default the synthetic set is added whole, once: the recommendation's coverage set as `synth --run` wrote it
+    r = mix(sft, syn, out=tmp_path / "whole.jsonl")
+    n_syn = len(_lines(syn))
+    assert r.synth == n_syn and Counter(x for x in _lines(tmp_path / "whole.jsonl") if '"syn ' in x) == \
+        Counter(_lines(syn))
     with pytest.raises(VocabdriftError, match="between 0 and 1"):
         mix(sft, syn, out=tmp_path / "x.jsonl", ratio=1.5)
     with pytest.raises(VocabdriftError, match="also an input"):

@@ -157,3 +157,26 @@ def test_repair_under_torchrun_trains_on_two_processes_and_writes_once(setup: di
     cos = (base * post).sum(1) / (np.linalg.norm(base, axis=1) * np.linalg.norm(post, axis=1))
     d = pq.read_table(out / "drift.parquet")
     np.testing.assert_allclose(d.column("lm_head_cos").to_numpy(), cos[d.column("token_id").to_numpy()], atol=1e-5)
+
+
+def test_a_lower_coverage_weight_keeps_that_share_of_targets(setup: dict[str, Path]) -> None:
+    """`coverage_weight` (encode_records' weights): each target of a weighted record stays a target with that
+    probability, seeded; other records and a weight of 1 are untouched."""
+    from vocabdrift.composites.train import encode_records
+    from vocabdrift.sources.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(setup["base"])
+    recs = [{"messages": [{"role": "user", "content": f"Repeat {i}"},
+                          {"role": "assistant", "content": " ".join(ENGLISH) * 2}]} for i in range(40)]
+    full = encode_records(tok, recs, max_length=512)
+    half = encode_records(tok, recs, max_length=512, weights=[1.0] * 20 + [0.5] * 20, seed=3)
+    again = encode_records(tok, recs, max_length=512, weights=[1.0] * 20 + [0.5] * 20, seed=3)
+    n = [sum(x != -100 for x in r["labels"][1:]) for r in full]
+    m = [sum(x != -100 for x in r["labels"][1:]) for r in half]
+    assert m[:20] == n[:20] and half == again  # unweighted records unchanged; the same seed, the same mask
+    kept = sum(m[20:]) / sum(n[20:])
+    assert 0.4 < kept < 0.6  # about half of the weighted records' targets
+    # a kept label is the token itself, a dropped one -100: the inputs never change
+    assert all(a["input_ids"] == b["input_ids"] for a, b in zip(full, half, strict=True))
+    with pytest.raises(VocabdriftError, match="coverage-weight"):
+        repair(setup["base"], setup["data"], out=setup["root"] / "w", coverage_weight=0.0)

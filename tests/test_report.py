@@ -44,9 +44,11 @@ def _texts() -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-def make_run(path: Path, parts: tuple[str, ...] = OPTIONAL, *, drifted: bool = True, seed: int = 0) -> Path:
-    """vocab, drift and summary as `diff` writes them, plus the optional parts named in `parts`."""
-    texts = _texts()
+def make_run(path: Path, parts: tuple[str, ...] = OPTIONAL, *, drifted: bool = True, seed: int = 0,
+             extra: tuple[str, ...] = ()) -> Path:
+    """vocab, drift and summary as `diff` writes them, plus the optional parts named in `parts`; `extra` tokens
+    are added as the most drifted of all (so each shows in the tables)."""
+    texts = _texts() + [t for t in extra if t not in _texts()]
     n = len(texts)
     special = np.array([t.startswith("<|") for t in texts])
     vocab = build_vocab_table(texts, texts, [None if s else t.encode() for t, s in zip(texts, special, strict=True)],
@@ -60,6 +62,8 @@ def make_run(path: Path, parts: tuple[str, ...] = OPTIONAL, *, drifted: bool = T
         lm[ja[: len(ja) * 3 // 10]] = rng.uniform(0.6, 0.94, len(ja) * 3 // 10)
         lm[texts.index(PLANTED)] = 0.21
         lm[texts.index("嘉祺")] = 0.33
+    for k, t in enumerate(extra):
+        lm[texts.index(t)] = 0.1 + 0.01 * k
     nb = rng.uniform(0.8, 1.2, n)
     npo = nb * rng.uniform(0.9, 1.0, n)
     l2 = np.sqrt(nb**2 + npo**2 - 2 * nb * npo * lm)
@@ -249,6 +253,34 @@ def test_each_optional_part_shows_only_when_present(tmp_path: Path, part: str) -
     text, page = md_path.read_text(), html_path.read_text()
     assert {p for p, m in marks.items() if m in text} == {part}
     assert {p for p, m in marks.items() if m in page} == {part}
+
+
+def test_commands_in_prose_are_code_in_both_pages(tmp_path: Path) -> None:
+    """`...` around a command in our own sentences is <code> in the HTML and a code span in the Markdown, never
+    literal backticks; a backtick without its pair, or in a paragraph quoting tokens, stays text (escaped)."""
+    from vocabdrift.outputs.report import Para, Section, render_html, render_markdown
+
+    sections = [Section("s", "S", [Para("Mix it (`vocabdrift mix SFT SYNTH -o MIXED --ratio 0.1`); a lone ` stays.",
+                                        "note", code=True),
+                                   Para("Tokens `a` and *b* as they are.")])]
+    page = render_html(sections, title="t", origin="")
+    assert "(<code>vocabdrift mix SFT SYNTH -o MIXED --ratio 0.1</code>); a lone ` stays." in page
+    assert "Tokens `a` and *b* as they are." in page
+    md = render_markdown(sections, title="t", origin="", images={})
+    assert "Mix it (`vocabdrift mix SFT SYNTH -o MIXED --ratio 0.1`); a lone \\` stays." in md
+    assert "Tokens \\`a\\` and \\*b\\* as they are." in md
+
+    run = make_run(tmp_path / "run", ("coverage",))  # the report's "What to do", from coverage's advice
+    summary = json.loads((run / "summary.json").read_text())
+    summary["coverage"]["advice"] = {"languages": [{"category": "japanese", "verdict": "rare"}], "below_floor": 900,
+                                     "synth_samples": 5000, "sft_samples": 1000, "synth_to_sft": 5.0,
+                                     "mix_share": 0.1, "mix_samples": 111, "placements_per_token": 0.5}
+    (run / "summary.json").write_text(json.dumps(summary, ensure_ascii=False))
+    html_path, md_path = report(run)
+    todo = re.search(r"<p class=\"note\">What to do: (.*?)</p>", html_path.read_text()).group(1)
+    assert "`" not in todo and "<code>vocabdrift " in todo
+    line = next(ln for ln in md_path.read_text().splitlines() if ln.startswith("What to do: "))
+    assert "\\`" not in line and line.count("`") % 2 == 0 and "`vocabdrift " in line
 
 
 def test_verdict_sentence() -> None:
@@ -535,6 +567,65 @@ class Chromium:
         os.close(self._cmd_w)
 
 
+# A token of each script the report must show, beside the kana, Hangul, Han and Cyrillic tokens of `_texts`
+SCRIPT_SAMPLES = ("ภาษาไทย", "مرحبا", "한국어", "Привет", "カタカナ", "漢字")
+SCRIPTS = ("Japanese", "Korean", "Chinese", "Thai", "Arabic", "Cyrillic")
+
+# Every letter of those scripts in the page, drawn on a canvas in the font family the page shows it in, and compared
+# with the same family's drawing of U+0378: unassigned in Unicode, so no font has it and every one draws its
+# missing-glyph box (.notdef) for it -- which is what a letter without a font gets too. Chromium picks the font of
+# a canvas's text as it does for the page (the family list, then the system's fallback), so a letter that draws
+# as U+0378 does is an empty box on the page. A fallback font with a placeholder for every code point would draw
+# U+0378 differently; so an image that three or more different letters share counts as a box too.
+_BOXES_JS = r"""
+(() => {
+  const scripts = {Japanese: /[\p{Script=Hiragana}\p{Script=Katakana}]/u, Korean: /\p{Script=Hangul}/u,
+                   Chinese: /\p{Script=Han}/u, Thai: /\p{Script=Thai}/u, Arabic: /\p{Script=Arabic}/u,
+                   Cyrillic: /\p{Script=Cyrillic}/u};
+  const scriptOf = ch => /\p{L}/u.test(ch) ? Object.keys(scripts).find(k => scripts[k].test(ch)) : undefined;
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 96;
+  const ctx = canvas.getContext("2d", {willReadFrequently: true});
+  const image = (ch, family) => {  // FNV-1a of the alpha channel of the letter drawn at 48px
+    ctx.clearRect(0, 0, 96, 96);
+    ctx.font = "48px " + family;
+    ctx.textBaseline = "top";
+    ctx.fillText(ch, 16, 16);
+    const px = ctx.getImageData(0, 0, 96, 96).data;
+    let h = 2166136261;
+    for (let i = 3; i < px.length; i += 4) h = Math.imul(h ^ px[i], 16777619) >>> 0;
+    return h;
+  };
+  const shown = new Map();  // font family -> letters shown in it
+  const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    const el = n.parentElement;
+    if (!el || el.closest("script, style")) continue;
+    const family = getComputedStyle(el).fontFamily;
+    for (const ch of n.data) {
+      if (scriptOf(ch) === undefined) continue;
+      if (!shown.has(family)) shown.set(family, new Set());
+      shown.get(family).add(ch);
+    }
+  }
+  const out = {};
+  for (const k in scripts) out[k] = {letters: 0, boxes: []};
+  for (const [family, letters] of shown) {
+    const box = image("\u0378", family);
+    const drawn = [...letters].map(ch => [ch, image(ch, family)]);
+    const uses = new Map();
+    for (const [, h] of drawn) uses.set(h, (uses.get(h) || 0) + 1);
+    for (const [ch, h] of drawn) {
+      const r = out[scriptOf(ch)];
+      r.letters++;
+      if (h === box || uses.get(h) >= 3) r.boxes.push(ch);
+    }
+  }
+  return out;
+})()
+"""
+
+
 def _evaluate(b: Chromium, session: str, js: str):
     r = b.send("Runtime.evaluate", {"expression": js, "returnByValue": True}, session)
     assert "exceptionDetails" not in r, r
@@ -543,9 +634,18 @@ def _evaluate(b: Chromium, session: str, js: str):
 
 @pytest.mark.slow
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
+    """The page in headless Chromium: plots drawn, tokens shown as text and never run as markup, no network, and
+    every Japanese, Korean, Chinese, Thai, Arabic and Cyrillic letter drawn with a glyph, not an empty box.
+
+    The boxes are found in the page itself, offline (`_BOXES_JS`): each letter drawn on a canvas in the font family
+    the page gives it, compared with that family's missing-glyph box (the drawing of U+0378, which no font has),
+    and with the other letters (a placeholder font draws one image for many). It fails on a machine without fonts
+    for a script (`make browser` installs them). Seen failing with FONTCONFIG_FILE naming a fontconfig of no
+    fonts, of a Latin-only font (every other script's letters are the .notdef box), and of matplotlib's
+    LastResortHE (a placeholder per Unicode block: letters share images); passing with the fonts installed."""
     import time
 
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", extra=SCRIPT_SAMPLES)
     html_path, _ = report(run, tokens=[PLANTED, "きちんと"])
     b = Chromium(tmp_path / "profile")
     try:
@@ -595,6 +695,12 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
         assert not [e for e in b.events if e["method"] == "Page.javascriptDialogOpening"]
         urls = [e["params"]["request"]["url"] for e in b.events if e["method"] == "Network.requestWillBeSent"]
         assert urls and all(u.startswith(("file:", "data:", "about:")) for u in urls), urls  # no network
+
+        drawn = _evaluate(b, s, _BOXES_JS)
+        assert all(drawn[k]["letters"] for k in SCRIPTS), drawn  # the page shows each script
+        boxes = {k: "".join(dict.fromkeys(drawn[k]["boxes"])) for k in SCRIPTS if drawn[k]["boxes"]}
+        assert not boxes, (f"letters drawn as empty boxes, for want of a font: {boxes}; `make browser` installs the "
+                           "fonts (apt-get install fonts-wqy-microhei fonts-tlwg-loma-otf fonts-dejavu-core)")
     finally:
         b.close()
 

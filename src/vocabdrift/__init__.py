@@ -34,6 +34,8 @@ _LAZY = {
     "undertrained": "vocabdrift.api.probe",
     "confusion": "vocabdrift.api.probe",
     "repair": "vocabdrift.composites.repair",
+    "evaluate": "vocabdrift.composites.evaluate",
+    "recommendation": "vocabdrift.api.recommend",
     "VocabDriftCallback": "vocabdrift.composites.callback",
     "lab": "vocabdrift.composites.lab",
     "report": "vocabdrift.outputs.report",

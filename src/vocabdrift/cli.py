@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from .analyses.tokens import TOKEN_RULE
-from .errors import VocabdriftError
+from .errors import EXTRA_OF, VocabdriftError, missing_extra
 
 app = typer.Typer(
     name="vocabdrift",
@@ -72,6 +72,11 @@ def _positional_runs(ctx: typer.Context, run: Path | None, second: Path | None, 
 
 def _echo(msg: str) -> None:
     typer.echo(msg)
+
+
+def _err(msg: str) -> None:
+    """A progress line on stderr (stdout stays for results)."""
+    typer.echo(msg, err=True)
 
 
 def _echo_json(obj: object) -> None:
@@ -262,6 +267,10 @@ def check(
                                                                   "ones (partial UTF-8 pieces) too.")] = False,
     run: Annotated[Path | None, typer.Option("--run", help="Judge a run folder `diff` wrote instead of two "
                                                            "checkpoints.")] = None,
+    max_lost: Annotated[str, typer.Option("--max-lost", help="With --run holding a probe with BASE: the most "
+                                                             "probed tokens that may be LOST (sayable in BASE, not "
+                                                             "in POST): a count or a share (2%); 'none' turns it "
+                                                             "off.")] = "0",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the run folder (diff's tables and "
                                                                  "summary.json's \"check\" key).")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (default: POST's, else BASE's).")] = None,
@@ -291,30 +300,66 @@ def check(
     result = run_check(base, post, run=run, min_cos=min_cos, max_below=max_below or None,
                        categories=category or (), space=space, all_tokens=all_tokens,
                        out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle,
-                       progress=sys.stderr.isatty() and not (as_json or quiet), write=write)
+                       progress=sys.stderr.isatty() and not (as_json or quiet), write=write,
+                       max_lost=None if max_lost.lower() == "none" else max_lost)
+    from .outputs.run import DRIFT
+
+    rec = None
+    folder = run if run is not None else out
+    if folder is not None and (Path(folder) / DRIFT).exists():
+        from .api.recommend import recommendation
+
+        rec = recommendation(folder)
     if as_json:
-        _echo(json.dumps({"verdict": result.verdict, **result.to_json()}, indent=2, ensure_ascii=False))
+        _echo(json.dumps({"verdict": result.verdict, **result.to_json(),
+                          **({"recommendation": rec.to_json()} if rec is not None else {})},
+                         indent=2, ensure_ascii=False))
     elif not quiet:
         _echo(result.verdict)
+        if rec is not None and (not result.passed or rec.status == "repair"):
+            for line in rec.lines:
+                _echo("  " + line)
     if not result.passed:
         raise typer.Exit(1)
 
 
-@app.command(epilog="Examples:\n\n    vocabdrift repair ./base sft.jsonl -o runs/fixed\n\n"
-                    "    vocabdrift repair ./base sft.jsonl -o runs/replay --coverage none --replay pretrain.jsonl "
-                    "--replay-ratio 0.1\n\n"
+@app.command(epilog="Examples:\n\n"
+                    "    vocabdrift repair ./base sft.jsonl --heal ./post --run runs/sft1 -o runs/healed "
+                    "--heldout heldout.jsonl   (the recommended repair: heal POST)\n\n"
+                    "    vocabdrift repair ./base sft.jsonl --run runs/sft1 -o runs/retrained   (retrain from BASE "
+                    "with RUN's tokens at risk covered)\n\n"
                     "    vocabdrift repair ./base sft.jsonl -o runs/anchor --coverage none --anchor 0.01 --gate\n\n"
-                    "    vocabdrift repair ./base sft.jsonl -o runs/frozen --coverage none --freeze lm_head\n\n"
                     "    torchrun --nproc_per_node 8 -m vocabdrift.cli repair ./base sft.jsonl -o runs/fix  "
                     "(several GPUs; `accelerate launch` works too)")
 def repair(
-    base: Annotated[str, typer.Argument(help="The model to fine-tune: a Hugging Face folder (only read).")],
+    base: Annotated[str, typer.Argument(help="The pre-trained model: a Hugging Face folder (only read); every "
+                                             "drift figure is against it, and without --heal training starts "
+                                             "from it.")],
     data: Annotated[list[str], typer.Argument(help="SFT data: JSONL, JSON, Parquet files or folders, saved data "
                                                    "sets (messages, conversations, prompt/completion, text).")],
     out: Out,
-    coverage: Annotated[str, typer.Option(help="'auto' (write the full-vocabulary coverage set with synth and "
-                                               "add it), a coverage JSONL, or 'none'.")] = "auto",
+    heal: Annotated[str | None, typer.Option("--heal", help="POST: heal it (a short run on coverage samples of "
+                                                             "RUN's tokens at risk plus a replay of DATA, lr 5e-4) "
+                                                             "instead of retraining from BASE. Needs --run.")]
+    = None,
+    run: Annotated[Path | None, typer.Option("--run", help="The run folder of `diff BASE POST` (with `probe` and "
+                                                           "`coverage`): the tokens at risk, LOST first.")] = None,
+    heldout: Annotated[list[str] | None, typer.Option("--heldout", help="Held-out chats of your task: the "
+                                                                        "verdict's task loss (with --heal).")]
+    = None,
+    max_tokens: Annotated[int, typer.Option(help="With --run: the most tokens at risk to cover (LOST first).")]
+    = 512,
+    replay_sft: Annotated[float, typer.Option(help="With --heal: DATA samples replayed per coverage sample.")]
+    = 1.0,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="With --heal: judge the result (evaluate) "
+                                                                      "after training.")] = True,
+    coverage: Annotated[str, typer.Option(help="'auto' (write the coverage set with synth: RUN's tokens at risk "
+                                               "with --run, else the whole vocabulary), a coverage JSONL, or "
+                                               "'none'.")] = "auto",
     min_per_token: Annotated[int, typer.Option(help="With --coverage auto: target placements per token.")] = 2,
+    tokens_per_sample: Annotated[int, typer.Option(help="With --coverage auto: tokens per coverage sample.")] = 8,
+    coverage_weight: Annotated[float, typer.Option(help="Loss weight of coverage samples (0.5: each coverage "
+                                                        "target kept with probability 0.5, seeded).")] = 1.0,
     replay: Annotated[str | None, typer.Option(help="Plain pre-training text to blend in (language-modelling "
                                                     "loss).")] = None,
     replay_ratio: Annotated[float, typer.Option(help="Share of training samples drawn from --replay.")] = 0.05,
@@ -325,9 +370,11 @@ def repair(
     gate: Annotated[bool, typer.Option("--gate", help="Rare-row gradient gating: rows of tokens absent from a "
                                                       "batch's targets get no gradient.")] = False,
     freeze: Annotated[list[str] | None, typer.Option(help="Freeze lm_head and/or embed; repeatable.")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one pass over the heal set with "
+                                                   "--heal, else 200).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: 5e-4 with --heal, else 2e-4).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: 4 with --heal, else 8).")]
+    = None,
     max_length: Annotated[int, typer.Option(help="Tokens per sample (longer ones are cut).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for data order, coverage set and initialisation.")] = 0,
     every: Annotated[int | None, typer.Option(help="Measure drift every N steps (default: steps/20).")] = None,
@@ -338,50 +385,150 @@ def repair(
                                                         "embedding) before training, as the published model had; "
                                                         "without it a tied model's embedding moves with every "
                                                         "lm_head row.")] = False,
-    coverage_share: Annotated[float | None, typer.Option(help="Share of training samples drawn from the coverage "
-                                                              "set (a seeded subset or repeats); default: the "
-                                                              "whole set is added.")] = None,
+    coverage_share: Annotated[float | None, typer.Option(help="Retraining: share of training samples drawn from "
+                                                              "the coverage set (a seeded subset or repeats); "
+                                                              "default: 0.05 of the whole-vocabulary set, or a "
+                                                              "--coverage file or RUN's set whole.")] = None,
     log_every: Annotated[int | None, typer.Option(help="A log line every N steps (step, loss, lm_head cosines, "
                                                        "time left); default steps/20 when stderr is not a "
                                                        "terminal, 0 turns it off.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json's \"repair\" and \"evaluate\" as JSON "
+                                                         "alone on stdout.")] = False,
 ) -> None:
-    """Fine-tune BASE on DATA with drift remedies on and the drift callback watching, then diff against BASE.
+    """Repair drift: heal POST (--heal POST --run RUN, recommended) or retrain from BASE with coverage data and
+    other remedies; then diff against BASE and, when healing, judge the result (evaluate).
 
     The loss falls on what `coverage` counts as targets, token for token: the assistant's turns of each chat
     (found through the model's own chat template, with or without {% generation %} markers) and all of plain
-    text. Before training it logs what the run will see: how many samples of each part, and what share of the
-    coverage set a run of --steps draws.
+    text. Before training it logs what the run will see.
 
-    Writes OUT/model (the trained checkpoint), the coverage set it used, and diff's tables, with what each
-    remedy cost in extra training tokens in summary.json's "repair" key.
+    Writes OUT/model (the trained checkpoint), the coverage set it used, diff's tables and, when healing, the
+    verdict (evaluate.parquet, summary.json's "evaluate"), with what the repair drew in extra training tokens in
+    summary.json's "repair" key. Exit code 1 when the verdict is not REPAIRED.
     """
+    import json
+
     from rich.console import Console
 
     from .composites.repair import repair as run_repair
 
     logging.getLogger("vocabdrift.composites").setLevel(logging.INFO)  # the plan and the step lines
     from .device import process_rank
-    from .outputs.console import drift_summary_table
+    from .outputs.console import drift_summary_table, evaluation_table
     from .outputs.run import Run
 
     path = run_repair(base, data, out=out, coverage=None if coverage.lower() == "none" else coverage,
                       min_per_token=min_per_token, replay=replay, replay_ratio=replay_ratio, anchor=anchor,
                       anchor_rarity=anchor_rarity, gate=gate, freeze=freeze or (), steps=steps, lr=lr,
                       batch_size=batch_size, max_length=max_length, seed=seed, every=every, stop_below=stop_below,
-                      device=device, progress=sys.stderr.isatty(), untie=untie, coverage_share=coverage_share,
-                      log_every=log_every)
+                      device=device, progress=sys.stderr.isatty() and not as_json, untie=untie,
+                      coverage_share=coverage_share, log_every=log_every, heal=heal, run=run,
+                      max_tokens=max_tokens, replay_sft=replay_sft, heldout=heldout or None, verify=verify,
+                      tokens_per_sample=tokens_per_sample, coverage_weight=coverage_weight)
     if process_rank() != 0:  # under torchrun / `accelerate launch`, the main process reports
         return
     summary = Run(path).read_json("summary.json")
-    Console().print(drift_summary_table(summary))
-    rep = summary["repair"]
-    if rep["training"]["stopped"]:
-        _echo(rep["training"]["stopped"])
-    cost = rep["cost"]
-    _echo(f"extra training tokens: {cost['extra_tokens']:,} (coverage {cost['coverage_tokens']:,}, replay "
-          f"{cost['replay_tokens']:,}; {100 * cost['extra_token_share']:.1f}% of the SFT data's "
-          f"{cost['sft_tokens']:,})")
-    _echo(f"wrote {path}/ (model/, vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
+    from .composites.evaluate import read_evaluation
+
+    ev = read_evaluation(path)
+    if as_json:
+        _echo(json.dumps({"repair": summary["repair"], "evaluate": summary.get("evaluate")}, indent=2,
+                         ensure_ascii=False))
+    else:
+        Console().print(drift_summary_table(summary))
+        rep = summary["repair"]
+        if rep["training"]["stopped"]:
+            _echo(rep["training"]["stopped"])
+        cost = rep["cost"]
+        d = cost.get("drawn_tokens") or {}
+        parts = [f"coverage {d.get('coverage', 0):,}"] + ([f"replayed SFT {d.get('sft', 0):,}"]
+                                                          if rep.get("mode") == "heal" else []) \
+            + ([f"replay {d.get('replay', 0):,}"] if d.get("replay") else [])
+        _echo(f"extra training tokens drawn: {cost['extra_tokens']:,} ({', '.join(parts)}; "
+              f"{100 * cost['extra_token_share']:.1f}% of one pass over the SFT data's {cost['sft_tokens']:,})")
+        if ev is not None:
+            Console().print(evaluation_table(ev))
+            for c in ev.candidates:
+                _echo(c.sentence)
+        _echo(f"wrote {path}/ (model/, vocab.parquet, drift.parquet, neighbors.parquet, summary.json, "
+              "manifest.json" + (", evaluate.parquet)" if ev is not None else ")"))
+        if ev is None and heal is None and run is not None:
+            _echo(f"next: vocabdrift evaluate {path}/model --base {base} --post POST --run {run} --heldout HELDOUT")
+        elif ev is not None:
+            _echo(f"next: vocabdrift report --run {path}  (the verdict's page)")
+    if ev is not None and not ev.passed:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Examples:\n\n"
+                    "    vocabdrift evaluate runs/healed/model --base ./base --post ./post --run runs/sft1 "
+                    "--heldout heldout.jsonl\n\n"
+                    "    vocabdrift evaluate ./mine-a ./mine-b.gguf --base ./base --post ./post --run runs/sft1\n\n"
+                    "Exit codes: 0 every candidate REPAIRED, 1 not, 2 bad input.")
+def evaluate(
+    candidates: Annotated[list[str], typer.Argument(help="Repaired models: repair's OUT/model, or your own "
+                                                         "(folder, .safetensors, .gguf, hub id).")],
+    base: Annotated[str, typer.Option("--base", help="The pre-trained model.")],
+    post: Annotated[str, typer.Option("--post", help="The post-trained model whose drift is being repaired.")],
+    run: Annotated[Path, typer.Option("--run", help="The run folder of `diff BASE POST` (its most drifted and "
+                                                    "control tokens; its probe's rows are reused).")],
+    heldout: Annotated[list[str] | None, typer.Option("--heldout", help="Held-out chats of your task (the SFT "
+                                                                        "data's format): the task loss.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the verdict here instead of into "
+                                                                 "--run.")] = None,
+    name: Annotated[list[str] | None, typer.Option("--name", help="A name per candidate, in order.")] = None,
+    drifted: Annotated[int | None, typer.Option(help="Most drifted tokens asked beside POST's LOST ones (default: "
+                                                     "the tokens of RUN's probe, else 200).")] = None,
+    control: Annotated[int | None, typer.Option(help="Undrifted control tokens (default: RUN's probe's, else "
+                                                     "100).")] = None,
+    min_back: Annotated[float, typer.Option(help="REPAIRED needs this share of POST's LOST tokens sayable "
+                                                 "again.")] = 0.9,
+    max_loss_rise: Annotated[float, typer.Option(help="REPAIRED needs the held-out loss at most this much above "
+                                                      "POST's (0.02: 2%).")] = 0.02,
+    confusion: Annotated[int, typer.Option(help="Also sample N answers per language-confusion prompt (Japanese, "
+                                                "Korean; T=1.0) from every model; a candidate whose foreign-script "
+                                                "rate rose significantly above POST's is not REPAIRED. 0: off.")]
+    = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 64,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle .bin/.pt checkpoints.")]
+    = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the models' own code.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON alone on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code is the verdict.")]
+    = False,
+) -> None:
+    """The before/after verdict: can each candidate say POST's LOST tokens again, beyond what undrifted control
+    tokens did, without costing the task?
+
+    Every model (BASE, POST, candidates) is asked the same tokens with the same templates; a template on which a
+    model lost every token, controls included, is a template failure, not lost tokens. With --heldout, the loss on
+    exactly the targets `coverage` counts. One line per candidate: REPAIRED, PARTIAL, NOT REPAIRED or COSTS THE
+    TASK, with McNemar's and Mann-Whitney's p-values. Writes evaluate.parquet and summary.json's "evaluate".
+    """
+    import json
+
+    from rich.console import Console
+
+    from .composites.evaluate import evaluate as run_evaluate
+    from .outputs.console import evaluation_table
+
+    quiet_log = as_json or quiet
+    r = run_evaluate(candidates, base=base, post=post, run=run, out=out, heldout=heldout or None, names=name,
+                     drifted=drifted, control=control, min_back=min_back, max_loss_rise=max_loss_rise,
+                     device=device, batch_size=batch_size, allow_pickle=allow_pickle, confusion=confusion,
+                     trust_remote_code=trust_remote_code, report=None if quiet_log else _err)
+    if as_json:
+        _echo(json.dumps(r.to_json(), indent=2, ensure_ascii=False))
+    elif not quiet:
+        Console().print(evaluation_table(r.evaluation))
+        for c in r.evaluation.candidates:
+            _echo(c.sentence)
+        _echo(f"wrote {r.path}/evaluate.parquet and summary.json (\"evaluate\"); next: vocabdrift report --run "
+              f"{r.path}")
+    if not r.passed:
+        raise typer.Exit(1)
 
 
 # ---- predict and fill the floor: coverage, synth, mix, prune-suggest ----------------------------------------
@@ -428,26 +575,40 @@ def coverage(
     r = run_coverage(data, tokenizer=tokenizer, out=out, run=run, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
                      strict=strict, progress=sys.stderr.isatty() and not (as_json or quiet), engine=engine,
                      num_cpus=num_cpus, force=force)
+    from .outputs.run import DRIFT
+
     s, con = r.summary, Console()
+    rec = None
+    if (Path(where) / DRIFT).exists():
+        from .api.recommend import recommendation
+
+        rec = recommendation(where)
     if as_json or quiet:
         if as_json:
-            _echo_json(s)
+            _echo_json({**s, "recommendation": rec.to_json()} if rec is not None else s)
         if s["malformed"]:
             typer.echo(f"{s['malformed']} malformed records skipped", err=True)
         return
-    con.print(coverage_categories_table(s, r.under_covered, floor=floor))
+    con.print(coverage_categories_table(s, r.under_covered, floor=floor, verdicts=None if rec is None else
+                                        {a.category: a.verdict for a in rec.categories}))
     if "correlation" in s:
         o = s["correlation"]["overall"]
         rho = "n/a" if o["spearman_rho"] is None else f"{o['spearman_rho']:+.3f} (p={o['p_value']:.2g})"
-        con.print(f"Spearman rho, log(count+1) vs lm_head cosine over {o['n']:,} tokens: {rho}")
+        if o["spearman_rho"] is not None and not o.get("informative", True):
+            rho += (f"; not informative: {o['tied_share']:.0%} of the tokens share one count (never a target), so "
+                    "the ranks cannot tell the drifted rows apart")
+        con.print(f"Spearman rho, log(count+1) vs lm_head cosine over {o['n']:,} tokens: {rho}", highlight=False)
     if r.below_floor.num_rows:
         con.print(below_floor_table(r.below_floor, top=top))
-    advice = advice_lines(s["advice"]) if s.get("advice") else []
-    for line in advice:
-        con.print(line, highlight=False)
-    if any(x["verdict"] in ("needs data", "rare") for x in s.get("advice", {}).get("languages", [])):
-        con.print(f"Fill them with `vocabdrift synth {tokenizer} --run {where} -o synth.jsonl`, then "
-                  "`vocabdrift mix` at the share above.", highlight=False)
+    if rec is not None:  # a diff run: the folder's one recommendation, as report and check show it
+        for line in rec.lines:
+            con.print(line, highlight=False)
+    else:
+        for line in advice_lines(s["advice"]) if s.get("advice") else []:
+            con.print(line, highlight=False)
+        if any(x["verdict"] in ("needs data", "rare") for x in s.get("advice", {}).get("languages", [])):
+            con.print(f"Fill them with `vocabdrift synth {tokenizer} --run {where} -o synth.jsonl`, then "
+                      "`vocabdrift mix` at the share above.", highlight=False)
     if s["malformed"]:
         shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
         typer.echo(f"{s['malformed']} malformed records skipped: {shown}{' ...' if s['malformed'] > 5 else ''}",
@@ -499,7 +660,9 @@ def mix(
     inputs: Annotated[list[str], typer.Argument(help="SFT... SYNTH: the SFT files or folders, then the synthetic "
                                                      "set (last).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="The mixed JSONL file to write.")],
-    ratio: Annotated[float | None, typer.Option(help="Synthetic share of the result (0.05 = 5%).")] = None,
+    ratio: Annotated[float | None, typer.Option(help="Synthetic share of the result (0.05 = 5%); default: SYNTH "
+                                                     "whole, once (the recommended set of `synth --run RUN`).")]
+    = None,
     count: Annotated[int | None, typer.Option(help="Number of synthetic records instead of a ratio.")] = None,
     seed: Annotated[int, typer.Option(help="Shuffle seed (same seed, same output).")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed SFT record.")] = False,
@@ -661,7 +824,12 @@ def probe(
         con.print(probe_tokens_table(rows))
     con.print(probe_outcomes_table(s, top_p=top_p))
     if base is not None:
-        con.print(f"LOST (sayable in base, not in post): {len(s['lost']):,} tokens")
+        ctrl = (f"; of {s['controls']:,} undrifted control tokens, {len(s['control_lost']):,}"
+                if s.get("controls") else "")
+        con.print(f"LOST (sayable in base, not in post): {len(s['lost']):,} tokens{ctrl}", highlight=False)
+        if s.get("template_failures"):
+            con.print(f"Template failure in POST (every token, controls included, collapsed; left out of LOST): "
+                      f"{', '.join(s['template_failures'])}", highlight=False)
         if s["lost"]:
             from .sources.tokenizer import load_tokenizer
 
@@ -960,7 +1128,8 @@ def _refuse_empty_locations(argv: list[str]) -> None:
 
 def main() -> None:
     """Entry point and the one error boundary: a VocabdriftError (bad input) becomes one line and exit code 2,
-    a full disk or a missing permission one line and 2, Ctrl-C 130 and SIGTERM 143 after cleaning up, and
+    a missing optional package one line naming the extra that installs it and 2, a full disk or a missing
+    permission one line and 2, Ctrl-C 130 and SIGTERM 143 after cleaning up, and
     anything else one line saying it is a bug, exit code 70 (VOCABDRIFT_DEBUG=1 prints the traceback)."""
     import errno
     import signal
@@ -1022,6 +1191,14 @@ def main() -> None:
                        "another location", err=True)
             sys.exit(EXIT_BAD_INPUT)
         _bug(e)
+    except ModuleNotFoundError as e:  # an optional package imported without `need_extra`: one line and 2 too
+        extra = EXTRA_OF.get((e.name or "").partition(".")[0])
+        if extra is None:
+            _bug(e)
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        line = missing_extra(f"`vocabdrift {command}`", extra, f"{e.name} is not installed")
+        typer.echo(f"vocabdrift: error: {line}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     except Exception as e:
         _bug(e)
     if rv == EXIT_INTERRUPTED:  # typer turns Ctrl-C (and our SIGTERM) into exit code 130 itself

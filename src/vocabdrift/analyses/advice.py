@@ -31,8 +31,8 @@ _WORDFREQ_LANGS: dict[str, tuple[str, ...]] = {
 
 def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, placements_needed: int,
                     below_floor: int, floor: int, drift: dict[str, dict[str, Any]] | None = None,
-                    overall: dict[str, Any] | None = None, tokens_per_sample: int = 8, under_share: float = 0.1
-                    ) -> dict[str, Any]:
+                    overall: dict[str, Any] | None = None, tokens_per_sample: int = 8, under_share: float = 0.1,
+                    synth_samples: int | None = None) -> dict[str, Any]:
     """summary["coverage"]["advice"]: which languages call for coverage data, and how much of it to mix.
 
     Args:
@@ -42,6 +42,8 @@ def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, plac
             is then "needs data" only when its rows also drifted: more than DRIFTED_SHARE of them below 0.95, and
             a larger share than `overall` (diff's `summary["overall"]`) when given.
         tokens_per_sample: target tokens per coverage sample (`synth`'s default).
+        synth_samples: what `synth --run RUN` writes for the below-floor tokens (`analyses.synth.estimate_samples`),
+            when the caller has their categories; else estimated from `placements_needed`.
     A language rarely targeted but plainly present (PRESENT tokens at the floor: its uncovered tail is rare
     words and names) or not drifted is not called under-covered.
     """
@@ -63,7 +65,7 @@ def coverage_advice(categories: dict[str, dict[str, Any]], *, samples: int, plac
             verdict = "needs data" if drifted else "rare"
         langs.append({"category": lang, "name": LANGUAGE_NAMES.get(lang, lang), "tokens": c["tokens"],
                       "covered_share": round(share, 4), "drifted": drifted, "verdict": verdict})
-    synth = math.ceil(placements_needed / max(1, tokens_per_sample))
+    synth = synth_samples if synth_samples is not None else math.ceil(placements_needed / max(1, tokens_per_sample))
     full_share = synth / max(1, synth + samples)
     share = min(full_share, MAX_SHARE)
     mix_count = synth if full_share <= MAX_SHARE else int(samples * MAX_SHARE / (1 - MAX_SHARE))

@@ -319,15 +319,21 @@ def under_covered(categories: dict[str, dict[str, Any]], *, share: float = UNDER
             and categories[lang]["at_or_above_floor"] / categories[lang]["tokens"] < share]
 
 
-def below_floor(coverage: pa.Table, vocab: pa.Table, *, floor: int) -> pa.Table:
-    """Reachable non-special tokens counted fewer than `floor` times, rarest first: token_id, text, category, count."""
+def below_floor(coverage: pa.Table, vocab: pa.Table, *, floor: int, cos: np.ndarray | None = None) -> pa.Table:
+    """Reachable non-special tokens counted fewer than `floor` times, most at risk first: token_id, text, category,
+    count. Rarest first; among equally rare tokens, with `cos` (each row's lm_head cosine, by token id) the most
+    drifted first, else by id."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = min(coverage.num_rows, vocab.num_rows)
     count = coverage.column("count").to_numpy()[:n]
     idx = np.nonzero(_eligible(vocab)[:n] & (count < floor))[0]
-    idx = idx[np.lexsort((idx, count[idx]))]
+    if cos is not None:
+        c = np.nan_to_num(np.asarray(cos, dtype=np.float64)[idx], nan=-2.0)  # an undefined cosine: most at risk
+        idx = idx[np.lexsort((idx, c, count[idx]))]
+    else:
+        idx = idx[np.lexsort((idx, count[idx]))]
     take = pa.array(idx)
     return pa.table({"token_id": pa.array(idx.astype(np.int64)),
                      "text": pc.take(vocab.column("text"), take),
@@ -364,8 +370,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         return {"spearman_rho": None, "p_value": None, "n": n}
     r = spearmanr(x, y)
     rho, p = float(r.statistic), float(r.pvalue)
+    # when nearly every token has the same count (never a target), the ranks are one big tie: a tiny p says
+    # nothing about which rows drifted
+    _, counts = np.unique(x, return_counts=True)
+    tied = float(counts.max() / n)
     return {"spearman_rho": None if math.isnan(rho) else round(rho, 6),
-            "p_value": None if math.isnan(p) else p, "n": n}
+            "p_value": None if math.isnan(p) else p, "n": n, "tied_share": round(tied, 4),
+            "informative": tied < TIED_LIMIT}
+
+
+TIED_LIMIT = 0.9  # a correlation over tokens most of which share one count (0) is not informative
 
 
 def correlate(scatter: pa.Table) -> dict[str, Any]:

@@ -13,6 +13,7 @@ and unreachable tokens (partial UTF-8 pieces) are never a generation target, so 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ class Rule:
 
     def describe(self) -> str:
         where = f"{self.category} " if self.category else ""
+        if self.kind == "max_lost":
+            return f"{where}LOST <= {f'{self.share * 100:g}%' if self.share is not None else self.count}"
         if self.kind == "min_cos":
             return f"{where}min cos >= {self.threshold:g}"
         limit = f"{self.share * 100:g}%" if self.share is not None else f"{self.count} tokens"
@@ -70,6 +73,10 @@ class RuleResult:
         if not self.passed and self.worst:
             w = self.worst[0] if self.worst_text is None else token_label(self.worst_text, self.worst[0])
             who = f" (token {w})"
+        if r.kind == "max_lost":  # say-ability: probed tokens sayable in BASE and no longer in POST
+            limit = f"{r.share * 100:g}%" if r.share is not None else f"{r.count}"
+            return (f"{where}LOST {self.below:,}/{self.tokens:,} probed tokens {'<=' if self.passed else '>'} {limit}"
+                    f"{who}")
         if r.kind == "min_cos":
             op = ">=" if self.passed else "<"
             if self.undefined:
@@ -243,3 +250,26 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
         parts.insert(0, f"{len(bad)} rows hold NaN/Inf (first id {bad[0]})")
     verdict = f"{'PASS' if passed else 'FAIL'} {space}: " + "; ".join(parts)
     return CheckResult(passed, verdict, tuple(results), space, population, bad, gone)
+
+
+def parse_max_lost(spec: str) -> Rule:
+    """"0" (no probed token may be LOST), "5" (at most five), "2%" (at most 2% of the probed tokens)."""
+    share, count = _limit(str(spec), f"--max-lost {spec}")
+    return Rule("max_lost", 0.0, share=share, count=count)
+
+
+def judge_lost(rule: Rule, probed: int, lost: Sequence[int], texts: Sequence[str] | None = None) -> RuleResult:
+    """The say-ability rule over a probe with BASE: `lost` of `probed` tokens are LOST (most confident first)."""
+    n = len(lost)
+    ok = n <= rule.count if rule.count is not None else (n / max(probed, 1)) <= (rule.share or 0.0)
+    return RuleResult(rule, ok, n / max(probed, 1), probed, below=n, worst=tuple(int(t) for t in lost[:5]),
+                      worst_text=texts[0] if texts else None)
+
+
+def with_rule(result: CheckResult, extra: RuleResult) -> CheckResult:
+    """`result` with one more rule's outcome in its verdict."""
+    results = (*result.results, extra)
+    passed = result.passed and extra.passed
+    head = "PASS" if passed else "FAIL"
+    body = result.verdict.split(" ", 1)[1] if " " in result.verdict else result.verdict
+    return replace(result, passed=passed, results=results, verdict=f"{head} {body}; {extra.describe()}")

@@ -284,14 +284,23 @@ def headline_lines(h: dict[str, Any]) -> list[str]:
         return (f"from {b:,} to {p:,} of {n:,} ({b / n:.0%} -> {p / n:.0%})" if verb != "stayed"
                 else f"at {b:,} of {n:,} ({b / n:.0%})"), verb
 
+    def said(g: dict[str, Any]) -> str:
+        b, p, n = g["nucleus"]["base"], g["nucleus"]["post"], g["n"]
+        return f"from {b:,} to {p:,} of {n:,} ({b / n:.0%} -> {p / n:.0%})" if b != p else f"at {b:,} of {n:,}"
+
     t, c = h.get("tokens"), h.get("control")
     if t is None:
         return []
-    s, verb = top1(t)
-    lines = [f"Top-1 answers (the model's first choice is the token) {verb} {s}"]
-    if c is not None:
-        cs, cverb = top1(c)
-        lines[0] += f"; on {c['n']:,} undrifted control tokens they {cverb} {cs}"
+    if not t["top1"]["base"] and not t["top1"]["post"]:  # no first choice in either model: top-1 says nothing
+        lines = [f"Sayable tokens (kept by top-p sampling) {said(t)}"
+                 + (f"; of {c['n']:,} undrifted control tokens, {said(c)}" if c is not None else "")
+                 + " (top-1 answers: none in BASE or POST on these templates, no signal)"]
+    else:
+        s, verb = top1(t)
+        lines = [f"Top-1 answers (the model's first choice is the token) {verb} {s}"]
+        if c is not None:
+            cs, cverb = top1(c)
+            lines[0] += f"; on {c['n']:,} undrifted control tokens they {cverb} {cs}"
     line = f"Median target probability x{t['p_ratio']:.2g} of BASE's"
     if c is not None:
         line += f" (control tokens x{c['p_ratio']:.2g})"

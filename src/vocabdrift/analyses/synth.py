@@ -124,6 +124,19 @@ def verify(backend: tokenizers.Tokenizer, samples: Sequence[SynthSample]) -> lis
     return out
 
 
+def estimate_samples(categories: Sequence[str], need: Sequence[int], *, tokens_per_sample: int = 8) -> int:
+    """How many samples `plan` writes for tokens of these categories placed `need` times each, before
+    verification (which adds a sample only for a token whose shared answer did not re-tokenize): the same
+    grouping by task language and repetitions, so an estimate shown before `synth` runs is what it writes."""
+    groups: dict[tuple[str, int], int] = defaultdict(int)
+    for cat, n in zip(categories, need, strict=True):
+        if n < 1:
+            continue
+        k = math.ceil(n / MAX_REPS)
+        groups[(TASK_LANGUAGE.get(str(cat), "en"), math.ceil(n / k))] += k
+    return sum(math.ceil(c / max(1, tokens_per_sample)) for c in groups.values())
+
+
 def plan(backend: tokenizers.Tokenizer, ids: Sequence[int], texts: Sequence[str], categories: Sequence[str],
          need: Sequence[int], tasks: dict[str, Any], *, tokens_per_sample: int = 8, seed: int = 0) -> SynthPlan:
     """Build verified repetition samples placing token ids[i] at least need[i] times.

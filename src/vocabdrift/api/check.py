@@ -15,6 +15,7 @@ from ..outputs import run as R
 PathLike = str | os.PathLike
 
 DEFAULT_MAX_BELOW = "0.95:1%"
+DEFAULT_MAX_LOST = "0"
 
 
 def rules_from(*, min_cos: float | str | None = None, max_below: str | Sequence[str] | None = None,
@@ -34,7 +35,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
           categories: Sequence[str] = (), space: str = "lm_head", population: str = "reachable",
           out: PathLike | None = None, tokenizer: PathLike | None = None, device: str | None = None,
           allow_pickle: bool = False, progress: bool = False, write: bool = False,
-          all_tokens: bool = False) -> CheckResult:
+          all_tokens: bool = False, max_lost: str | None = DEFAULT_MAX_LOST) -> CheckResult:
     """Judge the drift from BASE to POST against limits; the result has a one-line `verdict`.
 
     Args:
@@ -48,6 +49,9 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         out: also write the run folder (diff's tables, and summary.json's "check" key).
         write: with `run`, record the result in the run folder (summary.json's "check" key); a gate reads
             and judges, so by default it leaves the folder as it was.
+        max_lost: with a run folder holding `probe --base` results, the most probed tokens that may be LOST
+            (sayable in BASE, not in POST): a count ("0", the default) or a share ("2%"); None: not judged.
+            An lm_head cosine is not say-ability: rows can stay put while the tokens are lost.
     Returns:
         A `CheckResult`: `.passed`, `.verdict`, per-rule `.results`.
 
@@ -73,10 +77,21 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
             raise VocabdriftError(f"{run}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}")
         result = judge(r.read_table(R.DRIFT), r.read_table(R.VOCAB), rules, space=space,
                        population=population)
+        if max_lost is not None and r.has(R.PROBE):
+            from ..analyses.gate import judge_lost, parse_max_lost, with_rule
+            from ..analyses.recommend import probe_lost
+
+            asked, lost, _, _ = probe_lost(r.read_table(R.PROBE))
+            if asked:
+                vocab = r.read_table(R.VOCAB, ("token_id", "text"))
+                text = dict(zip(vocab["token_id"].to_pylist(), vocab["text"].to_pylist(), strict=True))
+                result = with_rule(result, judge_lost(parse_max_lost(max_lost), len(asked), lost,
+                                                      [text.get(t, "") for t in lost]))
         if write:
             with open_run(run, create=False) as w:
                 w.update_summary(check=result.to_json())
-                w.record("check", arguments=_arguments(rules, space, population), inputs={"run": str(run)})
+                w.record("check", arguments={**_arguments(rules, space, population), "max_lost": max_lost},
+                         inputs={"run": str(run)})
         return result
     if base is None or post is None:
         raise VocabdriftError("check needs BASE and POST checkpoints (or --run RUN)")
@@ -85,7 +100,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
 
         diff(base, post, out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
         return check(run=out, min_cos=min_cos, max_below=max_below, categories=categories, space=space,
-                     population=population, write=True)
+                     population=population, write=True, max_lost=max_lost)
     from .diff import measure
 
     m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)

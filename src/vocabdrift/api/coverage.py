@@ -25,6 +25,7 @@ import numpy as np
 from ..analyses import coverage as C
 from ..analyses import synth as S
 from ..analyses.advice import common_words, coverage_advice
+from ..analyses.recommend import MAX_TOKENS as RECOMMENDED_TOKENS
 from ..analyses.vocab import LANGUAGE_NAMES
 from ..errors import VocabdriftError
 from ..outputs import run as R
@@ -377,14 +378,22 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
                                   f"{vocab.num_rows}; the run folder is inconsistent — rerun diff")
         scatter = C.scatter_table(table, drift, vocab)
         summary["correlation"] = C.correlate(scatter)
-    below = C.below_floor(table, vocab, floor=floor)
+    cos_by_id = None
+    if scatter is not None:  # rarest first, then the most drifted
+        cos_by_id = np.full(vocab.num_rows, np.nan)
+        ids = drift.column("token_id").to_numpy()
+        keep = ids < vocab.num_rows
+        cos_by_id[ids[keep]] = drift.column("lm_head_cos").to_numpy(zero_copy_only=False).astype(float)[keep]
+    below = C.below_floor(table, vocab, floor=floor, cos=cos_by_id)
     drift_summary: dict[str, Any] = {}
     if scatter is not None and (run_path / R.SUMMARY).exists():  # type: ignore[operator]
         drift_summary = json.loads((run_path / R.SUMMARY).read_text())  # type: ignore[operator]
     summary["advice"] = coverage_advice(  # how much coverage data, sized against this SFT data
         cats, samples=stats["samples"], floor=floor, below_floor=below.num_rows,
         drift=drift_summary.get("categories"), overall=drift_summary.get("overall"),
-        placements_needed=int(np.maximum(floor - below.column("count").to_numpy(), 0).sum()))
+        placements_needed=int(np.maximum(floor - below.column("count").to_numpy(), 0).sum()),
+        synth_samples=S.estimate_samples(below.column("category").to_pylist(),
+                                         np.maximum(floor - below.column("count").to_numpy(), 0).tolist()))
     result = CoverageResult(run_path, table, summary, below, C.under_covered(cats), reader.malformed, scatter,
                             timer.timings)
     if run_path is not None:
@@ -431,7 +440,8 @@ def _stats_path(out: Path) -> Path:
 
 def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tokens_per_sample: int = 8,
           run: PathLike | None = None, format: str = "messages", seed: int = 0,
-          progress: bool = False, only_below_floor: PathLike | None = None) -> SynthResult:
+          progress: bool = False, only_below_floor: PathLike | None = None,
+          max_tokens: int = RECOMMENDED_TOKENS) -> SynthResult:
     """Write the full-vocabulary coverage set: repetition tasks placing every reachable, non-special token as a
     generation target at least `min_per_token` times, each placement verified by re-tokenizing the answer.
 
@@ -440,9 +450,13 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         out: the JSONL file to write; `<name>.stats.json` goes beside it.
         min_per_token: verified occurrences per token.
         tokens_per_sample: tokens per conversation (more: fewer, longer samples).
-        run: a run folder holding coverage.parquet: cover only the tokens it found below its floor, each just
-            enough times to reach the floor (the minimal fix); `min_per_token` is then not used.
+        run: a run folder. Of a diff (drift.parquet): cover the tokens its recommendation names at risk (POST's
+            LOST tokens, collapsed rows, then rows below the threshold that the SFT data rarely targets, lowest
+            cosine first; at most `max_tokens`), each `min_per_token` times: the set `coverage` and `report`
+            size, and `repair --heal POST` heals with. Of a coverage run alone: the tokens below its floor,
+            each just enough times to reach the floor (`min_per_token` is then not used).
             `only_below_floor` is its old spelling, still accepted.
+        max_tokens: with a diff run, the most tokens at risk to cover (the recommendation's dose).
         format: "messages" (TRL SFTTrainer), "sharegpt" or "alpaca".
 
     Example:
@@ -469,7 +483,23 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         special = vocab.column("is_special").to_numpy(zero_copy_only=False)
         need = np.where(reach & ~special, min_per_token, 0).astype(np.int64)
         floor = None
-        if only_below_floor is not None:
+        risk = None
+        if only_below_floor is not None and (Path(only_below_floor) / R.DRIFT).exists():
+            # a diff run: the tokens the run folder's recommendation covers (LOST, collapsed, drifted and rare)
+            from .recommend import recommendation
+
+            rp = Path(only_below_floor)
+            prev = R.Run(rp)
+            _check_same_tokenizer(prev.read_table(R.VOCAB), tok, rp)
+            risk = recommendation(rp, max_tokens=max_tokens)
+            if not risk.covered:
+                raise VocabdriftError(f"{rp}: no token is at risk (none LOST, collapsed, or below "
+                                      f"{risk.recipe.get('threshold', 0.95)} and rarely targeted); nothing to cover")
+            cover = np.asarray(risk.covered, dtype=np.int64)
+            cover = cover[cover < n]
+            need = np.zeros(n, dtype=np.int64)
+            need[cover] = np.where(reach[cover] & ~special[cover], min_per_token, 0)
+        elif only_below_floor is not None:
             rp = Path(only_below_floor)
             if not (rp / R.COVERAGE).exists():
                 raise VocabdriftError(f"{rp}/coverage.parquet: not found; run `vocabdrift coverage DATA --tokenizer "
@@ -514,6 +544,8 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         "vocab_size": n, "format": format, "seed": seed, "samples": n_written,
         "min_per_token": None if floor is not None else min_per_token,
         "only_below_floor": str(only_below_floor) if only_below_floor is not None else None, "floor": floor,
+        "at_risk": None if risk is None else {"covered": len(risk.covered), "at_risk": len(risk.at_risk),
+                                              "lost": risk.lost, "max_tokens": max_tokens},
         "targets": int(len(ids)), "covered": covered,
         "occurrences": {"total": int(placed.sum()), "min": int(placed[ids].min()) if len(ids) else 0,
                         "max": int(placed[ids].max()) if len(ids) else 0},
@@ -573,8 +605,10 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
         count: int | None = None, seed: int = 0, strict: bool = False, progress: bool = False) -> MixResult:
     """Mix SYNTH into the SFT data: a deterministic, seeded shuffle that streams through disk buckets.
 
-    `ratio` is SYNTH's share of the result (0.05: 5% of the records are synthetic); `count` asks for N synthetic
-    records instead. When more are asked than SYNTH holds, it is repeated whole before any record is repeated
+    By default SYNTH is added whole, once: what the recommendation sizes (`synth --run RUN` writes the tokens at
+    risk; `coverage` and `report` give its share of the mix). `ratio` is SYNTH's share of the result instead
+    (0.05: 5% of the records are synthetic); `count` asks for N synthetic records. When more are asked than SYNTH
+    holds, it is repeated whole before any record is repeated
     twice; when fewer, a seeded subset is taken (a warning says coverage is then partial). Records pass through
     unchanged; the shapes must agree (make SYNTH with `synth --format` to match the SFT data).
 
@@ -583,8 +617,9 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     Example:
         >>> mix(["sft.jsonl"], "coverage.jsonl", out="mixed.jsonl", ratio=0.05)
     """
-    if (ratio is None) == (count is None):
-        raise VocabdriftError("give exactly one of --ratio (synthetic share, e.g. 0.05) or --count N")
+    if ratio is not None and count is not None:
+        raise VocabdriftError("give at most one of --ratio (synthetic share, e.g. 0.05) or --count N (default: "
+                              "SYNTH whole, once)")
     if ratio is not None and not 0 < ratio < 1:
         raise VocabdriftError(f"--ratio must be between 0 and 1 (the synthetic share of the mix), not {ratio}")
     if count is not None and count < 0:
@@ -613,7 +648,8 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     n_syn_avail = len(syn_sizes)
     if n_syn_avail == 0:
         raise VocabdriftError(f"{synth}: no records")
-    n_syn = count if count is not None else round(ratio * n_sft / (1 - ratio))  # type: ignore[operator]
+    n_syn = count if count is not None else n_syn_avail if ratio is None \
+        else round(ratio * n_sft / (1 - ratio))
     # Python integers: a count of 10**18 must be refused, not overflow into a small number
     _check_mix_space(out, sft_reader.files, n_syn * sum(syn_sizes) // n_syn_avail, n_syn)
     full, part = divmod(n_syn, n_syn_avail)

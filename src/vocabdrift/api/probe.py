@@ -211,14 +211,31 @@ def _control_tokens(run: PathLike, n: int, *, exclude: set[int], seed: int = 0) 
 
 def _summary(table: pa.Table, names: list[str], paired: bool, top_p: float) -> dict[str, Any]:
     """summary["probe"]: the asked tokens' outcomes (control rows apart), and with BASE the headline change."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    asked = table.filter(pc.invert(table["control"])) if "control" in table.column_names else table
+    rule: dict[str, Any] = {}
+    read = table
+    if paired:
+        by_model = {m: set(table.filter(pc.equal(table["model"], m))["template"].to_pylist()) for m in names}
+        if by_model.get("base") == by_model.get("post"):
+            # the same prompts asked of both: the template rule. A template on which POST lost every token,
+            # controls included, is a template failure: left out of every count, shown per template
+            from ..analyses.verdict import post_lost
+
+            _, lost, controls, control_lost, failed, use = post_lost(table)
+            rule = {"lost": lost, "control_lost": control_lost, "controls": len(controls),
+                    "template_failures": failed, "templates_read": use}
+            if use:
+                read = table.filter(pc.is_in(table["template"], pa.array(use)))
+    asked = read.filter(pc.invert(read["control"])) if "control" in read.column_names else read
     summary = P.summarize_probe(asked, names, base="base" if paired else None, post="post" if paired else None)
     summary["top_p"] = top_p
     summary["templates"] = sorted(set(table["template"].to_pylist()))
     if paired:
-        summary["headline"] = P.headline(table, base="base", post="post")
+        summary["headline"] = P.headline(read, base="base", post="post")
+        summary["headline"]["templates"] = P.headline(table, base="base", post="post")["templates"]
+        summary.update(rule)
     return summary
 
 

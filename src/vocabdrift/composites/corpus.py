@@ -22,6 +22,7 @@ from functools import cache
 from typing import Any
 
 from ..analyses.vocab import script_of
+from ..errors import need_extra
 
 LANGUAGES = ("en", "zh", "ja", "ko", "ru", "ar")
 LOCALES = {"en": "en_US", "zh": "zh_CN", "ja": "ja_JP", "ko": "ko_KR", "ru": "ru_RU", "ar": "ar_AA"}
@@ -86,6 +87,7 @@ class Corpus:
 def _words(lang: str, n: int = 2500) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """The language's `n` most frequent words written in its own script, with the cumulative frequencies that
     `random.choices(cum_weights=...)` takes (the same draws as `weights=`, without summing them on every call)."""
+    need_extra("wordfreq", "lab", "the lab's corpus")
     from wordfreq import cB_to_freq, get_frequency_list
     from wordfreq.numbers import has_digit_sequence
 
@@ -163,7 +165,7 @@ def _copy_doc(rng: random.Random, fakers: dict[str, Any]) -> str:
 # ---- the corpus -----------------------------------------------------------------------------------------------
 
 def _fakers(seed: int) -> dict[str, Any]:
-    from faker import Faker
+    Faker = need_extra("faker", "lab", "the lab's corpus").Faker
 
     fakers = {}
     for i, (lang, loc) in enumerate(LOCALES.items()):

@@ -40,10 +40,11 @@ from typing import Any
 
 from ..atomic import write_bytes_atomic, write_lines_atomic
 from ..device import usable_cpus
-from ..errors import VocabdriftError
+from ..errors import VocabdriftError, need_extra
 from ..outputs import run as R
 from .corpus import GIVEN_NAME, build_corpus
 from .stages import Stage, StageRunner, steps_to_parent
+from .train import TRAINING
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ SCARCE = ("japanese", "hangul", "cyrillic", "arabic")  # languages whose tokens 
 REMEDIES = ("replay", "anchor", "gate", "coverage5")
 HELDOUT = 200  # held-out SFT conversations for each model's task loss
 PRETRAIN_THREADS = 2  # pre-training's CPU threads on every machine (see `lab`)
+# what the lab needs beyond the core (the corpus, training, the report): pip install 'vocabdrift[lab]'
+LAB_PACKAGES = ("faker", "wordfreq", *TRAINING, "plotly", "matplotlib")
 PROBE_TOP_P = 0.25  # a tight nucleus: a tiny model's next-token distribution is flat (see _probe)
 CONFUSION_TOKENS = 48  # tokens per sampled answer (the published prompts: two Japanese, one Korean; T=1.0)
 
@@ -544,6 +547,8 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         >>> r = lab("runs/lab", quick=True)
         >>> print(r.table)
     """
+    for m in LAB_PACKAGES:  # up front, not minutes in at the stage that imports it
+        need_extra(m, "lab", "`vocabdrift lab`", load=False)
     recipe = recipe or (QUICK if quick else DEFAULT)
     seed = recipe.seed if seed is None else seed
     out = Path(out)

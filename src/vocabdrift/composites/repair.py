@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..analyses import recommend as A
 from ..errors import VocabdriftError
+from .train import read_records  # the one reader of training records, shared with evaluate
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +36,6 @@ def _scratch_run() -> Iterator[Any]:
 
 
 # ---- records --------------------------------------------------------------------------------------------------
-
-def _sample_record(s: Any) -> dict[str, Any]:
-    """A `sources.data.Sample` as sft's record: {"messages": [...]} or {"text": ...}."""
-    if s.messages is not None:
-        return {"messages": s.messages}
-    if s.text is not None:
-        return {"text": s.text}
-    return {"messages": [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]}
-
-
-def read_records(paths: PathLike | Sequence[PathLike], *, what: str) -> list[dict[str, Any]]:
-    """Every usable record of a data set; malformed ones are counted and logged, none at all is an error."""
-    from ..sources.data import DataReader
-
-    reader = DataReader([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
-    records = [_sample_record(s) for s in reader]
-    if reader.n_malformed:
-        first = reader.malformed[0]
-        log.warning("%s: skipped %d malformed records (first: %s: %s)", what, reader.n_malformed, first.source,
-                    first.reason)
-    if not records:
-        raise VocabdriftError(f"{paths}: no usable {what} records (messages, conversations, prompt/completion or "
-                              "text)")
-    return records
-
 
 def _as_text(r: dict[str, Any]) -> dict[str, Any]:
     """Replay is plain text: a conversation is flattened to its contents."""
@@ -90,7 +67,7 @@ def mix_coverage(records: list[dict[str, Any]], coverage: list[dict[str, Any]], 
 
 
 def training_plan(*, sft: int, coverage: int, replay: int, steps: int, batch_size: int, processes: int = 1,
-                  coverage_set: int | None = None) -> dict[str, Any]:
+                  coverage_set: int | None = None, healing: bool = False) -> dict[str, Any]:
     """What a run of `steps` will actually see of each part of its data, computed before training.
 
     Why: on a 49K vocabulary the full coverage set is tens of thousands of samples, and a short run draws a few
@@ -108,7 +85,7 @@ def training_plan(*, sft: int, coverage: int, replay: int, steps: int, batch_siz
             "epochs": round(epochs, 4), "coverage_share": round(coverage / max(total, 1), 6),
             "coverage_per_batch": round(coverage / max(total, 1) * batch_size, 3),
             "coverage_set": coverage if coverage_set is None else coverage_set,
-            "steps_to_see_all": full}
+            "steps_to_see_all": full, "heal": healing}
     distinct = min(coverage, plan["coverage_set"])  # a share drawn with repeats holds each sample once or more
     plan["coverage_seen"] = round(seen * distinct)
     plan["coverage_seen_share"] = round(plan["coverage_seen"] / max(plan["coverage_set"], 1), 6)
@@ -124,9 +101,10 @@ LARGE_COVERAGE_SHARE = 0.1
 
 def describe_plan(plan: dict[str, Any]) -> str:
     """The plan as one line for the log."""
-    line = (f"repair: {plan['samples']:,} training samples ({plan['sft']:,} SFT, {plan['coverage']:,} coverage, "
-            f"{plan['replay']:,} replay); {plan['steps']:,} steps x {plan['batch']:,} = {plan['drawn']:,} drawn, "
-            f"{plan['epochs']:.2f} epochs")
+    sft = "replayed SFT" if plan.get("heal") else "SFT"
+    line = (f"repair: {'healing POST on ' if plan.get('heal') else ''}{plan['samples']:,} training samples "
+            f"({plan['sft']:,} {sft}, {plan['coverage']:,} coverage, {plan['replay']:,} replay); {plan['steps']:,} "
+            f"steps x {plan['batch']:,} = {plan['drawn']:,} drawn, {plan['epochs']:.2f} epochs")
     if plan["coverage"]:
         line += (f"; coverage is {100 * plan['coverage_share']:.1f}% of the samples (~{plan['coverage_per_batch']:.2f}"
                  f" per batch); about {plan['coverage_seen']:,} of the coverage set's {plan['coverage_set']:,} "
@@ -150,35 +128,61 @@ def plan_warning(plan: dict[str, Any]) -> str | None:
 # ---- repair ---------------------------------------------------------------------------------------------------
 
 def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike,
-           coverage: str | PathLike | None = "auto", min_per_token: int = 2, replay: PathLike | None = None,
+           coverage: str | PathLike | None = "auto", min_per_token: int = A.PLACEMENTS, replay: PathLike | None = None,
            replay_ratio: float = 0.05, anchor: float = 0.0, anchor_rarity: bool = False, gate: bool = False,
-           freeze: Sequence[str] = (), steps: int = 200, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-           batch_size: int = 8, max_length: int = 256, seed: int = 0, every: int | None = None,
-           stop_below: float | None = None, threshold: float = 0.95, device: str | None = None,
-           callbacks: Sequence[Any] = (), progress: bool = True, untie: bool = False,
-           coverage_share: float | None = None, log_every: int | None = None) -> Path:
-    """Fine-tune BASE on DATA with remedies, then measure its drift from BASE; writes the run folder `out`.
+           freeze: Sequence[str] = (), steps: int | None = None, lr: float | None = None,
+           betas: tuple[float, float] = (0.9, 0.999), batch_size: int | None = None, max_length: int = 256,
+           seed: int = 0, every: int | None = None, stop_below: float | None = None, threshold: float = 0.95,
+           device: str | None = None, callbacks: Sequence[Any] = (), progress: bool = True, untie: bool = False,
+           coverage_share: float | None = None, log_every: int | None = None, heal: PathLike | None = None,
+           run: PathLike | None = None, max_tokens: int = A.MAX_TOKENS, replay_sft: float = A.REPLAY,
+           heldout: PathLike | Sequence[PathLike] | None = None, verify: bool = True,
+           tokens_per_sample: int = A.TOKENS_PER_SAMPLE, coverage_weight: float = 1.0) -> Path:
+    """Fine-tune BASE (or heal POST) on DATA with remedies, then measure its drift from BASE and, when healing,
+    judge it (`evaluate`); writes the run folder `out`.
+
+    Two ways, one recipe (`analyses.recommend`):
+
+    - **Heal** (`heal=POST`, the repair the recommendation names): continue from POST for a short run on
+      coverage samples of the tokens at risk in RUN (POST's LOST tokens first, at most `max_tokens`, each
+      `min_per_token` times) and `replay_sft` replayed DATA samples per coverage sample, at lr 5e-4, one pass.
+      What a user who has POST and cannot afford to retrain needs; measured in the README.
+    - **Retrain** from BASE on DATA plus a coverage set: by default the whole vocabulary's at 5% of the samples
+      (`coverage_share`; measured: 91% of the LOST tokens back on the quickstart pair); with `run`, RUN's tokens
+      at risk, added whole. The other remedies are options.
 
     Args:
-        base: a Hugging Face model folder (or hub id) to start from; it is only read.
+        base: the pre-trained model folder (or hub id): the reference of every drift figure; it is only read.
         data: the SFT data (files or folders: JSONL, JSON, Parquet, saved data sets).
-        coverage: "auto" (write the full-vocabulary coverage set with `synth` and add it), a coverage JSONL
-            to add, or None (no coverage set).
+        heal: POST, to heal it instead of retraining from BASE (`--heal POST`). Needs `run`.
+        run: the run folder of `diff BASE POST` (with `probe` for the LOST tokens, and `coverage`): which tokens
+            are at risk.
+        max_tokens: the most tokens at risk covered (LOST first); replay_sft: DATA samples replayed per coverage
+            sample when healing.
+        heldout: held-out chats for the verdict's task loss (healing judges itself against POST).
+        verify: when healing, run `evaluate` on the result and store its verdict (summary["evaluate"]).
+        coverage: "auto" (write the coverage set with `synth`: RUN's tokens at risk, or the whole vocabulary
+            without `run`), a coverage JSONL to add, or None (no coverage set).
         min_per_token: with coverage="auto", how many times each token is placed as a target.
+        tokens_per_sample: with coverage="auto", tokens per coverage sample (several: fewer, longer samples).
+        coverage_weight: the loss weight of coverage samples (1.0: as SFT samples; 0.5: each coverage target
+            kept with probability 0.5, seeded, so its expected loss is half).
         replay: plain pre-training text to blend in at `replay_ratio` (language-modelling loss).
         anchor: λ of the L2-SP anchor on lm_head (0: off); `anchor_rarity` weights rows by how rarely the run
             has seen each token as a target.
         gate: rare-row gradient gating (rows of tokens absent from a batch's targets get no gradient).
         freeze: "lm_head" and/or "embed".
-        steps, lr, betas, batch_size, max_length, seed: the SFT's settings (AdamW).
+        steps, lr, betas, batch_size, max_length, seed: the SFT's settings (AdamW). Healing: one pass over the
+            heal set at lr 5e-4, batches of 4; retraining: 200 steps at lr 2e-4, batches of 8.
         every: the drift callback's interval (default: steps / 20); `stop_below` stops training when the
             minimum lm_head cosine falls below it.
         callbacks: more `transformers.TrainerCallback`s for the SFT, beside the drift callback.
         untie: give a tied BASE its own lm_head (a copy of the embedding) before training, the published setting;
             a tied model is trained as it is otherwise, with a warning (its lm_head is its input embedding).
         coverage_share: the share of training samples drawn from the coverage set (a seeded subset, or repeats);
-            None adds the whole set. The plan (what share of the coverage set the run will see) is logged before
-            training and kept in summary.json's "repair" key either way.
+            None adds the whole set (retraining with coverage="auto" and no `run`: 0.05). The plan (what share
+            of the coverage set the run will see) is logged before training and kept in summary.json's "repair"
+            key either way.
         log_every: a log line every N steps (step, loss, min/mean lm_head cosine, time left); default: every
             steps/20 when there is no progress bar, off with one.
 
@@ -202,14 +206,33 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
     from .callback import VocabDriftCallback
 
     try:
-        from .train import sft
+        from .train import need_training, sft
     except ImportError as e:  # the lab's trainer ships with vocabdrift; its absence is a broken install
         raise VocabdriftError(f"vocabdrift.composites.train is missing ({e}); reinstall vocabdrift") from e
 
+    need_training("`vocabdrift repair`")  # a missing trl/datasets is said now, not after the coverage set is built
     out = Path(out)
     if (out / "model").exists():
         raise VocabdriftError(f"{out}/model already exists; pick another -o (repair never overwrites a model)")
-    if steps < 1:
+    healing = heal is not None
+    if healing and run is None:
+        raise VocabdriftError("healing POST (--heal POST) needs --run RUN, the run folder of `vocabdrift diff BASE "
+                              "POST` (and `probe`): it says which tokens are at risk")
+    if run is not None:
+        from ..outputs import run as R
+        from ..outputs.run import existing_run
+
+        run = existing_run(run)
+        if not (Path(run) / R.DRIFT).exists():
+            raise VocabdriftError(f"{run}: holds no diff; run `vocabdrift diff BASE POST -o {run}` first")
+    if not 0.0 < coverage_weight <= 1.0:
+        raise VocabdriftError(f"--coverage-weight must be in (0, 1], not {coverage_weight}")
+    if max_tokens < 1 or not replay_sft >= 0:
+        raise VocabdriftError(f"--max-tokens must be at least 1 and --replay-sft at least 0, not {max_tokens} and "
+                              f"{replay_sft}")
+    lr = lr if lr is not None else A.HEAL_LR if healing else 2e-4
+    batch_size = batch_size if batch_size is not None else 4 if healing else 8
+    if steps is not None and steps < 1:
         raise VocabdriftError(f"--steps must be at least 1, not {steps}")
     if not (math.isfinite(lr) and lr > 0):
         raise VocabdriftError(f"--lr must be a positive number, not {lr}")
@@ -229,6 +252,8 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         raise VocabdriftError(f"--coverage-share must be in (0, 1), not {coverage_share}")
     if coverage is not None and str(coverage) != "auto" and not Path(coverage).exists():
         raise VocabdriftError(f"--coverage {coverage}: no such file; pass a coverage JSONL, 'auto' or nothing")
+    if not healing and str(coverage) == "auto" and run is None and coverage_share is None:
+        coverage_share = A.RETRAIN_SHARE  # the whole-vocabulary set, at the measured share (analyses.recommend)
 
     timer = Timer()
     base_ck = open_checkpoint(base)  # fails early, with a clear message, on a bad BASE
@@ -249,7 +274,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
     # data (synth is deterministic) and trains its share; only the main process writes OUT and measures.
     main = process_rank() == 0
     progress = progress and main
-    with open_run(out) if main else _scratch_run() as run:
+    with open_run(out) if main else _scratch_run() as rf:
         cov_records: list[dict[str, Any]] = []
         cov_info: dict[str, Any] | None = None
         cov_set = 0
@@ -258,8 +283,9 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                 if str(coverage) == "auto":
                     from ..api.coverage import synth
 
-                    res = synth(base, out=run.path / "coverage.jsonl", min_per_token=min_per_token, seed=seed,
-                                progress=progress)
+                    res = synth(base, out=rf.path / "coverage.jsonl", min_per_token=min_per_token, seed=seed,
+                                progress=progress, run=run, max_tokens=max_tokens,
+                                tokens_per_sample=tokens_per_sample)
                     st = res.stats  # the full stats (with id lists) stay in coverage.stats.json
                     cov_path, cov_info = res.path, {
                         "source": "auto", "file": "coverage.jsonl", "targets": st.get("targets"),
@@ -273,44 +299,61 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                 cov_set = len(cov_records)
                 if cov_info is not None:
                     cov_info["records"] = cov_set
-                cov_records = mix_coverage(records, cov_records, coverage_share, seed=seed)
+                if not healing:
+                    cov_records = mix_coverage(records, cov_records, coverage_share, seed=seed)
                 if coverage_share is not None and cov_info is not None:
                     cov_info["share"] = coverage_share
 
         with timer("train"):
+            source = heal if healing else base
             try:
-                model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
             except (OSError, ValueError) as e:
-                raise VocabdriftError(f"{base}: transformers cannot load it as a causal LM ({e}); repair needs a "
+                raise VocabdriftError(f"{source}: transformers cannot load it as a causal LM ({e}); repair needs a "
                                       "Hugging Face model folder") from e
             if device:
                 model = model.to(device)
-            cb = VocabDriftCallback(base_ck, every=every or max(1, steps // 20), tokenizer=tok,
-                                    stop_below=stop_below, threshold=threshold)
             terms: list[Any] = []
             if anchor > 0:
                 terms.append(remedies.LmHeadAnchor(weight=anchor, rarity="online" if anchor_rarity else None))
             if gate:
                 terms.append(remedies.RowGate())
-            model_dir = run.path / "model"
+            model_dir = rf.path / "model"
             train_records = records + cov_records
+            sft_drawn = records
+            if healing:  # the heal set: every coverage sample once, and a seeded draw of DATA replayed beside them
+                n_sft = round(len(cov_records) * replay_sft) if cov_records else (steps or 0) * batch_size
+                if not cov_records and not steps:
+                    raise VocabdriftError("healing without a coverage set (--coverage none) replays DATA alone: say "
+                                          "for how long with --steps")
+                sft_drawn = heal_replay(records, n_sft, seed=seed)
+                train_records = cov_records + sft_drawn
+                if not train_records:
+                    raise VocabdriftError(f"{run}: no token at risk to heal and nothing to replay; nothing to do")
+            if steps is None:
+                steps = max(1, math.ceil(len(train_records) / batch_size)) if healing else 200
+            cb = VocabDriftCallback(base_ck, every=every or max(1, steps // 20), tokenizer=tok,
+                                    stop_below=stop_below, threshold=threshold)
             replay_added: list[dict[str, Any]] = []
             if replay_records and replay_ratio > 0:  # mixed here, not in sft, to count what replay adds
                 train_records = remedies.replay_mix(train_records, replay_records, replay_ratio, seed=seed)
                 ids = {id(r) for r in replay_records}
                 replay_added = [r for r in train_records if id(r) in ids]
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            plan = training_plan(sft=len(records), coverage=len(cov_records), replay=len(replay_added),
+            plan = training_plan(sft=len(sft_drawn), coverage=len(cov_records), replay=len(replay_added),
                                  steps=steps, batch_size=batch_size, processes=world,
-                                 coverage_set=cov_set if cov_records else None)
+                                 coverage_set=cov_set if cov_records else None, healing=healing)
             if main:
                 log.info("%s", describe_plan(plan))
-                if (warning := plan_warning(plan)) is not None:
+                if not healing and (warning := plan_warning(plan)) is not None:
                     log.warning("%s", warning)
             encoded: dict[str, Any] = {}
-            sft(model, train_records, out=model_dir, steps=steps, lr=lr, betas=betas, batch_size=batch_size,
-                max_length=max_length, seed=seed, callbacks=[cb, *callbacks], loss_terms=terms, freeze=tuple(freeze),
-                progress=progress, untie=untie, stats=encoded,
+            cov_ids = {id(r) for r in cov_records}
+            weights = [coverage_weight if id(r) in cov_ids else 1.0 for r in train_records] \
+                if coverage_weight < 1.0 else None
+            sft(model, train_records, weights=weights, out=model_dir, steps=steps, lr=lr, betas=betas,
+                batch_size=batch_size, max_length=max_length, seed=seed, callbacks=[cb, *callbacks],
+                loss_terms=terms, freeze=tuple(freeze), progress=progress, untie=untie, stats=encoded,
                 log_every=(max(1, steps // 20) if not progress else 0) if log_every is None else log_every)
             del model
             if not main:
@@ -328,6 +371,11 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         sft_tokens = count_tokens(records, tok)
         cov_tokens = count_tokens(cov_records, tok) if cov_records else 0
         replay_tokens = count_tokens(replay_added, tok) if replay_added else 0
+        heal_sft_tokens = count_tokens(sft_drawn, tok) if healing and sft_drawn else 0
+        seen = min(1.0, plan["epochs"]) if plan["epochs"] <= 1 else plan["epochs"]  # each sample's expected draws
+        drawn = {"coverage": round(cov_tokens * seen), "replay": round(replay_tokens * seen),
+                 "sft": round((heal_sft_tokens if healing else sft_tokens) * seen)}
+        extra_drawn = drawn["coverage"] + drawn["replay"] + (drawn["sft"] if healing else 0)
         summary["repair"] = {
             "base": str(base), "data": [str(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)],
             "remedies": {"coverage": cov_info, "replay": {"source": str(replay), "ratio": replay_ratio}
@@ -338,29 +386,53 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                          "processes": world, "untied": bool(untie and base_ck.tied),
                          "targets": encoded},
             "plan": plan,
+            "mode": "heal" if healing else "retrain", "start": str(heal) if healing else str(base),
+            "run": str(run) if run is not None else None,
+            # what training drew (each part's tokens times the passes over it), beside one pass over DATA: a
+            # healing run's replayed SFT samples are extra too; a retrain's SFT samples are the SFT itself
             "cost": {"sft_records": len(records), "coverage_records": len(cov_records),
-                     "replay_records": len(replay_added), "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens,
-                     "replay_tokens": replay_tokens, "extra_tokens": cov_tokens + replay_tokens,
-                     "extra_token_share": round((cov_tokens + replay_tokens) / max(sft_tokens, 1), 6),
+                     "replay_records": len(replay_added), "heal_sft_records": len(sft_drawn) if healing else 0,
+                     "sft_tokens": sft_tokens, "coverage_tokens": cov_tokens, "replay_tokens": replay_tokens,
+                     "drawn_tokens": drawn, "extra_tokens": extra_drawn,
+                     "extra_token_share": round(extra_drawn / max(sft_tokens, 1), 6),
                      "replay_share_of_samples": replay_ratio},
             "callback": {"every": cb.every, "seconds": round(cb.seconds, 3),
                          "history": [{k: v for k, v in h.items() if k == "step" or k.count("/") == 2}
                                      for h in cb.history]},
             "model": "model",
         }
-        run.write_table("vocab.parquet", m.vocab)
-        run.write_table("drift.parquet", m.drift)
+        rf.write_table("vocab.parquet", m.vocab)
+        rf.write_table("drift.parquet", m.drift)
         if nt is not None:
-            run.write_table("neighbors.parquet", nt)
-        run.update_summary(**summary)
-        run.record("repair", arguments={"coverage": str(coverage), "min_per_token": min_per_token,
+            rf.write_table("neighbors.parquet", nt)
+        rf.update_summary(**summary)
+        rf.record("repair", arguments={"coverage": str(coverage), "min_per_token": min_per_token,
                                         "replay": str(replay or ""), "replay_ratio": replay_ratio, "anchor": anchor,
                                         "anchor_rarity": anchor_rarity, "gate": gate, "freeze": list(freeze),
                                         "steps": steps, "lr": lr, "batch_size": batch_size,
                                         "max_length": max_length, "every": cb.every, "stop_below": stop_below,
-                                        "untie": untie, "coverage_share": coverage_share},
-                   inputs={"base": str(base), "data": summary["repair"]["data"][0],
-                           "checkpoints": {"base": m.info["base"]}},
-                   seed=seed, timings={**timer.timings, **m.timings})
+                                        "untie": untie, "coverage_share": coverage_share,
+                                        "heal": str(heal) if healing else None, "run": str(run) if run else None,
+                                        "max_tokens": max_tokens, "replay_sft": replay_sft,
+                                        "tokens_per_sample": tokens_per_sample, "coverage_weight": coverage_weight},
+                  inputs={"base": str(base), "data": summary["repair"]["data"][0],
+                          "checkpoints": {"base": m.info["base"]}},
+                  seed=seed, timings={**timer.timings, **m.timings})
+    if healing and verify:  # repair proves itself: the verdict of `evaluate` on its own output, against BASE and POST
+        from .evaluate import evaluate
+
+        evaluate([out / "model"], base=base, post=heal, run=run, out=out, heldout=heldout, names=[out.name],
+                 device=device, max_length=max_length)
     return out
+
+
+def heal_replay(records: Sequence[dict[str, Any]], n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` SFT records drawn without repeats in a seeded order (cycling when `n` exceeds the data)."""
+    import random
+
+    if n <= 0 or not records:
+        return []
+    order = list(range(len(records)))
+    random.Random(seed + 1).shuffle(order)
+    return [records[order[k % len(order)]] for k in range(n)]
 

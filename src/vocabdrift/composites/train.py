@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import new_folder
-from ..errors import VocabdriftError
+from ..errors import VocabdriftError, need_extra
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+TRAINING = ("trl", "datasets", "accelerate")  # what `sft` imports beyond the core: pip install 'vocabdrift[train]'
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 # ChatML; {% generation %} marks the assistant's tokens so apply_chat_template can return the loss mask
@@ -199,8 +200,34 @@ def _record_sample(r: Any, i: int) -> Any:
     raise VocabdriftError(f"record {i} has neither \"messages\" nor \"text\"; sft takes chats or plain text")
 
 
+def _sample_record(s: Any) -> dict[str, Any]:
+    """A `sources.data.Sample` as sft's record: {"messages": [...]} or {"text": ...}."""
+    if s.messages is not None:
+        return {"messages": s.messages}
+    if s.text is not None:
+        return {"text": s.text}
+    return {"messages": [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]}
+
+
+def read_records(paths: PathLike | Sequence[PathLike], *, what: str) -> list[dict[str, Any]]:
+    """Every usable record of a data set; malformed ones are counted and logged, none at all is an error."""
+    from ..sources.data import DataReader
+
+    reader = DataReader([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))
+    records = [_sample_record(s) for s in reader]
+    if reader.n_malformed:
+        first = reader.malformed[0]
+        log.warning("%s: skipped %d malformed records (first: %s: %s)", what, reader.n_malformed, first.source,
+                    first.reason)
+    if not records:
+        raise VocabdriftError(f"{paths}: no usable {what} records (messages, conversations, prompt/completion or "
+                              "text)")
+    return records
+
+
 def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_length: int,
-                   stats: dict[str, Any] | None = None) -> list[dict[str, list]]:
+                   stats: dict[str, Any] | None = None, weights: Sequence[float] | None = None,
+                   seed: int = 0) -> list[dict[str, list]]:
     """Pre-tokenize records: labels are the generation targets that `coverage` counts, token for token.
 
     Chats go through the tokenizer's chat template; the assistant's spans come from `analyses.coverage.Renderer`
@@ -211,6 +238,10 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
     Returns rows {"input_ids", "labels"} with labels -100 where there is no loss. Records the template cannot
     render, or whose assistant text it does not reproduce, are dropped (logged, as `coverage` skips them), and so
     are records with no trainable token after truncation. `stats`, when given, receives the counts.
+
+    `weights` (one per record, 1.0 by default) lowers a record's loss weight: each of its targets stays a target
+    with probability `weight` (seeded), so its expected loss is `weight` times its full loss while every batch keeps
+    TRL's own loss (repair's `coverage_weight`).
     """
     from ..analyses.coverage import Renderer, target_mask
 
@@ -223,6 +254,10 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
     rendered = renderer.render(samples)
     bad = [(s.source, r) for s, r in zip(samples, rendered, strict=True) if isinstance(r, str)]
     good = [r for r in rendered if not isinstance(r, str)]
+    w_all = list(weights) if weights is not None else [1.0] * len(samples)
+    if len(w_all) != len(samples):
+        raise VocabdriftError(f"sft: {len(w_all)} weights for {len(samples)} records")
+    good_w = [w for w, r in zip(w_all, rendered, strict=True) if not isinstance(r, str)]
     if bad and not good:
         raise VocabdriftError(f"sft: the chat template renders no record usably ({bad[0][0]}: {bad[0][1]}); a "
                               "template that hides or rewrites the assistant's text cannot be trained on with "
@@ -232,9 +267,12 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
                     len(samples), bad[0][0], bad[0][1])
     encs = tokenizer.backend_tokenizer.encode_batch([r.text for r in good], add_special_tokens=False)
     rows, dropped, targets, kept_targets = [], 0, 0, 0
-    for r, enc in zip(good, encs, strict=True):
+    for k, (r, enc, w) in enumerate(zip(good, encs, good_w, strict=True)):
         mask = target_mask(len(enc.ids), r.spans, enc)
         targets += sum(mask[1:])  # position 0 predicts nothing: not a target training can reach
+        if w < 1.0:  # a lower loss weight: each target kept with probability w, seeded per record
+            rng = random.Random(seed * 1_000_003 + k)
+            mask = [m and rng.random() < w for m in mask]
         ids, mask = list(enc.ids[:max_length]), mask[:max_length]
         labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
         if all(x == -100 for x in labels[1:]):
@@ -256,6 +294,12 @@ def encode_records(tokenizer: Any, records: Iterable[dict[str, Any]], *, max_len
     return rows
 
 
+def need_training(what: str = "training (`vocabdrift repair`)") -> None:
+    """Import TRL, datasets and accelerate, or raise the one-line error that names the `train` extra."""
+    for m in TRAINING:
+        need_extra(m, "train", what)
+
+
 def _sft_trainer() -> type:
     from trl import SFTTrainer
 
@@ -272,7 +316,7 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         weight_decay: float = 0.1, warmup_steps: int = 0, callbacks: Sequence = (),
         loss_terms: Sequence[Callable] = (), freeze: Sequence[str] = (), replay: Iterable[dict] | None = None,
         replay_ratio: float = 0.0, progress: bool = True, untie: bool = False, log_every: int = 0,
-        stats: dict[str, Any] | None = None) -> Path:
+        stats: dict[str, Any] | None = None, weights: Sequence[float] | None = None) -> Path:
     """Supervised fine-tuning of a causal LM; the model and its tokenizer are saved to `out`.
 
     Args:
@@ -290,6 +334,7 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         log_every: write a log line every N steps (step, loss, the drift callback's cosines, time left); 0: off.
             For runs whose output goes to a file, where there is no progress bar.
         stats: if given, receives `encode_records`' counts (records, rows, target and trained tokens).
+        weights: a loss weight per record (`encode_records`); None: 1.0 each.
 
     Returns:
         `out`.
@@ -297,6 +342,7 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     Example:
         >>> sft("runs/lab/models/base", [{"messages": [...]}, ...], out="runs/lab/models/sft", steps=300)
     """
+    need_training()
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
@@ -332,7 +378,9 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
     records = list(records)
     if replay is not None and replay_ratio > 0:
         records = remedies.replay_mix(records, list(replay), replay_ratio, seed=seed)
-    rows = encode_records(tokenizer, records, max_length=max_length, stats=stats)
+    if weights is not None and replay is not None and replay_ratio > 0:
+        raise VocabdriftError("sft: weights are per record of `records`; mix replay in before weighting")
+    rows = encode_records(tokenizer, records, max_length=max_length, stats=stats, weights=weights, seed=seed)
     if untie:
         if untie_lm_head(model):
             log.warning("sft: untied lm_head from the input embedding (a copy of it); the saved model is untied")
@@ -410,19 +458,30 @@ def eval_loss(model: str | Path, records: Iterable[dict], *, batch_size: int = 1
     says what each way of training cost the task itself.
     """
     import torch
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+    from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    tok = _fast(Path(model))
-    rows = encode_records(tok, records, max_length=max_length)
+    return heldout_loss(m, _fast(Path(model)), records, batch_size=batch_size, max_length=max_length)
+
+
+def heldout_loss(model: Any, tokenizer: Any, records: Iterable[dict], *, batch_size: int = 16,
+                 max_length: int = 256) -> float:
+    """`eval_loss` of a loaded model: the targets are the ones `coverage` counts and `sft` trains on
+    (`encode_records`), so the loss is on exactly the tokens the SFT data asks the model to say."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = encode_records(tokenizer, records, max_length=max_length)
     # pads input_ids (attention mask 0 there) and labels (-100) to the longest row of each batch, on the right
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
             batch = collate(rows[s:s + batch_size])
-            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+            target = batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                                     reduction="sum")
             total += float(nll)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..analyses.probe import TOP_P, Score
-from ..errors import VocabdriftError
+from ..errors import VocabdriftError, need_extra
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20
@@ -34,10 +34,7 @@ class OpenAIEngine:
 
     def __init__(self, endpoint: str, *, model: str, api_key: str | None = None, tokenizer: Any = None,
                  concurrency: int = 4, timeout: float = 300.0) -> None:
-        try:
-            import httpx
-        except ImportError as e:
-            raise VocabdriftError("the OpenAI-compatible engine needs httpx: pip install 'vocabdrift[openai]'") from e
+        httpx = need_extra("httpx", "openai", "the OpenAI-compatible engine")
 
         base = endpoint.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"

@@ -41,7 +41,11 @@ def quiet_third_party(*, terminal: bool) -> None:
 
 
 def _pct(k: int, n: int) -> str:
-    return f"{k:,} ({100.0 * k / n:.1f}%)" if n else "0"
+    """"5 (<0.1%)", never "5 (0.0%)": a share that rounds to zero is not zero."""
+    if not n:
+        return "0"
+    pct = 100.0 * k / n
+    return f"{k:,} (<0.1%)" if 0 < pct < 0.05 else f"{k:,} ({pct:.1f}%)"
 
 
 def _f(x: float | None) -> str:
@@ -160,11 +164,13 @@ def vocab_categories_table(vocab: pa.Table) -> Table:
     return t
 
 
-def coverage_categories_table(summary: dict[str, Any], under_covered: list[str], *, floor: int) -> Table:
+def coverage_categories_table(summary: dict[str, Any], under_covered: list[str], *, floor: int,
+                              verdicts: dict[str, str] | None = None) -> Table:
     """`coverage`: per category, the reported languages first, then the other categories; the last column is the
-    advice's verdict (`analyses.advice`), so the table and the advice below it never disagree."""
+    verdict of the recommendation printed below it (`analyses.recommend` on a diff run, else `analyses.advice`),
+    so the table and the advice never disagree."""
     s = summary
-    verdicts = {x["category"]: x["verdict"] for x in (s.get("advice") or {}).get("languages", [])}
+    verdicts = verdicts or {x["category"]: x["verdict"] for x in (s.get("advice") or {}).get("languages", [])}
     if not verdicts:  # a summary without advice: the languages rarely targeted
         verdicts = dict.fromkeys(under_covered, "rare")
     t = _table(f"Coverage as a generation target ({s['samples']:,} samples, {s['target_tokens']:,} target tokens, "
@@ -181,7 +187,8 @@ def coverage_categories_table(summary: dict[str, Any], under_covered: list[str],
 def below_floor_table(below: pa.Table, *, top: int) -> Table:
     """`coverage`: the rarest tokens below the floor."""
     cols = ("id", "text", "category", "count", "samples")
-    t = _table(f"{below.num_rows:,} tokens below the floor (rarest first)", cols, left=cols)
+    t = _table(f"{below.num_rows:,} tokens below the floor (rarest first; the most drifted first when RUN holds a "
+               "diff)", cols, left=cols)
     for row in below.slice(0, top).to_pylist():
         t.add_row(str(row["token_id"]), token_label(row["text"]), category_label(row["category"]), str(row["count"]),
                   str(row["samples"]))
@@ -312,3 +319,22 @@ def intrusion_line(nb: dict) -> str:
     return (f"neighbour intrusion ({nb.get('tokens', 0)} tokens, k={nb.get('k')}): special/markup/byte neighbours "
             f"{pct(inn.get('base'))} -> {pct(inn.get('post'))}, own category {pct(own.get('base'))} -> "
             f"{pct(own.get('post'))}")
+
+
+def evaluation_table(ev: Any) -> Table:
+    """`evaluate`'s table (an `analyses.verdict.Evaluation`): one row per model, BASE and POST first."""
+    conf = any(m.confusion_n for m in ev.models)
+    t = _table(f"Say-ability of {ev.probed:,} probed tokens ({len(ev.lost):,} LOST in POST) and {ev.controls:,} "
+               "undrifted controls", ("model", "probed sayable", "LOST back", "controls sayable", "held-out loss",
+                                      f"rows below {0.95:g}", "min cos", *(("confusion",) if conf else ()),
+                                      "verdict"), left=("model", "verdict"))
+    for m in ev.models:
+        extra = (f"{m.confusion_hits}/{m.confusion_n}" if m.confusion_n else "",) if conf else ()
+        loss = "" if m.heldout_loss is None else f"{m.heldout_loss:.4f}" + (
+            f" ({m.loss_vs_post:+.1%})" if m.loss_vs_post is not None and m.role == "candidate" else "")
+        back = "" if m.lost_back is None else f"{m.lost_back:,}/{m.lost_total:,}"
+        below = "" if m.below is None else f"{m.below:,}"
+        fails = f" (template failure: {', '.join(m.failed_templates)})" if m.failed_templates else ""
+        t.add_row(m.name, f"{m.probed.sayable:,}/{m.probed.n:,}", back, f"{m.control.sayable:,}/{m.control.n:,}",
+                  loss, below, _cos(m.min_cos) if m.min_cos is not None else "", *extra, (m.verdict or m.role) + fails)
+    return t

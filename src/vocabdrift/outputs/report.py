@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..analyses.vocab import CATEGORIES, LANGUAGE_NAMES, LANGUAGES, category_label, printable, token_label
-from ..errors import VocabdriftError
+from ..errors import VocabdriftError, need_extra
 from . import run as R
 from . import shapes as S
 from .console import category_rows
@@ -56,6 +56,16 @@ _SCATTER_WORST = 1500         # of which the most drifted, always kept
 _NEIGHBOR_QUERIES = 10        # most drifted tokens whose neighbours the report shows (plus the user's --token)
 _L2_MARKS = 5                 # largest-L2 tokens annotated on the L2 histogram (plus the user's --token)
 _FILES = R.REPORT_FILES        # the Markdown's PNG plots, beside report.md
+
+# The page's fonts, by name: the system's own, then fonts that hold the scripts a vocabulary shows (kana, Hangul and
+# Han; Thai; Arabic; Cyrillic) as Linux (Noto, WenQuanYi, TLWG, DejaVu: `make browser` installs the small ones),
+# macOS and Windows call them. Without one of them a browser draws empty boxes where a missing font has no glyph.
+# Unquoted, since every name is plain words: the template's autoescaping leaves them as they are.
+_SCRIPT_FONTS = ("Noto Sans CJK JP, Noto Sans CJK KR, Noto Sans CJK SC, Noto Sans Thai, Noto Sans Arabic, "
+                 "WenQuanYi Micro Hei, Loma, Hiragino Sans, Apple SD Gothic Neo, PingFang SC, Thonburi, Geeza Pro, "
+                 "Yu Gothic, Malgun Gothic, Microsoft YaHei, Leelawadee UI, Segoe UI")
+FONT_SANS = f"system-ui, -apple-system, Segoe UI, Roboto, Noto Sans, {_SCRIPT_FONTS}, DejaVu Sans, sans-serif"
+FONT_MONO = f"ui-monospace, DejaVu Sans Mono, Noto Sans Mono CJK JP, {_SCRIPT_FONTS}, DejaVu Sans, monospace"
 
 _LANG_COLORS = {"japanese": "#d62728", "hangul": "#9467bd", "arabic": "#8c564b", "cyrillic": "#1f77b4",
                 "han": "#ff7f0e", "latin": "#2ca02c"}
@@ -123,11 +133,25 @@ class Cell:
 CellValue = str | Cell | list[Cell]
 
 
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
 @dataclass(frozen=True)
 class Para:
+    """A paragraph. With `code`, each `...` span of `text` is code (a command, an option): <code> in the HTML, a
+    code span in the Markdown. Only for text of our own: a token's text may hold backticks, and then shows them."""
+
     text: str
     cls: str = ""
     kind: str = "para"
+    code: bool = False
+
+    @property
+    def parts(self) -> list[tuple[bool, str]]:
+        """(is code, text) runs of the paragraph; a backtick without its pair stays text."""
+        if not self.code:
+            return [(False, self.text)]
+        return [(i % 2 == 1, x) for i, x in enumerate(_CODE_SPAN.split(self.text)) if x]
 
 
 @dataclass(frozen=True)
@@ -195,6 +219,7 @@ class RunData:
     cases: list[dict[str, Any]] | None = None
     confusion: dict[str, Any] | None = None
     answers: list[dict[str, Any]] | None = None  # confusion.jsonl: every sampled answer
+    probe_all: pa.Table | None = None  # probe.parquet with its control rows (`probe` leaves them out)
 
 
 def read_run(path: PathLike, *, name: str | None = None) -> RunData:
@@ -221,9 +246,11 @@ def read_run(path: PathLike, *, name: str | None = None) -> RunData:
     for key, file in (("coverage", R.COVERAGE), ("probe", R.PROBE), ("neighbors", R.NEIGHBORS)):
         if run.has(file):
             opt[key] = run.read_contract(file)  # checked against the contract's columns
-    if "probe" in opt and "control" in opt["probe"].column_names:  # the control tokens feed the headline only
+    if "probe" in opt and "control" in opt["probe"].column_names:
+        # the control tokens feed the headline and the recommendation only
         import pyarrow.compute as pc
 
+        opt["probe_all"] = opt["probe"]
         opt["probe"] = opt["probe"].filter(pc.invert(opt["probe"]["control"]))
     if run.has(R.CASES):
         c = check_shape(run.read_json(R.CASES), S.CASES, p / R.CASES,
@@ -568,11 +595,16 @@ def resolve_tokens(tokens: Sequence[str | int], vocab: Vocab) -> list[int]:
     return resolve(list(tokens), TokenIndex.of(vocab.text, vocab.piece, where="the run's vocabulary (vocab.parquet)"))
 
 
-def neighbors_tables(rd: RunData, fr: Frame, vocab: Vocab, chosen: Sequence[int]) -> tuple[list[Table], list[str]]:
+def _no_neighbors(vocab: Vocab, ids: Sequence[int]) -> list[Para]:
+    labels = ", ".join(vocab.label(i) for i in ids)
+    return [Para(f"No neighbours stored for {labels}: rerun `vocabdrift diff` with --neighbors-of to store them.",
+                 "note", code="`" not in labels)] if ids else []
+
+
+def neighbors_tables(rd: RunData, fr: Frame, vocab: Vocab, chosen: Sequence[int]) -> tuple[list[Table], list[Para]]:
     """Neighbours before and after, for the most drifted tokens and the user's tokens; notes for tokens without."""
     if rd.neighbors is None:
-        return [], ([f"No neighbours stored for {', '.join(vocab.label(i) for i in chosen)}: rerun "
-                     "`vocabdrift diff` with --neighbors-of to store them."] if chosen else [])
+        return [], _no_neighbors(vocab, chosen)
     nt = rd.neighbors
     q, sp, mo = _np(nt, "token_id").astype(np.int64), _np(nt, "space", object), _np(nt, "model", object)
     rank, nid, cos = _np(nt, "rank").astype(np.int64), _np(nt, "neighbor_id").astype(np.int64), _np(nt, "cos")
@@ -580,8 +612,7 @@ def neighbors_tables(rd: RunData, fr: Frame, vocab: Vocab, chosen: Sequence[int]
     top = [int(fr.token_id[i]) for i in fr.most_drifted(len(fr.token_id)) if int(fr.token_id[i]) in stored]
     queries = list(dict.fromkeys([*chosen, *top[:_NEIGHBOR_QUERIES]]))
     missing = [i for i in chosen if i not in stored]
-    notes = [f"No neighbours stored for {', '.join(vocab.label(i) for i in missing)}: rerun `vocabdrift diff` "
-             "with --neighbors-of to store them."] if missing else []
+    notes = _no_neighbors(vocab, missing)
     cos_of = dict(zip(fr.token_id.tolist(), fr.lm_cos.tolist(), strict=True))
     tables = []
     for space in dict.fromkeys(sp.tolist()):
@@ -778,7 +809,7 @@ def collapse_items(summary: dict[str, Any]) -> list[Para | Table]:
             for cat, v in sorted(u.get("categories", {}).items(), key=lambda kv: -kv[1]["collapsed"])]
         return [Para(f"{u.get('rows', 0):,} lm_head rows sit in {u.get('groups', 0):,} groups of near-identical rows "
                      f"(cosine >= {u.get('min_cos', 0):g}; `undertrained`): their tokens cannot be told apart by the "
-                     "output layer."),
+                     "output layer.", code=True),
                 Table("collapse", "Collapsed lm_head rows per category", ("category", "collapsed", "tokens"),
                       rows_u, numeric=(1, 2))]
     post = c.get("post", {})
@@ -801,14 +832,78 @@ def collapse_items(summary: dict[str, Any]) -> list[Para | Table]:
     return items
 
 
-def advice_items(summary: dict[str, Any]) -> list[Para | Table]:
-    """What to do, near the top: the coverage advice (`analyses.advice`), when `coverage` ran on this folder."""
-    from ..analyses.advice import advice_lines
+def advice_items(rd: RunData) -> list[Para | Table]:
+    """What to do, near the top: the run folder's one recommendation (`analyses.recommend`), the same sentences
+    `coverage` and `check` print; for a folder without diff's drift, the coverage advice (`analyses.advice`)."""
+    from ..analyses.recommend import from_tables
 
-    adv = (summary.get("coverage") or {}).get("advice")
-    if not isinstance(adv, dict) or "languages" not in adv:
+    rec = from_tables(rd.vocab, rd.drift, rd.summary, coverage=rd.coverage,
+                      probe=rd.probe_all if rd.probe_all is not None else rd.probe)
+    return [Para("What to do: " + " ".join(rec.lines), "note", code=True)] if rec.lines else []
+
+
+def evaluation_items(summary: dict[str, Any]) -> list[Para | Table]:
+    """`evaluate`'s verdict: one row per model (BASE, POST, candidates) and one sentence per candidate."""
+    from ..analyses.verdict import Evaluation
+
+    raw = summary.get("evaluate")
+    if not isinstance(raw, dict):
         return []
-    return [Para("What to do: " + " ".join(advice_lines(adv)), "note")] if advice_lines(adv) else []
+    try:
+        ev = Evaluation.from_json(raw)
+    except (KeyError, TypeError, ValueError):
+        return [Para("summary.json's \"evaluate\" entry is damaged; run `vocabdrift evaluate` again.", "note",
+                     code=True)]
+    rows: list[list[CellValue]] = []
+    conf = any(m.confusion_n for m in ev.models)
+    for m in ev.models:
+        loss = "" if m.heldout_loss is None else f"{m.heldout_loss:.4f}" + (
+            f" ({m.loss_vs_post:+.1%})" if m.loss_vs_post is not None and m.role == "candidate" else "")
+        rows.append([m.name, f"{m.probed.sayable:,}/{m.probed.n:,}",
+                     "" if m.lost_back is None else f"{m.lost_back:,}/{m.lost_total:,}",
+                     f"{m.control.sayable:,}/{m.control.n:,}", loss, "" if m.below is None else f"{m.below:,}",
+                     _f4(m.min_cos) if m.min_cos is not None else "",
+                     *([f"{m.confusion_hits}/{m.confusion_n}" if m.confusion_n else ""] if conf else []),
+                     (m.verdict or m.role) + (f" (template failure: {', '.join(m.failed_templates)})"
+                                              if m.failed_templates else "")])
+    items: list[Para | Table] = [Para(c.sentence, "verdict") for c in ev.candidates]
+    items.append(Table("evaluate", f"Say-ability of {ev.probed:,} probed tokens ({len(ev.lost):,} LOST in POST) "
+                       f"and {ev.controls:,} undrifted controls",
+                       ("model", "probed sayable", "LOST back", "controls sayable", "held-out loss",
+                        "rows below 0.95", "min cos", *(("foreign-script answers",) if conf else ()), "verdict"),
+                       rows, numeric=(1, 2, 3, 4, 5, 6, *((7,) if conf else ())),
+                       caption="Sayable: kept by top-p 0.95 sampling on a template that works on BASE and did not "
+                               "fail in the model (a template on which every token, controls included, collapsed "
+                               "is a template failure). Held-out loss on the targets coverage counts."))
+    return items
+
+
+def _training(rd: RunData) -> dict[str, Any] | None:
+    """How a run's model was trained (repair's settings), for telling whether two runs compare as equals."""
+    rep = rd.summary.get("repair")
+    if not isinstance(rep, dict):
+        return None
+    t = rep.get("training") or {}
+    return {"mode": rep.get("mode", "retrain"), "from": rep.get("start"), "steps": t.get("steps"),
+            "lr": t.get("lr"), "batch size": t.get("batch_size"), "max length": t.get("max_length")}
+
+
+def comparability(a: RunData, b: RunData, names: tuple[str, str]) -> str | None:
+    """A warning when two runs' models were not trained the same way (a difference in drift then says as much
+    about the recipe as about the remedy), or None."""
+    ta, tb = _training(a), _training(b)
+    if ta is None and tb is None:
+        return None
+    if ta is None or tb is None:
+        known, unknown = (names[1], names[0]) if ta is None else (names[0], names[1])
+        return (f"Not a like-for-like comparison: {known} was trained by `vocabdrift repair`, {unknown} by a recipe "
+                f"this folder does not record; the difference mixes the remedy with the training settings. Judge "
+                f"the repair with `vocabdrift evaluate` instead.")
+    diff = [f"{k} {ta[k]} vs {tb[k]}" for k in ta if ta[k] != tb[k]]
+    if not diff:
+        return None
+    return (f"Not a like-for-like comparison: the runs were trained differently ({'; '.join(map(str, diff))}); "
+            "the difference mixes the remedy with the training settings.")
 
 
 def coverage_items(summary: dict[str, Any]) -> list[Para | Table]:
@@ -832,8 +927,11 @@ def coverage_items(summary: dict[str, Any]) -> list[Para | Table]:
     o = (cov.get("correlation") or {}).get("overall")
     if o and o.get("spearman_rho") is not None:
         items.insert(0, Para(f"Spearman correlation of log(count + 1) with lm_head cosine over {o['n']:,} tokens: "
-                             f"rho = {o['spearman_rho']:+.3f} (p = {o['p_value']:.2g}). A positive rho: the rarer "
-                             "a token is as a target, the further its row drifted."))
+                             f"rho = {o['spearman_rho']:+.3f} (p = {o['p_value']:.2g}). "
+                             + ("A positive rho: the rarer a token is as a target, the further its row drifted."
+                                if o.get("informative", True) else
+                                f"Not informative: {o.get('tied_share', 0):.0%} of the tokens share one count "
+                                "(never a target), so the ranks cannot tell the drifted rows apart.")))
     return items
 
 
@@ -938,7 +1036,8 @@ def read_say_scatter(fr: Frame, thr: float, tied: bool) -> Chart | None:
     note = (f"{len(pos):,} of {len(idx):,} tokens shown: the most drifted in each space, then a random sample. "
             + ("The model ties lm_head to the embedding, so both cosines are the same row's." if tied else ""))
     return Chart("read-say", "Can read, can't say: embedding drift vs lm_head drift", "embedding cosine",
-                 "lm_head cosine", series, region=(x0, 1.0, lo, thr, "can read, can't say"), note=note.strip())
+                 "lm_head cosine", series, region=(x0, 1.0, lo, thr, "read, drifted: probe whether said"),
+                 note=note.strip())
 
 
 def coverage_scatter(fr: Frame) -> Chart | None:
@@ -1068,7 +1167,8 @@ def plotly_spec(c: Chart) -> dict[str, Any]:
                         "automargin": True},
               "shapes": shapes, "annotations": notes, "barmode": "group", "height": 440,
               "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "hovermode": "closest",
-              "legend": {"orientation": "v"}, "paper_bgcolor": "white", "plot_bgcolor": "#fafafa"}
+              "legend": {"orientation": "v"}, "paper_bgcolor": "white", "plot_bgcolor": "#fafafa",
+              "font": {"family": FONT_SANS}}  # labels and hover text hold tokens of every script too
     return {"data": data, "layout": layout, "config": {"displaylogo": False, "responsive": True}}
 
 
@@ -1077,6 +1177,7 @@ _MPL_FONTS = ["DejaVu Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "Droid Sans
 
 def png(c: Chart) -> bytes:
     """The chart as a static PNG (matplotlib, no global state: an Agg canvas of its own)."""
+    need_extra("matplotlib", "report", "the Markdown report's plots")
     from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1143,6 +1244,8 @@ def pngs(charts: Sequence[Chart]) -> list[bytes]:
 
     from ..device import usable_cpus
 
+    if charts:  # here, not in a worker
+        need_extra("matplotlib", "report", "the Markdown report's plots")
     if len(charts) < 2 or usable_cpus() < 2 or "fork" not in mp.get_all_start_methods():
         return [png(c) for c in charts]
     from concurrent.futures import ProcessPoolExecutor
@@ -1209,7 +1312,9 @@ def comparison_items(a: RunData, b: RunData, names: tuple[str, str], fa: Frame, 
         d = f"{vb['passed'] - va['passed']:+d}" if va and vb else "—"
         rows.append([f"qualitative cases passed ({m})", *(f"{v['passed']}/{v['total']}" if v else "—"
                                                            for v in (va, vb)), d])
+    warning = comparability(a, b, names)
     items: list[Para | Table | Chart] = [
+        *([Para(warning, "verdict", code=True)] if warning else []),
         Para(f"{na}: {verdict(a.summary)}"), Para(f"{nb}: {verdict(b.summary)}"),
         Table("compare", f"{na} vs {nb}", ("metric", na, nb, f"difference ({nb} − {na})"), rows,
               numeric=(1, 2, 3))]
@@ -1258,7 +1363,7 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
     probe = Probe.of(rd, len(vocab)) if rd.probe is not None else None
 
     overview = Section("overview", "Overview", [Para(verdict(s), "verdict"), *probe_headline_items(s),
-                                                *advice_items(s), language_table(s)])
+                                                *advice_items(rd), language_table(s)])
     notes = []
     opts = s.get("options") or {}
     if opts.get("fold_norm"):
@@ -1288,7 +1393,7 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
 
     tables = Section("tables", "Tables", [drifted_table(fr, vocab, probe, top)])
     nts, nnotes = neighbors_tables(rd, fr, vocab, chosen)
-    tables.items += [*nts, *(Para(n, "note") for n in nnotes)]
+    tables.items += [*nts, *nnotes]
     tables.items += intrusion_items(s)
     tables.items += collapse_items(s)
     if probe is not None:
@@ -1305,6 +1410,9 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
     tables.items += coverage_items(s)
 
     sections = [overview, plots, tables]
+    ev = evaluation_items(s)
+    if ev:
+        sections.insert(1, Section("evaluate", "Did the repair work? (evaluate)", ev))
     if compare is not None:
         assert names is not None
         fb = Frame.of(compare, Vocab.of(compare.vocab))
@@ -1321,11 +1429,7 @@ def _template() -> Any:
 
 
 def _plotly_js() -> str:
-    try:
-        from plotly.offline import get_plotlyjs
-    except ImportError as e:
-        raise VocabdriftError("the HTML report needs plotly: pip install 'vocabdrift[report]'") from e
-    js = get_plotlyjs()
+    js = need_extra("plotly.offline", "report", "the HTML report").get_plotlyjs()
     if "</script" in js.lower():  # inlined as-is; it must not be able to end its own element
         raise VocabdriftError("this plotly version's JavaScript contains '</script'; install another plotly")
     return js
@@ -1337,7 +1441,7 @@ def render_html(sections: list[Section], *, title: str, origin: str) -> str:
 
     specs = [(it.key, _script_json(plotly_spec(it))) for s in sections for it in s.items if isinstance(it, Chart)]
     return _template().render(title=title, origin=origin, sections=sections, specs=specs, plotly_js=_plotly_js(),
-                              version=__version__)
+                              version=__version__, font_sans=FONT_SANS, font_mono=FONT_MONO)
 
 
 def _md_table(t: Table) -> str:
@@ -1368,7 +1472,7 @@ def render_markdown(sections: list[Section], *, title: str, origin: str, images:
         out.append(f"## {_md(s.title)}\n")
         for it in s.items:
             if isinstance(it, Para):
-                text = _md(it.text)
+                text = "".join(f"`{x}`" if code else _md(x) for code, x in it.parts)
                 out.append(f"**{text}**\n" if it.cls == "verdict" else f"{text}\n")
             elif isinstance(it, Table):
                 out.append(_md_table(it))
@@ -1422,11 +1526,12 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
     # a comparison goes beside RUN's own report, named for both runs: it never overwrites it
     html_name, md_name, files_name = (R.comparison_files(*pair) if pair is not None
                                       else (R.REPORT_HTML, R.REPORT_MD, _FILES))
+    charts = [it for s in sections for it in s.items if isinstance(it, Chart)]
+    images_data = pngs(charts)  # before any write too
     files = p / files_name
     files.mkdir(exist_ok=True)
     images = {}
-    charts = [it for s in sections for it in s.items if isinstance(it, Chart)]
-    for c, data in zip(charts, pngs(charts), strict=True):
+    for c, data in zip(charts, images_data, strict=True):
         write_bytes_atomic(files / f"{c.key}.png", data)
         images[c.key] = f"{files_name}/{c.key}.png"
     md_path, html_path = p / md_name, p / html_name

@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 CASES = "cases.json"
 CONFUSION = "confusion.json"
 CONFUSION_ANSWERS = "confusion.jsonl"  # every answer `confusion` sampled, one JSON object a line
+EVALUATE = "evaluate.parquet"  # every probe row of `evaluate` (BASE, POST, candidates)
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 REPORT_FILES = "report_files"
@@ -70,6 +71,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     COVERAGE: ("token_id", "count"),
     COVERAGE_DRIFT: ("token_id", "count", "lm_head_cos"),
     PROBE: ("token_id", "model", "p_target", "sayable"),
+    EVALUATE: ("token_id", "model", "template", "p_target", "rank", "sayable", "group"),
     UNDERTRAINED: ("token_id", "embed_norm", "embed_norm_percentile", "verified"),
     # JSON lines, not a table: the keys every line holds ("foreign": script -> letters of it in the answer;
     # writers add "name" and "native")
@@ -80,7 +82,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 # (coverage joins, probe, cases, confusion, undertrained, the report) was computed on top of a pair and is removed
 # when `diff` writes a different pair into the folder (`Run.set_pair`).
 PAIR_FILES = (VOCAB, DRIFT, NEIGHBORS, SUMMARY, MANIFEST)
-_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, UNDERTRAINED, CASES, CONFUSION, CONFUSION_ANSWERS, REPORT_HTML,
+_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, EVALUATE, UNDERTRAINED, CASES, CONFUSION, CONFUSION_ANSWERS, REPORT_HTML,
               REPORT_MD, REPORT_FILES)
 _SUMMARY_KEY = "summary.json#"  # manifest["files"] also stamps each summary key a command wrote
 _WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
@@ -371,7 +373,7 @@ class Run:
 
 
 # summary keys written by commands other than diff: dropped with the other pair's files
-_NOT_DIFF_KEYS = ("coverage", "probe", "cases", "confusion", "undertrained", "check", "repair")
+_NOT_DIFF_KEYS = ("coverage", "probe", "cases", "confusion", "undertrained", "check", "repair", "evaluate")
 
 
 def _digest(inputs: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import VocabdriftError
+from ..errors import VocabdriftError, need_extra
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,9 @@ def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_saved(p: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        from datasets import Dataset, DatasetDict, load_from_disk
-    except ImportError as e:
-        raise VocabdriftError(f"{p}: reading a saved data set needs `datasets`: pip install datasets") from e
+    need_extra("datasets", "train", f"{p}: reading a saved data set")
+    from datasets import Dataset, DatasetDict, load_from_disk
+
     try:
         ds = load_from_disk(str(p))
     except (FileNotFoundError, ValueError) as e:
