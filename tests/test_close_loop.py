@@ -114,6 +114,18 @@ def test_evaluate_tells_a_repaired_model_from_an_unrepaired_one(pair: dict, cli,
     assert by["post-2"].heldout_loss == pytest.approx(by["post"].heldout_loss, rel=1e-9)
     assert by["fixed"].below == 0 and by["post"].below >= len(pair["planted"]) - 2
     assert not r.passed and (out / "evaluate.parquet").exists()
+    # the language-confusion prompts too (the shipped Japanese and Korean ones), the same draws for every model
+    rc = vocabdrift.evaluate([fixed], base=pair["base"], post=pair["post"], run=pair["run"], out=tmp_path / "evc",
+                             confusion=2, confusion_tokens=4)
+    from vocabdrift.api.probe import read_confusion_prompts
+
+    n_prompts = len(read_confusion_prompts())
+    for m in rc.evaluation.models:
+        assert m.confusion_n == 2 * n_prompts and 0 <= m.confusion_hits <= m.confusion_n
+    fixed_c = rc.evaluation.candidates[0]
+    assert any(s.name == "confusion" for s in fixed_c.stats)
+    base_c = next(m for m in rc.evaluation.models if m.role == "base")
+    assert (fixed_c.confusion_hits, fixed_c.confusion_n) == (base_c.confusion_hits, base_c.confusion_n)  # same model
     # the CLI: exit 1 while a candidate is not repaired, 0 when every one is; --json is JSON alone
     code, stdout, err = cli("evaluate", fixed, "--base", pair["base"], "--post", pair["post"], "--run", pair["run"],
                             "-o", tmp_path / "ev2", "--json")

@@ -402,6 +402,31 @@ def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
     assert "baseline vs repaired" in html_path.read_text()
 
 
+def test_compare_says_when_the_runs_were_trained_differently(tmp_path: Path) -> None:
+    """Two repair runs with other steps and learning rates are not a like-for-like comparison: the headline says
+    so, naming what differs; the same settings say nothing; a run without repair's settings is named."""
+    from vocabdrift.outputs.report import comparability, read_run
+
+    def trained(run: Path, **t: object) -> Path:
+        s = json.loads((run / "summary.json").read_text())
+        s["repair"] = {"mode": "retrain", "start": "base", "training": {"steps": 60, "lr": 2e-3, "batch_size": 4,
+                                                                         "max_length": 256, **t}}
+        (run / "summary.json").write_text(json.dumps(s))
+        return run
+
+    a = trained(make_run(tmp_path / "a"))
+    b = trained(make_run(tmp_path / "b", drifted=False, seed=1), steps=200, lr=2e-4)
+    c = trained(make_run(tmp_path / "c", drifted=False, seed=2))
+    plain = make_run(tmp_path / "plain", drifted=False, seed=3)
+    warn = comparability(read_run(a), read_run(b), ("a", "b"))
+    assert warn is not None and "steps 60 vs 200" in warn and "lr 0.002 vs 0.0002" in warn
+    assert comparability(read_run(a), read_run(c), ("a", "c")) is None
+    assert "plain by a recipe this folder does not record" in comparability(read_run(a), read_run(plain),
+                                                                           ("a", "plain"))
+    md = report(a, compare=b, names="a,b")[1].read_text()
+    assert "Not a like-for-like comparison" in md and "steps 60 vs 200" in md
+
+
 def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(VocabdriftError, match="no such run folder"):
         report(tmp_path / "missing")
