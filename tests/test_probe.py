@@ -346,6 +346,17 @@ def test_cli_probe_writes_the_run_and_bad_input_is_one_line(tiny_model: Path, tm
     assert not (tmp_path / "run2").exists()
 
 
+def test_cli_probe_off_a_terminal_says_how_far_it_is(tiny_model: Path, tmp_path: Path, cli,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vocabdrift probe ... 2> log`: lines at a steady pace (here every block) and a last one, no bar."""
+    monkeypatch.setenv("VOCABDRIFT_PROGRESS_EVERY", "0")
+    code, out, err = cli("probe", tiny_model, "--tokens", "5", "--tokens", "6", "--template", "repeat_en",
+                         "-o", tmp_path / "run")
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if x.startswith("probing: ")]
+    assert lines and lines[-1].startswith("probing: 2/2 done (") and "%|" not in err
+
+
 def test_probe_from_a_diff_run_takes_the_most_drifted(tiny_model: Path, tmp_path: Path) -> None:
     import pyarrow as pa
 

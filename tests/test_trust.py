@@ -226,6 +226,13 @@ def test_json_and_quiet_on_the_table_commands(pair: tuple[Path, Path], tmp_path:
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)  # the whole of stdout is JSON
         assert key is None or key in doc, (args, doc)
+    q = _cli("neighbors", post, "40", "--base", base, "--quiet")
+    assert q.returncode == 0 and q.stdout == "", q.stdout
+    r = _cli("report", "--run", run, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"html": str(run / "report.html"), "md": str(run / "report.md")}
+    q = _cli("report", "--run", run, "--quiet")
+    assert q.returncode == 0 and q.stdout == "", q.stdout
 
 
 def test_version_and_dir_list_the_verbs() -> None:

@@ -18,6 +18,7 @@ import typer
 
 from .analyses.tokens import TOKEN_RULE
 from .errors import EXTRA_OF, VocabdriftError, missing_extra
+from .progress import cli_mode
 
 app = typer.Typer(
     name="vocabdrift",
@@ -224,6 +225,7 @@ def neighbors(
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (default: MODEL's).")] = None,
     allow_pickle: AllowPickle = False,
     as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """The nearest neighbours of a token by cosine; special tokens among them are marked ★."""
     from rich.console import Console
@@ -237,6 +239,8 @@ def neighbors(
                        allow_pickle=allow_pickle)
     if as_json:
         _echo_json(nt.to_pylist())
+        return
+    if quiet:  # the exit code says the token and the model were found
         return
     from .analyses.vocab import token_label
 
@@ -573,7 +577,7 @@ def coverage(
 
     where = run_target(out, run)
     r = run_coverage(data, tokenizer=tokenizer, out=out, run=run, targets=targets, floor=floor, field=field,  # type: ignore[arg-type]
-                     strict=strict, progress=sys.stderr.isatty() and not (as_json or quiet), engine=engine,
+                     strict=strict, progress=cli_mode(quiet=as_json or quiet), engine=engine,
                      num_cpus=num_cpus, force=force)
     from .outputs.run import DRIFT
 
@@ -795,7 +799,7 @@ def probe(
                   top=top_old, all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
                   tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                  progress=sys.stderr.isatty() and not (as_json or quiet), tokens_file=tokens_file,
+                  progress=cli_mode(quiet=as_json or quiet), tokens_file=tokens_file,
                   control=control, force=force)
     s = r.summary
     asked = tokens or tokens_file
@@ -867,7 +871,7 @@ def cases(
 
     r = run_cases(model, cases_file, out=out, run=run, endpoint=endpoint, max_tokens=max_tokens, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                  progress=sys.stderr.isatty() and not (as_json or quiet))
+                  progress=cli_mode(quiet=as_json or quiet))
     if as_json:
         _echo_json(r.to_json())
     elif not quiet:
@@ -913,7 +917,7 @@ def undertrained(
     run_target(out, run)  # one of the two is needed here (the Python API may write nothing)
     r = run_ut(model, out=out, run=run, tokens=token or (), share=share, unused=unused or (), verify=verify,
                collapse=collapse, device=device,
-               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=sys.stderr.isatty())
+               trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=cli_mode())
     s = r.summary
     if as_json or quiet:  # --json: summary["undertrained"] alone on stdout
         if as_json:
@@ -969,7 +973,7 @@ def confusion(
     doc = run_confusion(model, prompts=prompt or prompts, language=language, n=n, temperature=temperature,
                         top_p=top_p, max_tokens=max_tokens, seed=seed, base=base, endpoint=endpoint, out=out, run=run,
                         device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        progress=sys.stderr.isatty() and not (as_json or quiet))
+                        progress=cli_mode(quiet=as_json or quiet))
     if as_json or quiet:
         if as_json:
             _echo_json(doc)
@@ -1001,6 +1005,8 @@ def report(
                                                                     "repeatable. " + TOKEN_RULE)] = None,
     top: Annotated[int, typer.Option(help="Rows in the report's tables of most drifted and lost tokens (a "
                                           "document's tables: more than the console's 20).")] = 50,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write RUN/report.html (self-contained, interactive) and RUN/report.md (with PNG plots in
     RUN/report_files/), read from the run folder alone.
@@ -1009,7 +1015,10 @@ def report(
 
     run, compare = _positional_runs(ctx, run, compare, "report")
     html_path, md_path = run_report(run, compare=compare, names=names, tokens=token or (), top=top)
-    _echo(f"wrote {html_path} and {md_path}")
+    if as_json:
+        _echo_json({"html": str(html_path), "md": str(md_path)})
+    elif not quiet:
+        _echo(f"wrote {html_path} and {md_path}")
 
 
 # ---- the lab ---------------------------------------------------------------------------------------------------

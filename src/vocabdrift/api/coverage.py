@@ -341,7 +341,10 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
     v_size = max(vocab.num_rows, tok.backend_tokenizer.get_vocab_size(with_added_tokens=True))
 
     t0 = time.perf_counter()
-    with _progress(progress, "samples") as bar, timer("count"):
+    from ..progress import bar as line_bar
+
+    with _progress(progress is True, "samples") as bar, timer("count"), \
+            line_bar("lines" if progress == "lines" else False, 0, "coverage: samples counted") as lines:
         task = bar.add_task("coverage", total=None, rate="")
         toks = [0]
 
@@ -349,6 +352,7 @@ def coverage(data: PathLike | Sequence[PathLike] | Sequence[dict] | Any, *, toke
             toks[0] += n_tokens
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=n_samples, rate=f"{toks[0] / dt:,.0f} tok/s")
+            lines(n_samples)
 
         if engine == "ray":
             if strict:

@@ -6,7 +6,6 @@ answers come from `analyses.probe` and `analyses.confusion`, the indicators from
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -47,18 +46,11 @@ TokenSpec = T.TokenSpec
 
 # ---- shared helpers -------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
-    """A rich progress bar, or a silent stand-in; yields `advance(n)`."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _bar(enabled: Any, total: int, description: str) -> Any:
+    """`progress.bar`: a rich bar (True), a line at a steady pace in a log ("lines"), or nothing (False)."""
+    from ..progress import bar
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+    return bar(enabled, total, description)
 
 
 class _Borrowed:
@@ -276,7 +268,8 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
           base_templates: Sequence[str] | None = None, top_p: float = P.TOP_P, endpoint: str | None = None,
           engine: Any = None, tokenizer: str | None = None, device: str | None = None, batch_size: int = 64,
           block_tokens: int = 1024, trust_remote_code: bool = False, allow_pickle: bool = False,
-          progress: bool = False, tokens_file: PathLike | None = None, control: int = CONTROL, force: bool = False,
+          progress: bool | str = False, tokens_file: PathLike | None = None, control: int = CONTROL,
+          force: bool = False,
           from_run: PathLike | None = None, top: int | None = None) -> ProbeResult:
     """Ask MODEL (and BASE) to say each token; write RUN/probe.parquet and summary["probe"].
 
@@ -489,7 +482,7 @@ class CasesResult:
 def cases(model: PathLike, cases_file: PathLike | None = None, *, out: PathLike | None = None,
           endpoint: str | None = None, engine: Any = None, tokenizer: str | None = None,
           device: str | None = None, max_tokens: int = 64, name: str | None = None,
-          trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = False,
+          trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool | str = False,
           run: PathLike | None = None) -> CasesResult:
     """Run user-written cases greedily: pass when the answer holds `expected` and no `forbidden` string.
 
@@ -550,7 +543,7 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
                  unused: Sequence[TokenSpec] = (), reserved_names: dict[str, str] | None = None,
                  collapse: bool = True, templates: Sequence[str] | None = None, device: str | None = None,
                  batch_size: int = 64,
-                 allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False,
+                 allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool | str = False,
                  run: PathLike | None = None) -> UndertrainedResult:
     """Magikarp-style indicators of under-trained tokens for one model, the `share` most suspicious verified by
     probing (verified when the token's best probability over the templates stays below 0.01).
@@ -836,7 +829,7 @@ def confusion(model: PathLike, *, prompts: Any = None, language: str | None = No
               base: PathLike | None = None, endpoint: str | None = None, base_endpoint: str | None = None,
               engine: Any = None, tokenizer: str | None = None, device: str | None = None,
               out: PathLike | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-              progress: bool = False, run: PathLike | None = None) -> dict[str, Any]:
+              progress: bool | str = False, run: PathLike | None = None) -> dict[str, Any]:
     """Sample `n` answers per prompt and count those with letters of a script foreign to the prompt's language.
 
     Each result has the rate with a Wilson 95% interval and the answers per offending script; with `base`, the two
