@@ -155,6 +155,12 @@ def test_repair_from_post_heals_and_judges_itself(pair: dict, cli, tmp_path: Pat
                                                                "COSTS THE TASK")
     assert cand["sentence"] in stdout and cand["heldout_loss"] is not None
     assert (code == 0) == (cand["verdict"] == "REPAIRED")
+    # the report of the repair's folder shows the verdict, second after the overview
+    code, _, err = cli("report", "--run", out)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "## Did the repair work? (evaluate)" in md and cand["sentence"] in md
+    assert md.index("## Did the repair work?") < md.index("## Plots")
 
 
 def test_healing_needs_a_run_folder(pair: dict, cli, tmp_path: Path) -> None:
