@@ -384,6 +384,37 @@ def test_quick_lab_reproduces_drift_and_repair(quick_lab) -> None:
     # both SFTs learned the task: held-out SFT conversations cost far less than before SFT
     for m in (b, r):
         assert m["heldout_loss"] < 0.75 * m["heldout_loss_base"]
+    # the demo says what it found: lab.md opens with the verdict, each regression of the repaired model flagged
+    v = quick_lab.verdict
+    assert v[0].startswith("Drift reproduced: after SFT") and quick_lab.table.startswith("## Verdict\n")
+    assert any(x.startswith("The planted name") and "lost after SFT, sayable after the repair" in x for x in v)
+    worse = r["heldout_loss"] > b["heldout_loss"]
+    assert worse == any(x.startswith("REGRESSION of the repaired model: held-out SFT loss") for x in v)
+
+
+def test_lab_verdict_flags_regressions_and_measurements_without_signal() -> None:
+    from vocabdrift.composites.lab import lab_verdict
+
+    def run(below: int, loss: float, emb: float, hits: int, passed: int, top1: int) -> dict:
+        return {"below": {"0.95": below, "0.90": 0, "tokens": 1000},
+                "languages": {"japanese": {"tokens": 100, "below_0.95": below // 10}, "latin": {"tokens": 900,
+                                                                                              "below_0.95": 10}},
+                "planted": {"token_id": 7}, "probe": {"lost": [], "headline": {"tokens": {
+                    "top1": {"base": top1, "post": top1}}}},
+                "cases": {"passed": passed, "total": 10}, "heldout_loss": loss, "embed_min_cos": emb,
+                "confusion": {"results": [{"language": "ja", "prompt": "富士山とは？", "name": "fuji", "hits": hits,
+                                           "n": 100, "rate": hits / 100}]}}
+
+    v = lab_verdict({"baseline": run(300, 1.0, 0.9, 10, 0, 0), "repaired": run(20, 1.2, 0.6, 30, 0, 0)})
+    assert v[0] == ("Drift reproduced: after SFT 300 of 1,000 lm_head rows (30.0%) fell below 0.95, japanese worst "
+                    "(30.0%); the coverage repair leaves 20 of 1,000.")
+    assert "No signal: the probe's top-1 answers are 0 in every model (read its nucleus counts)." in v
+    assert "No signal: the qualitative cases pass 0/10 for both models." in v
+    regress = [x for x in v if x.startswith("REGRESSION")]
+    assert len(regress) == 3 and "held-out SFT loss 1.000 -> 1.200 (+20.0%)" in regress[0]
+    assert "minimum embedding cosine 0.900 -> 0.600" in regress[1] and "10% -> 30%" in regress[2]
+    calm = lab_verdict({"baseline": run(300, 1.0, 0.9, 10, 2, 5), "repaired": run(20, 0.9, 0.9, 10, 3, 5)})
+    assert calm[-1].startswith("No regression") and not any(x.startswith("No signal") for x in calm)
 
 
 @pytest.mark.slow

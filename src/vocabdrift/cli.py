@@ -1061,6 +1061,12 @@ def lab(
     _echo(f"wrote {r.out}/ (models/, baseline/, repaired/, lab.json, lab.md"
           f"{', remedies/, remedies.md' if r.remedies_table else ''}) in {time.perf_counter() - t0:.0f} s "
           f"({sum(r.timings.values()):.0f} s of stages over all runs of this folder)")
+    from .outputs.run import comparison_files
+
+    page = r.runs["baseline"] / comparison_files("baseline", "repaired")[0]
+    _echo("\nVerdict:\n" + "".join(f"  {x}\n" for x in r.verdict)
+          + (f"Report: {page} (and its .md); the measured table: {r.out / 'lab.md'}" if page.exists()
+             else f"The measured table: {r.out / 'lab.md'}"))
 
 
 # Exit codes: 0 success (check: pass), 1 check failed (drift found) or cases failed, 2 bad input, 70 a bug in

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,7 @@ def _measure(run: Path, reach_ids: Any, planted: int) -> dict[str, Any]:
         "below": {"0.95": int((cos[ok] < 0.95).sum()), "0.90": int((cos[ok] < 0.90).sum()), "tokens": int(ok.sum())},
         "languages": {cat: {"tokens": v["lm_head"]["tokens"], "below_0.95": v["lm_head"]["below_0.95"]}
                       for cat, v in summary["categories"].items() if v["lm_head"]["tokens"]},
+        "embed_min_cos": float(np.nanmin(emb[ok])) if ok.any() else None,
         "planted": {"token_id": planted, "lm_head_cos": float(cos[ids == planted][0]),
                     "embed_cos": float(emb[ids == planted][0]), "lm_head_rank": rank, "of": int(ok.sum()),
                     "embed_median_cos": float(np.median(emb[ok]))},
@@ -174,6 +175,58 @@ def _measure(run: Path, reach_ids: Any, planted: int) -> dict[str, Any]:
         if key in summary:
             out[key] = summary[key]
     return out
+
+
+def lab_verdict(results: dict[str, dict[str, Any]], *, alpha: float = 0.05) -> list[str]:
+    """What the lab found, in sentences: what reproduced, what the repair did, where the repaired model is worse
+    than the baseline (REGRESSION), and which measurements carry no signal."""
+    b, r = results["baseline"], results["repaired"]
+    lines = []
+    tb, tr = b["below"]["tokens"], r["below"]["tokens"]
+    worst = max((c for c in b["languages"] if b["languages"][c]["tokens"] >= 5), key=lambda c: _share(b, c),
+                default=None)
+    share = 100 * b["below"]["0.95"] / max(tb, 1)
+    lines.append(f"Drift reproduced: after SFT {b['below']['0.95']:,} of {tb:,} lm_head rows ({share:.1f}%) "
+                 "fell below 0.95" + (f", {worst} worst ({100 * _share(b, worst):.1f}%)" if worst else "")
+                 + f"; the coverage repair leaves {r['below']['0.95']:,} of {tr:,}.")
+    pb, pr = b["planted"], r["planted"]
+    if "probe" in b and "probe" in r:
+        lost_b, lost_r = pb["token_id"] in b["probe"]["lost"], pr["token_id"] in r["probe"]["lost"]
+        lines.append(f"The planted name {GIVEN_NAME}: " + ("lost after SFT" if lost_b else "not lost after SFT")
+                     + (", lost after the repair too." if lost_r else ", sayable after the repair."))
+        head_b, head_r = (b["probe"].get("headline") or {}).get("tokens"), (r["probe"].get("headline") or {}
+                                                                           ).get("tokens")
+        if head_b and head_r and not any(h["top1"][k] for h in (head_b, head_r) for k in ("base", "post")):
+            lines.append("No signal: the probe's top-1 answers are 0 in every model (read its nucleus counts).")
+    if "cases" in b and "cases" in r:
+        cb, cr = _cases_cell(b), _cases_cell(r)
+        if cb == cr and cb.startswith("0/"):
+            lines.append(f"No signal: the qualitative cases pass {cb} for both models.")
+    regress: list[str] = []
+    worse: list[str] = []
+    lb, lr = b.get("heldout_loss"), r.get("heldout_loss")
+    if lb is not None and lr is not None and lr > lb:
+        regress.append(f"held-out SFT loss {b['heldout_loss']:.3f} -> {r['heldout_loss']:.3f} "
+                       f"({100 * (r['heldout_loss'] / b['heldout_loss'] - 1):+.1f}%)")
+    if b.get("embed_min_cos") is not None and r.get("embed_min_cos") is not None \
+            and r["embed_min_cos"] < b["embed_min_cos"] - 0.05:
+        regress.append(f"minimum embedding cosine {b['embed_min_cos']:.3f} -> {r['embed_min_cos']:.3f}")
+    if "confusion" in b and "confusion" in r:
+        rb, rr = _confusion_results(b), _confusion_results(r)
+        for key, x in rb.items():
+            y = rr.get(key)
+            if y is not None and y["rate"] > x["rate"]:
+                p = _fisher(y, x)
+                what = (f"language confusion on {_prompt_label(x)} {100 * x['rate']:.0f}% -> "
+                        f"{100 * y['rate']:.0f}% (Fisher p {_p(p)})")
+                (regress if p < alpha else worse).append(what)
+    for x in regress:
+        lines.append(f"REGRESSION of the repaired model: {x}.")
+    for x in worse:
+        lines.append(f"Worse, not significantly: {x}.")
+    if not regress and not worse:
+        lines.append("No regression of the repaired model on held-out loss, embeddings or confusion.")
+    return lines
 
 
 def _share(m: dict[str, Any], cat: str) -> float:
@@ -343,6 +396,7 @@ class LabResult:
     timings: dict[str, float]
     remedies: dict[str, dict[str, Any]] | None = None   # baseline, +coverage, +replay, +anchor, +gate
     remedies_table: str | None = None
+    verdict: list[str] = field(default_factory=list)  # lab_verdict: what reproduced, regressions, no-signal rows
 
 
 # ---- the lab's stages: module-level functions over one context, in the order they run -------------------------
@@ -601,7 +655,9 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
     results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
     for k, v in results.items():
         v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
-    table = comparison_markdown(results)
+    verdict = lab_verdict(results)
+    table = "## Verdict\n\n" + "".join(f"- {x}\n" for x in verdict) + "\n## Measured\n\n" + \
+        comparison_markdown(results)
     conf = confusion_markdown(results)
     if conf:
         table += "\nLanguage confusion, as published (sampled answers: RUN/confusion.jsonl):\n\n" + conf
@@ -626,7 +682,8 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
         _write_text(out / "remedies.md", rem_table)
     timings = {k: v["seconds"] for k, v in st.state["stages"].items()}
     return LabResult(out=out, runs=runs, models={k: v for k, v in lb.mpath.items() if k != "tokenizer"},
-                     results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table)
+                     results=results, table=table, timings=timings, remedies=rem_results, remedies_table=rem_table,
+                     verdict=verdict)
 
 
 def _import_for_later_stages() -> None:
