@@ -1064,7 +1064,7 @@ def lab(
     from .outputs.run import comparison_files
 
     page = r.runs["baseline"] / comparison_files("baseline", "repaired")[0]
-    _echo("\nVerdict:\n" + "".join(f"  {x}\n" for x in r.verdict)
+    _echo(("\nVerdict:\n" + "".join(f"  {x}\n" for x in r.verdict) if r.verdict else "\n")
           + (f"Report: {page} (and its .md); the measured table: {r.out / 'lab.md'}" if page.exists()
              else f"The measured table: {r.out / 'lab.md'}"))
 

@@ -179,8 +179,11 @@ def _measure(run: Path, reach_ids: Any, planted: int) -> dict[str, Any]:
 
 def lab_verdict(results: dict[str, dict[str, Any]], *, alpha: float = 0.05) -> list[str]:
     """What the lab found, in sentences: what reproduced, what the repair did, where the repaired model is worse
-    than the baseline (REGRESSION), and which measurements carry no signal."""
-    b, r = results["baseline"], results["repaired"]
+    than the baseline (REGRESSION), and which measurements carry no signal. Empty when the measurements are
+    missing (a folder measured by an older version)."""
+    b, r = results.get("baseline") or {}, results.get("repaired") or {}
+    if "below" not in b or "below" not in r or "planted" not in b:
+        return []
     lines = []
     tb, tr = b["below"]["tokens"], r["below"]["tokens"]
     worst = max((c for c in b["languages"] if b["languages"][c]["tokens"] >= 5), key=lambda c: _share(b, c),
@@ -656,8 +659,9 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
     for k, v in results.items():
         v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
     verdict = lab_verdict(results)
-    table = "## Verdict\n\n" + "".join(f"- {x}\n" for x in verdict) + "\n## Measured\n\n" + \
-        comparison_markdown(results)
+    table = comparison_markdown(results)
+    if verdict:
+        table = "## Verdict\n\n" + "".join(f"- {x}\n" for x in verdict) + "\n## Measured\n\n" + table
     conf = confusion_markdown(results)
     if conf:
         table += "\nLanguage confusion, as published (sampled answers: RUN/confusion.jsonl):\n\n" + conf
