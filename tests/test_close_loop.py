@@ -169,3 +169,10 @@ def test_healing_needs_a_run_folder(pair: dict, cli, tmp_path: Path) -> None:
     code, out, err = cli("evaluate", pair["post"], "--base", pair["base"], "--post", pair["base"], "--run",
                          pair["run"])
     assert code == 2 and "another BASE/POST pair" in err
+    # healing the wrong model against RUN, or with a held-out file that is not there, is said before any training
+    code, out, err = cli("repair", pair["base"], pair["sft"], "--heal", pair["base"], "--run", pair["run"],
+                         "-o", tmp_path / "h2")
+    assert code == 2 and "another BASE/POST pair" in err and not (tmp_path / "h2").exists()
+    code, out, err = cli("repair", pair["base"], pair["sft"], "--heal", pair["post"], "--run", pair["run"],
+                         "-o", tmp_path / "h3", "--heldout", tmp_path / "missing.jsonl")
+    assert code == 2 and "missing.jsonl" in err and not (tmp_path / "h3").exists()

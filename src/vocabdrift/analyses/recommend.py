@@ -256,20 +256,26 @@ def from_tables(vocab: pa.Table, drift: pa.Table, summary: dict[str, Any], *, co
     collapsed rows, coverage's sample count), with coverage.parquet and probe.parquet when the folder has them."""
     th = float(threshold if threshold is not None else summary.get("threshold", 0.95))
     ids = np.asarray(vocab["token_id"], dtype=np.int64)
-    pos = {int(t): i for i, t in enumerate(ids.tolist())}
-    cos = np.full(len(ids), np.nan)
-    for t, c in zip(drift["token_id"].to_pylist(), drift["lm_head_cos"].to_pylist(), strict=True):
-        if t in pos:
-            cos[pos[t]] = np.nan if c is None else c
+
+    def by_vocab_row(table: pa.Table, column: str, fill: float) -> np.ndarray:
+        """`column` of `table` (keyed by token_id) aligned to the vocabulary's rows; `fill` where absent."""
+        out = np.full(len(ids), fill, dtype=np.float64)
+        where = np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int64)
+        where[ids] = np.arange(len(ids))
+        t = np.asarray(table["token_id"], dtype=np.int64)
+        keep = (t >= 0) & (t < len(where))
+        rows = where[t[keep]]
+        vals = table[column].to_numpy(zero_copy_only=False).astype(np.float64)[keep]  # nulls become NaN
+        out[rows[rows >= 0]] = vals[rows >= 0]
+        return out
+
+    cos = by_vocab_row(drift, "lm_head_cos", np.nan)
     special = np.asarray(vocab["is_special"].to_pylist(), dtype=bool)
     reach = np.asarray(vocab["reachable"].to_pylist(), dtype=bool) if "reachable" in vocab.column_names \
         else np.ones(len(ids), bool)
     counts, samples = None, None
     if coverage is not None:
-        counts = np.zeros(len(ids), dtype=np.int64)
-        for t, n in zip(coverage["token_id"].to_pylist(), coverage["count"].to_pylist(), strict=True):
-            if t in pos:
-                counts[pos[t]] = n
+        counts = by_vocab_row(coverage, "count", 0).astype(np.int64)
         samples = (summary.get("coverage") or {}).get("samples")
     asked, lost, controls, control_lost = probe_lost(probe)
     collapsed = [int(t) for t in ((summary.get("collapse") or {}).get("new_ids") or [])]

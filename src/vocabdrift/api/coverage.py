@@ -497,8 +497,8 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
             _check_same_tokenizer(prev.read_table(R.VOCAB), tok, rp)
             risk = recommendation(rp, max_tokens=max_tokens)
             if not risk.covered:
-                raise VocabdriftError(f"{rp}: no token is at risk (none LOST, collapsed, or below "
-                                      f"{risk.recipe.get('threshold', 0.95)} and rarely targeted); nothing to cover")
+                raise VocabdriftError(f"{rp}: no token is at risk (none LOST, collapsed, or below the drift "
+                                      "threshold and rarely targeted); nothing to cover")
             cover = np.asarray(risk.covered, dtype=np.int64)
             cover = cover[cover < n]
             need = np.zeros(n, dtype=np.int64)

@@ -78,6 +78,14 @@ def candidate_names(candidates: Sequence[PathLike], names: Sequence[str] | None 
     return out
 
 
+def check_run_pair(run: PathLike, base: PathLike, post: PathLike) -> None:
+    """RUN's diff must be of this BASE and POST: the tokens at risk and the controls are theirs."""
+    pair = R.Run(run).pair()
+    if pair and (R.model_identity(base) != pair.get("base") or R.model_identity(post) != pair.get("post")):
+        raise VocabdriftError(f"{run}: its diff is of another BASE/POST pair; pass the --base and --post it was "
+                              "made from, or a run folder of this pair")
+
+
 def _reusable_probe(run: R.Run, base: PathLike, post: PathLike, templates: Sequence[str], ids: Sequence[int]
                     ) -> pa.Table | None:
     """BASE's and POST's rows from the run's own probe when it asked these tokens with these templates of these
@@ -172,10 +180,7 @@ def evaluate(candidates: Sequence[PathLike], *, base: PathLike, post: PathLike, 
     if not r.has(R.DRIFT):
         raise VocabdriftError(f"{run_path}: holds no drift.parquet; run `vocabdrift diff BASE POST -o {run_path}` "
                               "first")
-    pair = r.pair()
-    if pair and (R.model_identity(base) != pair.get("base") or R.model_identity(post) != pair.get("post")):
-        raise VocabdriftError(f"{run_path}: its diff is of another BASE/POST pair; pass the --base and --post it was "
-                              "made from, or a run folder of this pair")
+    check_run_pair(run_path, base, post)
     dest = Path(out) if out is not None else run_path
     if out is not None:
         from ..outputs.location import check_out

@@ -56,14 +56,20 @@ def mix_coverage(records: list[dict[str, Any]], coverage: list[dict[str, Any]], 
                  seed: int = 0) -> list[dict[str, Any]]:
     """The coverage records to train on beside `records`: all of them, or a seeded draw that makes `share` of the
     training set (cycling through the coverage set in a seeded order when it is smaller than that)."""
-    import random
-
     if share is None or not coverage:
         return list(coverage)
-    want = round(share / (1.0 - share) * len(records))
-    order = list(range(len(coverage)))
+    return seeded_draw(coverage, round(share / (1.0 - share) * len(records)), seed=seed)
+
+
+def seeded_draw(items: Sequence[dict[str, Any]], n: int, *, seed: int) -> list[dict[str, Any]]:
+    """`n` of `items` in a seeded order, each once before any twice (cycling when `n` exceeds them)."""
+    import random
+
+    if n <= 0 or not items:
+        return []
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    return [coverage[order[k % len(order)]] for k in range(want)]
+    return [items[order[k % len(order)]] for k in range(n)]
 
 
 def training_plan(*, sft: int, coverage: int, replay: int, steps: int, batch_size: int, processes: int = 1,
@@ -225,6 +231,12 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         run = existing_run(run)
         if not (Path(run) / R.DRIFT).exists():
             raise VocabdriftError(f"{run}: holds no diff; run `vocabdrift diff BASE POST -o {run}` first")
+        if healing:  # said now, not after training, when the verdict would need them
+            from .evaluate import check_run_pair
+
+            check_run_pair(run, base, heal)
+            if verify and heldout is not None:
+                read_records(heldout, what="held-out")
     if not 0.0 < coverage_weight <= 1.0:
         raise VocabdriftError(f"--coverage-weight must be in (0, 1], not {coverage_weight}")
     if max_tokens < 1 or not replay_sft >= 0:
@@ -326,7 +338,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                 if not cov_records and not steps:
                     raise VocabdriftError("healing without a coverage set (--coverage none) replays DATA alone: say "
                                           "for how long with --steps")
-                sft_drawn = heal_replay(records, n_sft, seed=seed)
+                sft_drawn = seeded_draw(records, n_sft, seed=seed + 1)  # another order than the coverage draw
                 train_records = cov_records + sft_drawn
                 if not train_records:
                     raise VocabdriftError(f"{run}: no token at risk to heal and nothing to replay; nothing to do")
@@ -372,7 +384,7 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         cov_tokens = count_tokens(cov_records, tok) if cov_records else 0
         replay_tokens = count_tokens(replay_added, tok) if replay_added else 0
         heal_sft_tokens = count_tokens(sft_drawn, tok) if healing and sft_drawn else 0
-        seen = min(1.0, plan["epochs"]) if plan["epochs"] <= 1 else plan["epochs"]  # each sample's expected draws
+        seen = plan["epochs"]  # how many times each sample is drawn, on average
         drawn = {"coverage": round(cov_tokens * seen), "replay": round(replay_tokens * seen),
                  "sft": round((heal_sft_tokens if healing else sft_tokens) * seen)}
         extra_drawn = drawn["coverage"] + drawn["replay"] + (drawn["sft"] if healing else 0)
@@ -425,14 +437,4 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
                  device=device, max_length=max_length)
     return out
 
-
-def heal_replay(records: Sequence[dict[str, Any]], n: int, *, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` SFT records drawn without repeats in a seeded order (cycling when `n` exceeds the data)."""
-    import random
-
-    if n <= 0 or not records:
-        return []
-    order = list(range(len(records)))
-    random.Random(seed + 1).shuffle(order)
-    return [records[order[k % len(order)]] for k in range(n)]
 
