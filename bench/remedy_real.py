@@ -93,8 +93,8 @@ def train(work: Path, name: str, args: argparse.Namespace) -> float:
 
 
 def ranks(model: Path, ids: list[int], out: Path) -> list[int]:
-    """The best rank of each of `ids` as MODEL's first answer token over the probe's chat templates (0: some
-    template gets it said first)."""
+    """The best rank of each of `ids` as MODEL's first answer token over the probe's chat templates (1: some
+    template gets it said first; vocabdrift's ranks start at 1 everywhere)."""
     import pyarrow.parquet as pq
 
     import vocabdrift
@@ -108,7 +108,7 @@ def ranks(model: Path, ids: list[int], out: Path) -> list[int]:
 
 
 def top1(r: list[int]) -> float:
-    return sum(x == 0 for x in r) / len(r)
+    return sum(x == 1 for x in r) / len(r)
 
 
 def measure(work: Path, name: str, wall: float, worst: list[int], names: list[int]) -> dict:
@@ -181,19 +181,18 @@ def main() -> None:
 def table(results: dict) -> str:
     """The Markdown table of results.json. The probe's ranks are the best over its chat templates; a token with a
     leading space (" cut") is rarely the very first answer token (the model answers "cut"), so the table gives the
-    median rank and the share of the 40 most drifted tokens at rank 0 or 1 beside the top-1 share."""
+    median rank beside the share of the 40 most drifted tokens said first (rank 1)."""
     import statistics
 
     from vocabdrift.analyses.vocab import token_label
 
     def ranks(r: dict) -> str:
         w = r["ranks_worst40"]
-        return (f"{sum(x == 0 for x in w) / len(w):.0%} / {sum(x <= 1 for x in w) / len(w):.0%} / "
-                f"{statistics.median(w):g}")
+        return f"{top1(w):.0%} / {statistics.median(w):g}"
 
     names = ", ".join(token_label(n) for n in results["names"])
-    lines = ["| run | wall | lm_head mean / min cos | rows below 0.95 | 40 most drifted: top-1 / rank <= 1 / median "
-             f"rank | ranks of {names} | held-out loss | most drifted |",
+    lines = ["| run | wall | lm_head mean / min cos | rows below 0.95 | 40 most drifted: top-1 / median rank "
+             f"| ranks of {names} | held-out loss | most drifted |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
              f"| base | | 1 / 1 | 0 | {ranks(results['base'])} | {results['base']['name_ranks']} | "
              f"{results['base'].get('heldout_loss', float('nan')):.3f} | |"]

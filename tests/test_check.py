@@ -57,7 +57,7 @@ def test_judge_verdicts() -> None:
     # judged: ids 0..5 (6 tokens); below 0.95: ids 3, 4 -> 2/6
     r = judge(drift, vocab, [parse_max_below("0.95:33%")])
     assert not r.passed and r.results[0].below == 2 and r.results[0].tokens == 6
-    assert r.verdict.startswith("FAIL lm_head: 2/6 (33.33%) below 0.95 > 33%")
+    assert r.verdict.startswith("FAIL lm_head: 2/6 reachable tokens (33.33%) below 0.95 > 33%")
     assert judge(drift, vocab, [parse_max_below("0.95:34%")]).passed
     assert judge(drift, vocab, [parse_max_below("0.95:2")]).passed
     assert not judge(drift, vocab, [parse_max_below("0.95:1")]).passed
@@ -169,4 +169,10 @@ def test_cli_bad_input_exits_2(pair: dict, tmp_path: Path) -> None:
         assert len(err) == 1 and err[0].startswith("vocabdrift: error:") and "Traceback" not in r.stderr
         assert needle is None or needle in err[0]
     r = _cli("--run", tmp_path / "missing")
+    assert r.returncode == 2 and "no such run folder" in r.stderr
+    from vocabdrift.outputs.run import open_run
+
+    with open_run(tmp_path / "empty-run"):  # a run folder vocabdrift made, without a diff yet
+        pass
+    r = _cli("--run", tmp_path / "empty-run")
     assert r.returncode == 2 and "no drift.parquet" in r.stderr

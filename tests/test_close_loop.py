@@ -64,14 +64,32 @@ def test_one_recommendation_across_commands(pair: dict, cli, tmp_path: Path) -> 
 
     # synth --run writes the set the recommendation sized, and mix adds it whole by default
     cov = tmp_path / "cov.jsonl"
-    code, out, err = cli("synth", pair["base"], "--run", pair["run"], "-o", cov)
+    code, out, err = cli("synth", pair["base"], "--run", pair["run"], "-o", cov, "--json")
     assert code == 0, err
     stats = json.loads(cov.with_name("cov.stats.json").read_text())
     assert stats["samples"] == rec.recipe["synth_samples"] == len(cov.read_text().splitlines())
     assert stats["covered"] == len(rec.covered)
-    code, out, err = cli("mix", pair["sft"], cov, "-o", tmp_path / "mixed.jsonl")
+    doc = json.loads(out)  # --json: alone on stdout, the same numbers as the stats file
+    assert (doc["samples"], doc["covered"], doc["path"]) == (stats["samples"], stats["covered"], str(cov))
+    code, out, err = cli("mix", pair["sft"], cov, "-o", tmp_path / "mixed.jsonl", "--json")
     assert code == 0, err
     assert len((tmp_path / "mixed.jsonl").read_text().splitlines()) == 32 + rec.recipe["synth_samples"]
+    assert json.loads(out) | {"malformed_first": []} == {"path": str(tmp_path / "mixed.jsonl"), "sft": 32,
+                                                          "synth": rec.recipe["synth_samples"], "malformed": 0,
+                                                          "malformed_first": []}
+    code, out, err = cli("mix", pair["sft"], cov, "-o", tmp_path / "mixed2.jsonl", "--quiet")
+    assert (code, out) == (0, "")
+
+    # probe --json names the LOST tokens with their texts, and gives a row per asked token
+    asked = sorted(lost)[:3]
+    code, out, err = cli("probe", pair["post"], "--base", pair["base"], "-o", tmp_path / "p", "--template",
+                         "repeat_en", "--control", "0", *[a for i in asked for a in ("--token", i)], "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [t["token_id"] for t in doc["lost_tokens"]] == doc["lost"] and doc["lost"]
+    tok = load_tokenizer(pair["base"])
+    assert all(t["text"] == tok.decode([t["token_id"]]) and t["text"] in NAMES for t in doc["lost_tokens"])
+    assert {r["token_id"] for r in doc["per_token"]} == set(asked)
 
     # coverage (--json), check and the report say the same words
     code, out, err = cli("coverage", pair["sft"], "--tokenizer", pair["base"], "--run", pair["run"], "--json")

@@ -316,6 +316,10 @@ def test_ray_engine_counts_equal_local(tok_dir: Path, tmp_path: Path) -> None:
             assert (dist.summary["samples"], dist.summary["target_tokens"]) == (60, local.summary["target_tokens"])
         with pytest.raises(VocabdriftError, match="Ray Data failed.*--engine local"):
             coverage(bad, tokenizer=tok_dir, engine="ray")
+        assert not ray.is_initialized()  # the Ray each call started ended with it, the failing one too
+        for n in (0, 1):  # an actor holds a CPU for life: with fewer than 2 the reads would never run
+            with pytest.raises(VocabdriftError, match="at least 2"):
+                coverage(data, tokenizer=tok_dir, engine="ray", num_cpus=n)
     finally:
         ray.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from factory import cosine_rows, evict, make_gpt2, make_llama, plant_drift, read
 
 import vocabdrift
 from vocabdrift.analyses.drift import bf16_row_sums as _bf16_row_sums
+from vocabdrift.errors import VocabdriftError
 from vocabdrift.sources.checkpoint import open_checkpoint
 
 PLANTED = {7: 0.9, 42: 0.7, 101: 0.8}
@@ -245,7 +247,8 @@ def test_smollm2_gguf_reads(smollm2_gguf: Path) -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    """`vocabdrift --help` and every command's --help stay instant: no torch, transformers or pyarrow import."""
+    """`vocabdrift --help` and every command's --help stay instant: no torch, transformers or pyarrow import; each
+    shows flags as flags and has --json and --quiet."""
     code = """
 import sys, typer.main, typer.testing
 from vocabdrift.cli import app
@@ -253,8 +256,10 @@ runner = typer.testing.CliRunner()
 assert runner.invoke(app, ["--help"]).exit_code == 0
 names = sorted(typer.main.get_command(app).commands)
 for name in names:
-    r = runner.invoke(app, [name, "--help"])
+    r = runner.invoke(app, [name, "--help"], terminal_width=200)
     assert r.exit_code == 0, (name, r.output)
+    assert "<bool>" not in r.output, (name, "a flag shown as a <bool> to type")  # flags are shown bare
+    assert "--json" in r.output and "--quiet" in r.output, (name, "every command has --json and --quiet")
 bad = [m for m in ("torch", "transformers", "pyarrow") if m in sys.modules]
 print(names, bad)
 sys.exit(1 if bad or "diff" not in names else 0)
@@ -420,3 +425,73 @@ def test_vocabulary_child_given_up_leaves_nothing(tmp_path: Path) -> None:
     assert job._proc.poll() is not None and not job._dir.exists()
     done = D._VocabChild([(str(tmp_path / "tok"), 400)])
     assert done.result().num_rows == 400 and not done._dir.exists()
+
+
+def test_neighbors_of_one_token_read_without_torch_equal_the_streaming_pass(smollm2_hf: Path) -> None:
+    """`neighbors` of one token is a matrix-vector product: numpy, without torch's start-up; its answer equals
+    the torch pass `diff` streams (ids exactly, cosines to float32 rounding). Tokens as vocabdrift prints them
+    (`␣Paul`, `␣Paul (id)`) name them too."""
+    from vocabdrift.api.diff import neighbors
+    from vocabdrift.sources.tokenizer import load_tokenizer
+
+    pid = load_tokenizer(smollm2_hf).convert_tokens_to_ids("ĠPaul")
+    fast = neighbors(smollm2_hf, " Paul", k=15)
+    slow = neighbors(smollm2_hf, " Paul", k=15, device="cpu")
+    assert fast.column("neighbor_id").to_pylist() == slow.column("neighbor_id").to_pylist()
+    assert np.allclose(fast.column("cos").to_numpy(), slow.column("cos").to_numpy(), atol=1e-6)
+    assert pid not in fast.column("neighbor_id").to_pylist()
+    for spec in ("␣Paul", f"␣Paul ({pid})", pid):
+        assert neighbors(smollm2_hf, spec, k=3).column("token_id")[0].as_py() == pid
+    with pytest.raises(VocabdriftError, match="not one"):  # a label whose id does not match its text
+        neighbors(smollm2_hf, f"␣Paul ({pid + 1})", k=3)
+    code = f"""
+import sys
+from vocabdrift.api.diff import neighbors
+t = neighbors({str(smollm2_hf)!r}, " Paul", k=3)
+assert t.num_rows == 3, t
+sys.exit(1 if "torch" in sys.modules or "transformers" in sys.modules else 0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, "neighbors of one token imported torch or transformers: " + r.stderr[-500:]
+
+
+def test_neighbors_never_lists_rows_without_direction(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NaN, infinite and zero rows have no direction: never a neighbour (no id -1 at cos -2 either), and a token
+    whose own row is broken has none, said in a warning; a finite row of 1e30s keeps its cosine."""
+    from safetensors.numpy import load_file, save_file
+
+    from vocabdrift.api.diff import neighbors
+
+    m = make_llama(tmp_path / "m", dtype="float32")
+    f = m / "model.safetensors"
+    t = load_file(str(f))
+    w = t["lm_head.weight"]
+    w[5], w[6], w[7] = np.nan, np.inf, 0.0
+    w[9] = w[8] * 1e30  # huge but finite: the same direction as row 8
+    save_file(t, str(f), metadata={"format": "pt"})
+    n = w.shape[0]
+    got = neighbors(m, 8, k=n)
+    ids = got.column("neighbor_id").to_pylist()
+    assert not {5, 6, 7, -1} & set(ids) and len(ids) == n - 4  # every row but itself and the three broken ones
+    assert ids[0] == 9 and got.column("cos")[0].as_py() == pytest.approx(1.0, abs=1e-6)
+    assert all(-1.0 <= c <= 1.0 for c in got.column("cos").to_pylist())
+    with caplog.at_level(logging.WARNING):
+        assert neighbors(m, 5, k=3).num_rows == 0
+    assert "no direction" in caplog.text
+
+
+def test_a_rerun_of_diff_says_only_what_it_did(tmp_path: Path, cli, caplog: pytest.LogCaptureFixture) -> None:
+    """The same diff again recomputes nothing, writes nothing and does not claim to; --force does both."""
+    base = make_llama(tmp_path / "base", dtype="float32")
+    post = plant_drift(base, tmp_path / "post", rows={40: 0.8}, tensor_suffix="lm_head.weight")
+    run = tmp_path / "run"
+    code, out, err = cli("diff", base, post, "-o", run)
+    assert code == 0 and f"wrote {run}/" in out, err
+    stamp = (run / "summary.json").stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING):
+        code, out, err = cli("diff", base, post, "-o", run)
+    assert code == 0 and "nothing recomputed" in caplog.text and "wrote" not in out, out
+    assert (run / "summary.json").stat().st_mtime_ns == stamp
+    caplog.clear()
+    code, out, err = cli("diff", base, post, "-o", run, "--force")
+    assert code == 0 and f"wrote {run}/" in out and "nothing recomputed" not in caplog.text

@@ -92,7 +92,7 @@ def test_the_openai_engine_without_httpx_names_the_openai_extra(monkeypatch: pyt
         OpenAIEngine("http://127.0.0.1:9", model="m")
 
 
-def test_a_missing_package_imported_elsewhere_is_still_one_line_and_exit_2(cli: Cli,
+def test_a_missing_package_imported_elsewhere_is_still_one_line_and_exit_2(cli: Cli, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The net under `need_extra`: an optional package imported directly still gives the one line and 2; a module
     that is no optional package of ours stays a bug (70)."""
@@ -103,12 +103,15 @@ def test_a_missing_package_imported_elsewhere_is_still_one_line_and_exit_2(cli: 
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return report
 
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run", ())
     monkeypatch.setattr(rep, "report", missing("wordfreq"))
-    code, _, err = cli("report", "--run", "anywhere")
+    code, _, err = cli("report", "--run", run)
     assert_names_extra(code, err, "lab")
     assert "`vocabdrift report`" in err
     monkeypatch.setattr(rep, "report", missing("no_such_module_of_ours"))
-    code, _, err = cli("report", "--run", "anywhere")
+    code, _, err = cli("report", "--run", run)
     assert code == 70 and "bug" in err, err
 
 

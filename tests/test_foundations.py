@@ -490,3 +490,26 @@ def test_the_lab_runs_each_stage_once_in_order_with_the_recipe(tmp_path: Path, m
         *(("eval_loss", f"OUT/{m}") for m in ("models/base", "models/baseline", "models/repaired",
                                               *(f"remedies/{r}/model" for r in L.REMEDIES))),
         *((f, f"OUT/remedies/{k}") for k in L.REMEDIES for f in ("repair", "probe", "confusion"))])
+
+
+def test_every_path_option_goes_through_the_write_gate_or_is_a_declared_input() -> None:
+    """Walks every command's options from the CLI itself: a path option is gated (outputs.location.check_out, or
+    an existing vocabdrift run folder) or named an input in `cli.PATH_INPUTS`; a new option cannot skip the gate."""
+    import typer.main
+
+    from vocabdrift.cli import GATES, PATH_INPUTS, app
+
+    seen = 0
+    for name, command in typer.main.get_command(app).commands.items():
+        for p in command.params:
+            annotation = str(getattr(getattr(p, "type_descriptor", None), "annotation", ""))
+            is_path = "Path" in annotation or p.name in ("out", "run", "compare", "csv")
+            if not is_path and p.name not in PATH_INPUTS:
+                continue
+            seen += 1
+            gate = getattr(p.callback, "__wrapped__", p.callback)  # typer wraps a callback
+            if p.name in PATH_INPUTS:
+                assert gate not in GATES, (name, p.name)
+                continue
+            assert gate in GATES, f"{name} {p.opts}: a path option outside the write gate"
+    assert seen >= 35

@@ -309,6 +309,13 @@ def _write(name: str, text: str) -> Callable[[Path], None]:
     return make
 
 
+def _index_only(text: str) -> Callable[[Path], None]:
+    def make(f: Path) -> None:
+        (f / "model.safetensors").rename(f / "model-00001-of-00001.safetensors")
+        (f / "model.safetensors.index.json").write_text(text)
+    return make
+
+
 def _bin_index(text: str) -> Callable[[Path], None]:
     def make(f: Path) -> None:
         (f / "model.safetensors").unlink()
@@ -347,9 +354,9 @@ POST_CASES = [
     ("shard-outside-the-folder", _index_to("../../../../etc/passwd"), ["outside the model folder"]),
     ("shard-absolute-path", _index_to("/etc/passwd"), ["outside the model folder"]),
     ("shard-missing", _index_to("model-00002-of-00002.safetensors"), ["is missing"]),
-    ("index-not-an-object", _write("model.safetensors.index.json", "[]"), ["not an object"]),
-    ("index-without-weight-map", _write("model.safetensors.index.json", '{"weight_map": [1]}'),
-     ["not a valid shard index"]),
+    # a broken index with the shards it names (beside a model.safetensors, transformers loads that file instead)
+    ("index-not-an-object", _index_only("[]"), ["not an object"]),
+    ("index-without-weight-map", _index_only('{"weight_map": [1]}'), ["not a valid shard index"]),
     ("bin-index-garbage", _bin_index("{garbage"), ["pytorch_model.bin.index.json", "not valid JSON"]),
     ("bin-index-a-list", _bin_index("[]"), ["pytorch_model.bin.index.json", "not an object"]),
 ]
@@ -432,11 +439,11 @@ def _out_cases(m: Models, t: Path) -> list[tuple[str, list, list[str], list[Path
         ("diff-under-post", ["diff", m.base, m.post, "-o", m.post / "run"], ["inside the model folder"], [m.post]),
         ("diff-into-base", ["diff", m.base, m.post, "-o", m.base / "sub" / "run"], ["model folder"], [m.base]),
         ("diff-onto-weights", ["diff", m.base, m.post / "model.safetensors", "-o", m.post / "model.safetensors"],
-         ["input"], [m.post]),
+         ["model folder"], [m.post]),
         ("check-into-post", ["check", m.base, m.post, "-o", m.post / "run"], ["model folder"], [m.post]),
         ("vocab-into-model", ["vocab", m.base, "-o", m.base], ["model folder"], [m.base]),
         ("synth-onto-tokenizer", ["synth", m.base, "-o", tok], ["model folder"], [m.base]),
-        ("synth-onto-tokenizer-given-as-file", ["synth", tok, "-o", tok], ["input"], [m.base]),
+        ("synth-onto-tokenizer-given-as-file", ["synth", tok, "-o", tok], ["model folder"], [m.base]),
         ("coverage-into-model", ["coverage", m.data, "--tokenizer", m.base, "-o", m.base / "run"],
          ["model folder"], [m.base]),
         ("coverage-into-data", ["coverage", m.data, "--tokenizer", m.base, "-o", m.data / "run"],
@@ -693,8 +700,8 @@ def test_a_huge_record_is_skipped_with_bounded_memory(m: Models, tmp_path: Path)
 def test_mix_count_beyond_the_disk_is_refused_before_writing(m: Models, tmp_path: Path) -> None:
     out = tmp_path / "mixed.jsonl"
     t0 = time.monotonic()
-    for n in (10**12, 10**21):  # the second would overflow a 64-bit count into a small one
-        assert_one_line(cli("mix", m.data, m.syn, "-o", out, "--count", str(n)), 2, "GB free", "--count")
+    for n, words in ((10**12, "GB free"), (10**15, "GB free"), (10**21, "too large")):  # 10**21: past 64 bits
+        assert_one_line(cli("mix", m.data, m.syn, "-o", out, "--count", str(n)), 2, words, "--count")
     assert time.monotonic() - t0 < 60
     assert_nothing_written(out)
 
@@ -824,6 +831,7 @@ def test_a_broken_post_tokenizer_is_said_before_base_s_is_used(m: Models, tmp_pa
 def _damaged_coverage_run(t: Path) -> Path:
     run = t / "covrun"
     run.mkdir()
+    (run / "manifest.json").write_text('{"commands": []}')  # a folder vocabdrift made, its table damaged
     (run / "coverage.parquet").write_bytes(b"not parquet at all")
     return run
 

@@ -349,10 +349,61 @@ def test_sfts_side_by_side_equal_the_same_sfts_one_after_the_other(tiny_base: Pa
 # ---- the quick lab ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_lab(tmp_path_factory: pytest.TempPathFactory):
+def quick_lab_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """`vocabdrift lab -o OUT --quick` as a user runs it into a log (stdout and stderr are pipes), with a progress
+    line at every step: (OUT, exit code, stdout, stderr). A process of its own: the lab's forked workers write to
+    the real stderr."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("lab") / "out"
+    p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(out), "--quick"],
+                       capture_output=True, text=True, env={**os.environ, "VOCABDRIFT_PROGRESS_EVERY": "0"},
+                       timeout=900)
+    return out, p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_lab(quick_lab_cli: tuple[Path, int, str, str]):
+    """The quick lab's result through the Python API: every stage was run by the command above, so this reads."""
     from vocabdrift.composites.lab import lab
 
-    return lab(tmp_path_factory.mktemp("lab") / "out", quick=True, progress=False)
+    return lab(quick_lab_cli[0], quick=True, progress=False)
+
+
+@pytest.mark.slow
+def test_quick_lab_off_a_terminal_says_its_progress_in_lines_and_its_result_in_json(quick_lab_cli, quick_lab,
+                                                                                    cli) -> None:
+    out, code, stdout, stderr = quick_lab_cli
+    assert code == 0, stderr[-2000:]
+    assert stdout.rstrip().splitlines()[-1].startswith("Report: ")  # the last line names the report
+    code, js, _ = cli("lab", "-o", out, "--quick", "--json")  # every stage cached: the same result, as JSON
+    assert code == 0
+    got = json.loads(js)  # JSON alone on stdout
+    assert got["verdict"] == quick_lab.verdict and got["verdict"]
+    assert Path(got["report"]).is_file() and Path(got["table"]) == out / "lab.md"
+    assert got["results"]["baseline"]["probe"] == quick_lab.results["baseline"]["probe"]
+    # the comparison page opens with the same verdict, regressions flagged in red
+    md = Path(got["report"]).with_suffix(".md").read_text().replace("\\", "")  # Markdown's escapes (-\\>)
+    assert md.index("## Verdict") < md.index("## Comparing runs")
+    for line in quick_lab.verdict:
+        assert line in md
+    html = Path(got["report"]).read_text()
+    for line in quick_lab.verdict:
+        if line.startswith("REGRESSION"):
+            assert '<p class="bad">' + line.split(":")[0] in html
+    # a log gets plain lines: every stage started and finished, the steps of pre-training and of the SFT chains
+    assert "\x1b[" not in stderr and "━" not in stderr  # no escape codes, no bars
+    lines = stderr.splitlines()
+    assert any(x.startswith("→ pre-training a tiny Llama") for x in lines)
+    assert any(x.startswith("✓ pre-training a tiny Llama") for x in lines)
+    assert any(x.startswith("pre-training: ") for x in lines)
+    assert any(x.strip().startswith("SFT baseline") and ": step " in x for x in lines)
+    # the forked workers' own lines (probe, cases), each on its own line and named by its chain
+    assert any(x.startswith("  baseline: probing: ") for x in lines), stderr[-3000:]
+    assert any(x.startswith("  repaired: probing: ") for x in lines), stderr[-3000:]
+    assert all(x.count("probing: ") <= 1 for x in lines)
 
 
 def _share(m: dict, cat: str) -> float:
@@ -546,19 +597,23 @@ def test_quick_lab_compares_the_remedies(quick_lab) -> None:
     assert sum(line.startswith("| ") for line in conf.splitlines()) == 2 + 3 * 6  # header, rule, 3 prompts x 6
 
 
-def test_cli_lab_refuses_a_file_for_out(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_cli_lab_refuses_a_file_a_model_folder_and_a_users_folder_for_out(tmp_path: Path, cli) -> None:
+    from factory import make_llama
 
     f = tmp_path / "notafolder"
     f.write_text("x")
-    p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(f), "--quick"], capture_output=True,
-                       text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"vocabdrift: error: {f} is a file; -o takes a folder for the lab"]
-    p = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "lab", "-o", str(tmp_path / "x"), "--quick",
-                        "--large"], capture_output=True, text=True)
-    assert p.returncode == 2 and "exclude each other" in p.stderr and not (tmp_path / "x").exists()
+    code, out, err = cli("lab", "-o", f, "--quick")
+    assert code == 2 and err.strip().splitlines() == [f"vocabdrift: error: -o {f}: exists and is not a folder; "
+                                                      "pick another -o"]
+    model = make_llama(tmp_path / "model")
+    code, out, err = cli("lab", "-o", model / "lab", "--quick")
+    assert code == 2 and "inside the model folder" in err and not (model / "lab").exists()
+    mine = tmp_path / "project"
+    (mine / "src").mkdir(parents=True)
+    code, out, err = cli("lab", "-o", mine, "--quick")
+    assert code == 2 and "not a vocabdrift lab folder" in err and sorted(p.name for p in mine.iterdir()) == ["src"]
+    code, out, err = cli("lab", "-o", tmp_path / "x", "--quick", "--large")
+    assert code == 2 and "exclude each other" in err and not (tmp_path / "x").exists()
 
 
 def test_cli_lab_interrupted_says_so_in_one_line_and_keeps_the_finished_stages(tmp_path: Path) -> None:
@@ -574,7 +629,13 @@ def test_cli_lab_interrupted_says_so_in_one_line_and_keeps_the_finished_stages(t
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (out / "lab.json").exists() and p.poll() is None and time.monotonic() < deadline:
+    def corpus_done() -> bool:  # lab.json is written at the start; its stages say what has finished
+        try:
+            return "corpus" in json.loads((out / "lab.json").read_text())["stages"]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    while not corpus_done() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first stage (the corpus) has ended: the lab is under way
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)

@@ -366,8 +366,14 @@ def test_common_words_are_never_proposed_for_pruning(tmp_path: Path, monkeypatch
     r = prune_suggest(tmp_path / "run")
     assert r.table["text"].to_pylist() == [" Zxqvb", "ulmx"] and r.common_words_kept == 2
     assert r.categories["latin"]["candidates"] == 2
-    # without wordfreq: no word-like token is proposed, and the result says why
+    # the answers are kept in the user's cache: asked again, no word list is read (wordfreq cannot even load)
+    monkeypatch.setenv("VOCABDRIFT_CACHE", str(tmp_path / "cache"))
+    prune_suggest(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "wordfreq", None)
+    again = prune_suggest(tmp_path / "run")
+    assert again.table["text"].to_pylist() == [" Zxqvb", "ulmx"] and again.word_list
+    # without wordfreq (and nothing cached): no word-like token is proposed, and the result says why
+    monkeypatch.setenv("VOCABDRIFT_CACHE", "off")
     r = prune_suggest(tmp_path / "run")
     assert r.table["text"].to_pylist() == [] and not r.word_list and r.common_words_kept == 4
 

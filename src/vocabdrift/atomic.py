@@ -85,18 +85,46 @@ def new_folder(final: str | os.PathLike) -> Any:
     """Yield a temporary folder beside `final`, renamed to `final` when the block ends well and removed when it
     does not: a run folder or a model folder appears whole or not at all. The folder and the files in it get the
     modes `mkdir()` and `open()` would give them (mkdtemp makes 0700, some writers 0600)."""
+    import errno
     import shutil
+
+    from .errors import VocabdriftError
 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    _sweep_partials(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-{os.getpid()}-"))
     try:
         yield tmp
         os.chmod(tmp, folder_mode())
         for f in tmp.iterdir():
             if f.is_file():
                 os.chmod(f, file_mode())
-        os.replace(tmp, final)
+        try:
+            os.rename(tmp, final)  # an existing empty folder is replaced; a non-empty one refuses
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise VocabdriftError(f"{final}: another command created it meanwhile (two commands writing one new "
+                                  "folder at once: the first won); rerun to add to it, or pick another folder"
+                                  ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_partials(final: Path) -> None:
+    """Remove the `.NAME.partial-PID-*` folders of commands that were killed (their process is gone): nothing
+    else cleans up after a SIGKILL. A live process's partial folder is left alone."""
+    import shutil
+
+    for p in final.parent.glob(f".{final.name}.partial-*"):
+        pid = p.name[len(f".{final.name}.partial-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue

@@ -7,18 +7,28 @@ code 70, and its traceback with VOCABDRIFT_DEBUG=1 (see `main`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .analyses.tokens import TOKEN_RULE
 from .errors import EXTRA_OF, VocabdriftError, missing_extra
 from .progress import cli_mode
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+    """`--json` is a flag, not a `<bool>` to be typed: help shows flags bare, values with their type."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+_value_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="vocabdrift",
@@ -29,8 +39,42 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-Out = Annotated[Path, typer.Option("-o", "--out", help="Run folder to write (created atomically; an existing "
-                                                         "run folder gets new files beside the old).")]
+# ---- every path vocabdrift writes goes through one gate (outputs.location.check_out), run as the option is parsed:
+# a run folder to create or add to (-o), a file (synth, mix, --csv), the lab's folder, an existing run folder
+# (--run, --compare). Every other path option is an input, named in PATH_INPUTS; a test walks every command's
+# options and fails on a path option that is neither, so a new option cannot skip the gate.
+PATH_INPUTS = frozenset({"cases_file", "prompts", "tokens_file", "data", "inputs", "heldout", "replay"})
+
+
+def _gate_out(value: Path | None) -> Path | None:
+    from .outputs.location import check_out
+
+    return None if value is None else check_out(value)
+
+
+def _gate_file(value: Path | None) -> Path | None:
+    from .outputs.location import check_out
+
+    return None if value is None else check_out(value, file=True)
+
+
+def _gate_lab(value: Path | None) -> Path | None:
+    from .outputs.location import check_out
+
+    return None if value is None else check_out(value, lab=True)
+
+
+def _gate_run(value: Path | None) -> Path | None:
+    from .outputs.run import existing_run
+
+    return None if value is None else existing_run(value)
+
+
+GATES = (_gate_out, _gate_file, _gate_lab, _gate_run)
+
+Out = Annotated[Path, typer.Option("-o", "--out", callback=_gate_out,
+                                   help="Run folder to write (created atomically; an existing "
+                                        "run folder gets new files beside the old).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON alone on stdout (for scripts); "
                                                      "messages go to stderr.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")]
@@ -38,10 +82,12 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle
                                                                   "weights_only=True); refused otherwise.")]
 # One way to name a run folder (docs/ARCHITECTURE.md, "The run folder"): `-o/--out RUN` where a command creates or
 # writes one, `--run RUN` where it reads (or adds to) an existing one. Older spellings stay as hidden aliases.
-RunIn = Annotated[Path | None, typer.Option("--run", help="An existing run folder (from `diff`) to read and add "
-                                                          "to.")]
-OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Run folder to write (created when missing); "
-                                                                 "or --run for an existing one.")]
+RunIn = Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                            help="An existing run folder (from `diff`) to read and add "
+                                                 "to.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Run folder to write (created when missing); "
+                                                  "or --run for an existing one.")]
 # Rows of a table printed to the console: one default for every command (`--top`); the report's tables are a
 # document's and take their own (`report --top`, 50).
 TOP = 20
@@ -86,7 +132,17 @@ def _echo_json(obj: object) -> None:
 
     from .outputs.run import _json_default
 
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default))
+    def finite(o: object) -> object:  # JSON has no NaN: a number that is not one is null (a bare NaN breaks jq)
+        if isinstance(o, float):
+            return o if o == o and o not in (float("inf"), float("-inf")) else None
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return o
+
+    plain = json.loads(json.dumps(obj, default=_json_default))  # numpy and paths as JSON would have them
+    typer.echo(json.dumps(finite(plain), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def _version(value: bool) -> None:
@@ -151,9 +207,16 @@ def diff(
     from .outputs.console import drift_summary_table, drifted_tokens_table
     from .outputs.run import Run
 
+    def stamp() -> int | None:  # summary.json's change time: a rerun that recomputed nothing leaves it
+        with contextlib.suppress(OSError):
+            return (Path(out) / R.SUMMARY).stat().st_mtime_ns
+        return None
+
+    before = stamp()
     path = run_diff(base, post, out=out, tokenizer=tokenizer, threshold=threshold, fold_norm=fold_norm,
                     center=center, neighbors_of=neighbors_of or (), device=device, allow_pickle=allow_pickle,
                     progress=sys.stderr.isatty() and not (as_json or quiet), force=force, collapse=collapse)
+    wrote = before is None or stamp() != before
     run = Run(path)
     from .outputs.shapes import SUMMARY, check_shape
 
@@ -181,7 +244,8 @@ def diff(
         from .outputs.console import collapse_line
 
         con.print(collapse_line(summary["collapse"]), markup=False, highlight=False)  # token texts: never markup
-    _echo(f"wrote {path}/ (vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
+    if wrote:  # else the warning above said it: nothing recomputed, nothing written
+        _echo(f"wrote {path}/ (vocab.parquet, drift.parquet, neighbors.parquet, summary.json, manifest.json)")
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift vocab ./my-model -o runs/m\n\n"
@@ -269,14 +333,16 @@ def check(
     space: Annotated[str, typer.Option(help="lm_head (what the model says) or embed (what it reads).")] = "lm_head",
     all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Judge every non-special token, unreachable "
                                                                   "ones (partial UTF-8 pieces) too.")] = False,
-    run: Annotated[Path | None, typer.Option("--run", help="Judge a run folder `diff` wrote instead of two "
-                                                           "checkpoints.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="Judge a run folder `diff` wrote instead of two "
+                                                  "checkpoints.")] = None,
     max_lost: Annotated[str, typer.Option("--max-lost", help="With --run holding a probe with BASE: the most "
                                                              "probed tokens that may be LOST (sayable in BASE, not "
                                                              "in POST): a count or a share (2%); 'none' turns it "
                                                              "off.")] = "0",
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the run folder (diff's tables and "
-                                                                 "summary.json's \"check\" key).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Also write the run folder (diff's tables and "
+                                                  "summary.json's \"check\" key).")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (default: POST's, else BASE's).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle .bin/.pt checkpoints.")]
@@ -346,8 +412,9 @@ def repair(
                                                              "RUN's tokens at risk plus a replay of DATA, lr 5e-4) "
                                                              "instead of retraining from BASE. Needs --run.")]
     = None,
-    run: Annotated[Path | None, typer.Option("--run", help="The run folder of `diff BASE POST` (with `probe` and "
-                                                           "`coverage`): the tokens at risk, LOST first.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="The run folder of `diff BASE POST` (with `probe` and "
+                                                  "`coverage`): the tokens at risk, LOST first.")] = None,
     heldout: Annotated[list[str] | None, typer.Option("--heldout", help="Held-out chats of your task: the "
                                                                         "verdict's task loss (with --heal).")]
     = None,
@@ -398,6 +465,8 @@ def repair(
                                                        "terminal, 0 turns it off.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json's \"repair\" and \"evaluate\" as JSON "
                                                          "alone on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables and no plan or step lines, only "
+                                                              "errors (the exit code says the verdict).")] = False,
 ) -> None:
     """Repair drift: heal POST (--heal POST --run RUN, recommended) or retrain from BASE with coverage data and
     other remedies; then diff against BASE and, when healing, judge the result (evaluate).
@@ -416,7 +485,8 @@ def repair(
 
     from .composites.repair import repair as run_repair
 
-    logging.getLogger("vocabdrift.composites").setLevel(logging.INFO)  # the plan and the step lines
+    if not quiet:
+        logging.getLogger("vocabdrift.composites").setLevel(logging.INFO)  # the plan and the step lines
     from .device import process_rank
     from .outputs.console import drift_summary_table, evaluation_table
     from .outputs.run import Run
@@ -425,7 +495,7 @@ def repair(
                       min_per_token=min_per_token, replay=replay, replay_ratio=replay_ratio, anchor=anchor,
                       anchor_rarity=anchor_rarity, gate=gate, freeze=freeze or (), steps=steps, lr=lr,
                       batch_size=batch_size, max_length=max_length, seed=seed, every=every, stop_below=stop_below,
-                      device=device, progress=sys.stderr.isatty() and not as_json, untie=untie,
+                      device=device, progress=sys.stderr.isatty() and not (as_json or quiet), untie=untie,
                       coverage_share=coverage_share, log_every=log_every, heal=heal, run=run,
                       max_tokens=max_tokens, replay_sft=replay_sft, heldout=heldout or None, verify=verify,
                       tokens_per_sample=tokens_per_sample, coverage_weight=coverage_weight)
@@ -438,7 +508,7 @@ def repair(
     if as_json:
         _echo(json.dumps({"repair": summary["repair"], "evaluate": summary.get("evaluate")}, indent=2,
                          ensure_ascii=False))
-    else:
+    elif not quiet:
         Console().print(drift_summary_table(summary))
         rep = summary["repair"]
         if rep["training"]["stopped"]:
@@ -448,8 +518,9 @@ def repair(
         parts = [f"coverage {d.get('coverage', 0):,}"] + ([f"replayed SFT {d.get('sft', 0):,}"]
                                                           if rep.get("mode") == "heal" else []) \
             + ([f"replay {d.get('replay', 0):,}"] if d.get("replay") else [])
-        _echo(f"extra training tokens drawn: {cost['extra_tokens']:,} ({', '.join(parts)}; "
-              f"{100 * cost['extra_token_share']:.1f}% of one pass over the SFT data's {cost['sft_tokens']:,})")
+        _echo(f"extra target tokens drawn: {cost['extra_tokens']:,} ({', '.join(parts)}; "
+              f"{100 * cost['extra_token_share']:.1f}% of one pass over the SFT data's {cost['sft_tokens']:,} "
+              "target tokens, as `coverage` counts them)")
         if ev is not None:
             Console().print(evaluation_table(ev))
             for c in ev.candidates:
@@ -474,12 +545,14 @@ def evaluate(
                                                          "(folder, .safetensors, .gguf, hub id).")],
     base: Annotated[str, typer.Option("--base", help="The pre-trained model.")],
     post: Annotated[str, typer.Option("--post", help="The post-trained model whose drift is being repaired.")],
-    run: Annotated[Path, typer.Option("--run", help="The run folder of `diff BASE POST` (its most drifted and "
-                                                    "control tokens; its probe's rows are reused).")],
+    run: Annotated[Path, typer.Option("--run", callback=_gate_run,
+                                      help="The run folder of `diff BASE POST` (its most drifted and "
+                                           "control tokens; its probe's rows are reused).")],
     heldout: Annotated[list[str] | None, typer.Option("--heldout", help="Held-out chats of your task (the SFT "
                                                                         "data's format): the task loss.")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the verdict here instead of into "
-                                                                 "--run.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Write the verdict here instead of into "
+                                                  "--run.")] = None,
     name: Annotated[list[str] | None, typer.Option("--name", help="A name per candidate, in order.")] = None,
     drifted: Annotated[int | None, typer.Option(help="Most drifted tokens asked beside POST's LOST ones (default: "
                                                      "the tokens of RUN's probe, else 200).")] = None,
@@ -625,16 +698,21 @@ def coverage(
                     "    vocabdrift synth ./base -o cov.jsonl --min-per-token 3 --format sharegpt")
 def synth(
     model: Annotated[str, typer.Argument(help="Model folder, tokenizer.json, .gguf or hub id.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="The JSONL file to write (NAME.stats.json goes "
-                                                           "beside it).")],
+    out: Annotated[Path, typer.Option("-o", "--out", callback=_gate_file,
+                                      help="The JSONL file to write (NAME.stats.json goes "
+                                           "beside it).")],
     min_per_token: Annotated[int, typer.Option(help="Verified occurrences of each token as a target.")] = 2,
     tokens_per_sample: Annotated[int, typer.Option(help="Tokens per conversation.")] = 8,
-    run: Annotated[Path | None, typer.Option("--run", help="A run folder holding a coverage count: cover only the "
-                                                         "tokens it found below its floor, up to the floor.")]
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="A run folder holding a coverage count: cover only the "
+                                                  "tokens it found below its floor, up to the floor.")]
     = None,
-    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", hidden=True)] = None,
+    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", callback=_gate_run, hidden=True)
+                                ] = None,
     format: Annotated[str, typer.Option(help="messages, sharegpt, alpaca or prompt-completion.")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for phrasings and order.")] = 0,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write the full-vocabulary coverage set: "repeat this word" tasks making every reachable token a target.
 
@@ -646,8 +724,17 @@ def synth(
 
     r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
                   run=run, only_below_floor=only_below_floor, format=format, seed=seed,
-                  progress=sys.stderr.isatty())
+                  progress=sys.stderr.isatty() and not (quiet or as_json))
     st = r.stats
+    if as_json:
+        _echo_json({"path": r.path, "stats_path": r.stats_path, "samples": st["samples"], "targets": st["targets"],
+                    "covered": st["covered"], "occurrences": st["occurrences"],
+                    "unreachable": st["unreachable"]["count"], "special": st["special"],
+                    "skipped": [{"token_id": sk["token_id"], "text": sk["text"], "reason": sk["reason"]}
+                                for sk in st["skipped"]]})
+        return
+    if quiet:
+        return
     _echo(f"covered {st['covered']:,} of {st['targets']:,} tokens (min {st['occurrences']['min']} occurrences) "
           f"in {st['samples']:,} samples; {st['unreachable']['count']:,} unreachable and {st['special']:,} special "
           "tokens not targeted")
@@ -663,13 +750,15 @@ def synth(
 def mix(
     inputs: Annotated[list[str], typer.Argument(help="SFT... SYNTH: the SFT files or folders, then the synthetic "
                                                      "set (last).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="The mixed JSONL file to write.")],
+    out: Annotated[Path, typer.Option("-o", "--out", callback=_gate_file, help="The mixed JSONL file to write.")],
     ratio: Annotated[float | None, typer.Option(help="Synthetic share of the result (0.05 = 5%); default: SYNTH "
                                                      "whole, once (the recommended set of `synth --run RUN`).")]
     = None,
     count: Annotated[int | None, typer.Option(help="Number of synthetic records instead of a ratio.")] = None,
     seed: Annotated[int, typer.Option(help="Shuffle seed (same seed, same output).")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed SFT record.")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Mix the synthetic set into SFT data: a deterministic, seeded shuffle that streams through disk."""
     from .api.coverage import mix as run_mix
@@ -677,10 +766,16 @@ def mix(
     if len(inputs) < 2:
         raise VocabdriftError("give at least one SFT input and the synthetic set: vocabdrift mix SFT... SYNTH -o OUT")
     r = run_mix(inputs[:-1], inputs[-1], out=out, ratio=ratio, count=count, seed=seed, strict=strict)
+    if as_json:
+        _echo_json({"path": r.path, "sft": r.sft, "synth": r.synth, "malformed": r.n_malformed,
+                    "malformed_first": [{"source": m.source, "reason": m.reason} for m in r.malformed[:5]]})
+        return
     if r.n_malformed:  # each skipped record named (the first five here), none copied into the mix
         shown = "; ".join(f"{m.source}: {m.reason}" for m in r.malformed[:5])
         typer.echo(f"{r.n_malformed} malformed SFT records skipped (not copied): {shown}"
                    f"{' ...' if r.n_malformed > 5 else ''}", err=True)
+    if quiet:
+        return
     _echo(f"wrote {r.path}: {r.sft:,} SFT + {r.synth:,} synthetic records "
           f"({r.synth / max(1, r.sft + r.synth):.1%} synthetic)")
 
@@ -690,13 +785,15 @@ def mix(
                     "    vocabdrift prune-suggest --run runs/sft1 --threshold 0.9 --csv prune.csv")
 def prune_suggest(
     ctx: typer.Context,
-    run: Annotated[Path | None, typer.Option("--run", help="A run folder holding drift.parquet (diff) and "
-                                                           "coverage.parquet (coverage).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="A run folder holding drift.parquet (diff) and "
+                                                  "coverage.parquet (coverage).")] = None,
     floor: Annotated[int | None, typer.Option(help="Count below which a token is rare (default: the coverage "
                                                    "run's floor).")] = None,
     threshold: Annotated[float, typer.Option(help="lm_head cosine below which a token counts as drifted.")] = 0.95,
     top: Annotated[int, typer.Option(help="How many candidates to print.")] = TOP,
-    csv: Annotated[Path | None, typer.Option(help="Also write the full candidate list to this CSV file.")] = None,
+    csv: Annotated[Path | None, typer.Option(callback=_gate_file,
+                                             help="Also write the full candidate list to this CSV file.")] = None,
     as_json: AsJson = False,
     quiet: Quiet = False,
 ) -> None:
@@ -707,11 +804,7 @@ def prune_suggest(
     from .outputs.console import prune_candidates_table, prune_categories_table
 
     run = _positional_runs(ctx, run, None, "prune-suggest")[0]  # type: ignore[assignment]
-    r = run_prune(run, floor=floor, threshold=threshold)
-    if csv is not None:
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(r.table, csv)
+    r = run_prune(run, floor=floor, threshold=threshold, csv=csv)
     if as_json or quiet:
         if as_json:
             _echo_json({"floor": r.floor, "threshold": r.threshold, "categories": r.categories,
@@ -737,19 +830,21 @@ def prune_suggest(
                     "    vocabdrift probe SmolLM2-135M-Instruct.Q4_1.gguf --all-tokens -o runs/smol --batch-size 128")
 def probe(
     model: Annotated[str, typer.Argument(help="The (post-trained) model: folder, .gguf or hub id.")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder to write (default: --run).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Run folder to write (default: --run).")] = None,
     base: Annotated[str | None, typer.Option(help="Also probe BASE and list LOST tokens (sayable in BASE, "
                                                   "not in MODEL).")] = None,
     token: Annotated[list[str] | None, typer.Option("--token", help="A token to probe; repeatable. "
                                                                     + TOKEN_RULE)] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="A diff's run folder: probe its most drifted tokens "
-                                                           "(unless --token or --all-tokens), draw the control "
-                                                           "tokens from it, and write the probe into it (unless "
-                                                           "-o).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="A diff's run folder: probe its most drifted tokens "
+                                                  "(unless --token or --all-tokens), draw the control "
+                                                  "tokens from it, and write the probe into it (unless "
+                                                  "-o).")] = None,
     drifted: Annotated[int, typer.Option(help="How many of RUN's most drifted tokens to probe.")] = 200,
     all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Probe every non-special token.")] = False,
     tokens_old: Annotated[list[str] | None, typer.Option("--tokens", hidden=True)] = None,
-    from_old: Annotated[Path | None, typer.Option("--from", hidden=True)] = None,
+    from_old: Annotated[Path | None, typer.Option("--from", callback=_gate_run, hidden=True)] = None,
     top_old: Annotated[int | None, typer.Option("--top", hidden=True)] = None,
     all_old: Annotated[bool, typer.Option("--all", hidden=True)] = False,
     template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family (repeat_en, quoted_en, "
@@ -804,20 +899,28 @@ def probe(
     s = r.summary
     asked = tokens or tokens_file
     rows: list[dict] = []
+    loaded: list[Any] = []
+
+    def text_of(i: int) -> str:  # the tokenizer only when a token is shown ("" for an endpoint without one)
+        if not loaded:
+            from .sources.tokenizer import load_tokenizer
+
+            loaded.append(load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code)
+                          if not endpoint or tokenizer else None)
+        return loaded[0].decode([i]) if loaded[0] is not None else ""
+
     if asked:
         import pyarrow.compute as pc
 
-        from .sources.tokenizer import load_tokenizer
-
         tab = r.table.filter(pc.invert(r.table["control"])) if "control" in r.table.column_names else r.table
         rows = per_token(tab, tab["token_id"].unique().to_pylist())
-        tok = load_tokenizer(tokenizer or model, trust_remote_code=trust_remote_code) if not endpoint or tokenizer \
-            else None
         for row in rows:
-            row["text"] = tok.decode([row["token_id"]]) if tok is not None else ""
+            row["text"] = text_of(row["token_id"])
     if as_json or quiet:
-        if as_json:
-            _echo_json({**s, **({"per_token": rows} if asked else {})})
+        if as_json:  # the LOST tokens with their texts too, not bare ids
+            named = {f"{k}_tokens": [{"token_id": int(i), "text": text_of(int(i))} for i in s[k]]
+                     for k in ("lost", "control_lost") if s.get(k)}
+            _echo_json({**s, **named, **({"per_token": rows} if asked else {})})
         return
     con = Console()
     for line in headline_lines(s.get("headline") or {}):
@@ -835,12 +938,9 @@ def probe(
             con.print(f"Template failure in POST (every token, controls included, collapsed; left out of LOST): "
                       f"{', '.join(s['template_failures'])}", highlight=False)
         if s["lost"]:
-            from .sources.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(tokenizer or model)
             from .analyses.vocab import token_label
 
-            con.print("  " + ", ".join(token_label(tok.decode([i]), i) for i in s["lost"][:30]),
+            con.print("  " + ", ".join(token_label(text_of(i), i) for i in s["lost"][:30]),
                       highlight=False)  # tokens shown as everywhere else: ␣ for a space, the id beside
     _echo(f"wrote {r.path}/probe.parquet")
 
@@ -852,9 +952,11 @@ def probe(
 def cases(
     model: Annotated[str, typer.Argument(help="Model folder, .gguf, hub id (or the served name with --endpoint).")],
     cases_file: Annotated[Path | None, typer.Argument(help="Cases JSONL (default: the published cases).")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/cases.json.")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="Also write cases.json into this existing run "
-                                                           "folder.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Also write RUN/cases.json.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="Also write cases.json into this existing run "
+                                                  "folder.")] = None,
     endpoint: Annotated[str | None, typer.Option(help="An OpenAI-compatible server to ask instead.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
@@ -952,10 +1054,12 @@ def confusion(
     seed: Annotated[int, typer.Option(help="Seed (same seed, same samples).")] = 0,
     base: Annotated[str | None, typer.Option(help="Also sample BASE and test the difference (Fisher).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="Ask MODEL through an OpenAI-compatible server.")] = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write RUN/confusion.json and every "
-                                                                 "sampled answer to RUN/confusion.jsonl.")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="Also write confusion.json into this existing run "
-                                                           "folder.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Also write RUN/confusion.json and every "
+                                                  "sampled answer to RUN/confusion.jsonl.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="Also write confusion.json into this existing run "
+                                                  "folder.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best present).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     allow_pickle: AllowPickle = False,
@@ -994,11 +1098,13 @@ def confusion(
                     "    vocabdrift report --run runs/sft1 --compare runs/fixed --names baseline,repaired")
 def report(
     ctx: typer.Context,
-    run: Annotated[Path | None, typer.Option("--run", help="The run folder (from `diff`, with any of coverage, "
-                                                           "probe, cases, confusion); the report is written into "
-                                                           "it.")] = None,
-    compare: Annotated[Path | None, typer.Option("--compare", help="A second run folder to put side by side with "
-                                                                   "RUN (written beside RUN's own report).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="The run folder (from `diff`, with any of coverage, "
+                                                  "probe, cases, confusion); the report is written into "
+                                                  "it.")] = None,
+    compare: Annotated[Path | None, typer.Option("--compare", callback=_gate_run,
+                                                 help="A second run folder to put side by side with "
+                                                      "RUN (written beside RUN's own report).")] = None,
     names: Annotated[str | None, typer.Option(help="Names of RUN and RUN_B in the comparison, e.g. "
                                                    "baseline,repaired (default: the folder names).")] = None,
     token: Annotated[list[str] | None, typer.Option("--token", help="Mark this token and show its neighbours; "
@@ -1027,7 +1133,8 @@ def report(
                     "    vocabdrift report --run runs/lab/baseline --compare runs/lab/repaired --names "
                     "baseline,repaired")
 def lab(
-    out: Out,
+    out: Annotated[Path, typer.Option("-o", "--out", callback=_gate_lab,
+                                      help="The lab folder to write (created; a rerun resumes it).")],
     quick: Annotated[bool, typer.Option("--quick", help="The same models, fewer probes, no remedies (for tests; "
                                                         "60-85 s on 2 cores).")] = False,
     large: Annotated[bool, typer.Option("--large", help="A 4,096-token, 3-layer model (about 11 minutes on 2 "
@@ -1039,6 +1146,8 @@ def lab(
         "--remedies/--no-remedies", help="Also train +replay, +anchor, +gate and +coverage5 (the coverage set at "
         "5% of the samples) with `repair` and compare the six ways in OUT/remedies.md. Default: on, off with "
         "--quick.")] = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Reproduce the whole investigation offline on a CPU: pre-train a tiny Llama, SFT it with and without the
     coverage set, and measure, probe and compare both; then the training-side remedies beside them.
@@ -1052,18 +1161,25 @@ def lab(
 
     if quick and large:
         raise VocabdriftError("--quick and --large exclude each other; pick one")
+    from .outputs.run import comparison_files
+
     t0 = time.perf_counter()
     r = run_lab(out, quick=quick, seed=seed, remedies=remedies, recipe=LARGE if large else None,
-                progress=sys.stderr.isatty())
+                progress=cli_mode(quiet=quiet or as_json))
+    page = r.runs["baseline"] / comparison_files("baseline", "repaired")[0]
+    if as_json:
+        _echo_json({"out": r.out, "verdict": r.verdict, "report": page if page.exists() else None,
+                    "table": r.out / "lab.md", "runs": r.runs, "models": r.models, "results": r.results,
+                    "remedies": r.remedies, "timings": r.timings})
+        return
+    if quiet:
+        return
     _echo(r.table)
     if r.remedies_table:
         _echo(r.remedies_table)
     _echo(f"wrote {r.out}/ (models/, baseline/, repaired/, lab.json, lab.md"
           f"{', remedies/, remedies.md' if r.remedies_table else ''}) in {time.perf_counter() - t0:.0f} s "
           f"({sum(r.timings.values()):.0f} s of stages over all runs of this folder)")
-    from .outputs.run import comparison_files
-
-    page = r.runs["baseline"] / comparison_files("baseline", "repaired")[0]
     _echo(("\nVerdict:\n" + "".join(f"  {x}\n" for x in r.verdict) if r.verdict else "\n")
           + (f"Report: {page} (and its .md); the measured table: {r.out / 'lab.md'}" if page.exists()
              else f"The measured table: {r.out / 'lab.md'}"))
@@ -1133,8 +1249,15 @@ def _broken_pipe(self: object) -> None:
 
 
 def _refuse_empty_locations(argv: list[str]) -> None:
-    """`-o ""` would reach us as Path("") == "." (the current folder): refuse an empty location before parsing."""
+    """Before parsing: `-o ""` would reach us as Path("") == "." (the current folder), so an empty location is
+    refused; and a number no count, size or id here can be (2**63 overflows numpy deep inside a command)."""
     for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--") and "=" in a else a
+        digits = value.lstrip("+-")
+        if digits.isdigit() and digits.isascii() and (len(digits) > 16 or int(digits) >= 2 ** 53):
+            where = a.split("=", 1)[0] if "=" in a else argv[i - 1] if i and argv[i - 1].startswith("-") else "a value"
+            raise VocabdriftError(f"{where} {value[:24]}{'…' if len(value) > 24 else ''}: a number too large for any "
+                                  "count, size or id vocabdrift takes; give a smaller one")
         flag = a[:-1] if a.endswith("=") else argv[i - 1] if a == "" and i else None
         if flag in ("-o", "--out", "--run"):
             raise VocabdriftError(f"{flag} is empty; name the {'run folder' if flag == '--run' else 'output'} "
@@ -1149,6 +1272,11 @@ def main() -> None:
     import errno
     import signal
 
+    for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=ascii or a C locale: a token that cannot be
+        reconfigure = getattr(stream, "reconfigure", None)  # printed shows as \u escapes, never a crash
+        if reconfigure is not None and (getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8":
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():  # a log file or CI: our bars are off there, and so are the libraries' own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it when imported

@@ -34,16 +34,35 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+_prefix = [""]  # what a forked worker of the lab is doing, before each of its lines
+
+
+def set_prefix(text: str) -> None:
+    """Put `text` before every progress line of this process: two workers writing to one log stay apart."""
+    _prefix[0] = text
+
+
+def say(line: str) -> None:
+    """One progress line on stderr, in one write: lines of two processes sharing a log do not run together."""
+    sys.stderr.write(f"{_prefix[0]}{line}\n")
+    sys.stderr.flush()
+
+
+def every_seconds() -> float:
+    """Seconds between two progress lines: LINE_EVERY, or $VOCABDRIFT_PROGRESS_EVERY (tests set it low)."""
+    try:
+        return float(os.environ.get("VOCABDRIFT_PROGRESS_EVERY", LINE_EVERY))
+    except ValueError:
+        return LINE_EVERY
+
+
 @contextlib.contextmanager
 def bar(mode: Mode, total: int, description: str, *, every: float | None = None
         ) -> Iterator[Callable[[int], None]]:
     """Yield `advance(n)`; see the module's docstring for the modes. `every` defaults to LINE_EVERY seconds, or
     $VOCABDRIFT_PROGRESS_EVERY."""
     if every is None:
-        try:
-            every = float(os.environ.get("VOCABDRIFT_PROGRESS_EVERY", LINE_EVERY))
-        except ValueError:
-            every = LINE_EVERY
+        every = every_seconds()
     if mode == "lines":
         start = last = time.perf_counter()
         done = [0]
@@ -53,8 +72,7 @@ def bar(mode: Mode, total: int, description: str, *, every: float | None = None
             rate = done[0] / dt
             left = f", {_clock((total - done[0]) / rate)} left" if rate > 0 and not final and total else ""
             of = f"/{total:,}" if total else ""
-            print(f"{description}: {done[0]:,}{of}{' done' if final else ''} ({_clock(dt)}{left})", file=sys.stderr,
-                  flush=True)
+            say(f"{description}: {done[0]:,}{of}{' done' if final else ''} ({_clock(dt)}{left})")
 
         said = [False]
 

@@ -110,13 +110,20 @@ def advice_lines(advice: dict[str, Any]) -> list[str]:
     return lines
 
 
-def common_words(texts: Sequence[str], categories: Sequence[str], *, zipf: float = COMMON_ZIPF
-                 ) -> tuple[list[bool], bool]:
+def common_words(texts: Sequence[str], categories: Sequence[str], *, zipf: float = COMMON_ZIPF,
+                 known: dict[str, bool] | None = None) -> tuple[list[bool], bool]:
     """Which tokens are common words of ordinary text (never to be pruned): ([common per token], available).
 
     Uses `wordfreq` (an optional dependency) in the languages of each token's script. Without it, every token
     that reads as a word (letters only, two or more) counts as common: the advice then never proposes a word,
-    and says why (`available` is False)."""
+    and says why (`available` is False).
+
+    `known` ("category\ttext" -> common, from earlier calls at this `zipf`) is read first and gets the new
+    answers: a cache the caller keeps, because loading wordfreq's word lists takes seconds and a run folder's
+    candidates are asked again and again."""
+    keys = [f"{c}\t{t}" for t, c in zip(texts, categories, strict=True)]
+    if known is not None and all(k in known for k in keys):
+        return [known[k] for k in keys], True
     try:
         from wordfreq import zipf_frequency
     except ImportError:
@@ -133,13 +140,18 @@ def common_words(texts: Sequence[str], categories: Sequence[str], *, zipf: float
             return None
 
     out = []
-    for text, cat in zip(texts, categories, strict=True):
+    for text, cat, key in zip(texts, categories, keys, strict=True):
+        if known is not None and key in known:
+            out.append(known[key])
+            continue
         w = text.strip()
         found = [f for f in (freq(w, lang) for lang in _WORDFREQ_LANGS.get(str(cat), ())) if f is not None]
         if not found and _WORDFREQ_LANGS.get(str(cat)):
             out.append(_wordlike(text))  # no usable list for this script: never propose a word
         else:
             out.append(bool(w) and bool(found) and max(found) >= zipf)
+        if known is not None and not (broken & set(_WORDFREQ_LANGS.get(str(cat), ()))):
+            known[key] = out[-1]  # an answer without a missing segmenter's list: stable, worth keeping
     return out, True
 
 

@@ -164,6 +164,32 @@ def topk_cosine(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]
     return best_i.cpu().numpy(), best_v.float().cpu().numpy()
 
 
+def topk_cosine_np(query: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int, *, exclude: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`topk_cosine` of one query row in numpy, in float64 (a finite row of 1e30s has a cosine too): a single
+    lookup is a matrix-vector product, bound by reading the rows, where torch adds only its start-up.
+
+    Rows that hold NaN/Inf or are zero have no direction and are never neighbours, so fewer than k may come back.
+    Returns ids int64 (m,) and cosines float32 (m,), best first, m <= k."""
+    q = query.astype(np.float64).ravel()
+    qn = np.linalg.norm(q)
+    if not np.isfinite(qn) or qn == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    q /= qn
+    best_i, best_v = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    for start, rows in blocks:
+        r = rows.astype(np.float64)
+        norms = np.linalg.norm(r, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sims = (r @ q) / norms
+        ids = np.arange(start, start + len(r))
+        keep = np.isfinite(sims) & (norms > 0) & (ids != (-1 if exclude is None else exclude))
+        v, i = np.concatenate([best_v, sims[keep]]), np.concatenate([best_i, ids[keep]])
+        top = np.argsort(-v, kind="stable")[:k]  # stable: ties keep the lower id, as a reader expects
+        best_v, best_i = v[top], i[top]
+    return best_i, np.clip(best_v, -1.0, 1.0).astype(np.float32)
+
+
 # ---- summaries over the drift table ---------------------------------------------------------------------------
 
 def undefined_rows(drift: pa.Table, space: str) -> np.ndarray:
@@ -180,10 +206,12 @@ def undefined_rows(drift: pa.Table, space: str) -> np.ndarray:
     if l2_col in drift.column_names:
         l2 = drift.column(l2_col).to_numpy(zero_copy_only=False)
         undefined &= ~(l2 == 0)  # NaN distance (a broken row) counts; a zero distance (unchanged) does not
-    elif "nonfinite" in drift.column_names:  # a table without distances: only the rows known to be broken
-        undefined &= drift.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)
-    if "nonfinite" in drift.column_names:
-        undefined |= drift.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)
+    # the rows broken in this space's matrix (older tables: in either matrix)
+    broken = f"{space}_nonfinite" if f"{space}_nonfinite" in drift.column_names else "nonfinite"
+    if l2_col not in drift.column_names and broken in drift.column_names:  # without distances: only broken rows
+        undefined &= drift.column(broken).to_numpy(zero_copy_only=False).astype(bool)
+    if broken in drift.column_names:
+        undefined |= drift.column(broken).to_numpy(zero_copy_only=False).astype(bool)
     return undefined
 
 

@@ -64,9 +64,12 @@ class RuleResult:
     worst_text: str | None = None  # the worst token's text, for the verdict
     undefined: int = 0  # tokens without a cosine (row became zero or NaN): below every threshold, among `below`
 
-    def describe(self) -> str:
+    def describe(self, population: str | None = None) -> str:
+        """One line; `population` ("reachable" or "all") names what the counts are of, as the console's tables
+        do ("reachable tokens", "non-special tokens")."""
         r = self.rule
         where = f"{r.category} " if r.category else ""
+        noun = {"reachable": " reachable tokens", "all": " non-special tokens"}.get(population or "", "")
         if self.tokens == 0:
             return f"{where}no tokens to judge"
         who = ""
@@ -85,8 +88,8 @@ class RuleResult:
         limit = f"{r.share * 100:g}%" if r.share is not None else f"{r.count}"
         op = "<=" if self.passed else ">"
         undef = f", {self.undefined:,} of them zero or NaN" if self.undefined else ""
-        return (f"{where}{self.below:,}/{self.tokens:,} ({(self.value or 0) * 100:.2f}%) below {r.threshold:g} "
-                f"{op} {limit}{undef}")
+        return (f"{where}{self.below:,}/{self.tokens:,}{noun} ({(self.value or 0) * 100:.2f}%) below "
+                f"{r.threshold:g} {op} {limit}{undef}")
 
 
 @dataclass(frozen=True)
@@ -196,9 +199,24 @@ def _judge(rule: Rule, cos: np.ndarray, ids: np.ndarray, worst_n: int) -> RuleRe
     return RuleResult(rule, ok, share, n, below, worst, undefined=undefined)
 
 
+def model_problems(summary: dict[str, Any]) -> list[str]:
+    """What makes a model broken whatever the cosines, from diff's summary: tokens the tokenizer can emit with no
+    row to judge, a final norm of NaN/Inf (every logit NaN). Each is a failing part of a verdict."""
+    out = []
+    missing = summary.get("missing_rows") or {}
+    if isinstance(missing, dict) and missing.get("count"):
+        ids = missing.get("ids") or []
+        out.append(f"{int(missing['count']):,} tokens the tokenizer can emit have no row in both models"
+                   + (f" (first id {ids[0]})" if ids else ""))
+    for name in summary.get("nonfinite_norm") or []:
+        out.append(f"the final norm of {str(name).upper()} holds NaN/Inf (every logit is NaN)")
+    return out
+
+
 def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...], *, space: str = "lm_head",
-          population: str = "reachable", worst_n: int = 5) -> CheckResult:
-    """Judge `rules` over the drift of one space ("lm_head" or "embed").
+          population: str = "reachable", worst_n: int = 5, problems: Sequence[str] = ()) -> CheckResult:
+    """Judge `rules` over the drift of one space ("lm_head" or "embed"). `problems` (`model_problems`) fail the
+    verdict whatever the rules say.
 
     Args:
         drift: drift.parquet's table (token_id, {space}_cos, optional nonfinite).
@@ -240,9 +258,9 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
         if texts is not None and r.worst:
             r = replace(r, worst_text=texts[r.worst[0]])
         results.append(r)
-    passed = all(r.passed for r in results) and not bad and not gone
+    passed = all(r.passed for r in results) and not bad and not gone and not problems
     shown = [r for r in results if not r.passed] if not passed else results
-    parts = [r.describe() for r in shown]
+    parts = [*problems, *(r.describe(population) for r in shown)]
     zero = [i for i in gone if i not in set(bad)]
     if zero:
         parts.insert(0, f"{len(zero)} rows became zero (first id {zero[0]})")

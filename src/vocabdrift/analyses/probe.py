@@ -161,12 +161,15 @@ def encode_template(t: Template, tok: PreTrainedTokenizerBase) -> PromptIds:
 
 # ---- outcomes -------------------------------------------------------------------------------------------------
 
-OUTCOMES = ("top1", "nucleus", "weak", "unsayable")
+OUTCOMES = ("top1", "nucleus", "weak", "unsayable", "broken")
 
 
 def outcome(rank: int, in_top_p: bool, p: float) -> str:
     """Named outcome of one probe: the model's first choice (top1), kept by top-p sampling (nucleus), cut by top-p
-    but not negligible (weak), or below VERIFY_P and cut (unsayable)."""
+    but not negligible (weak), below VERIFY_P and cut (unsayable), or no number at all (broken: the model's logits
+    hold NaN/Inf there)."""
+    if p != p or p == float("inf"):  # NaN: the engine found non-finite logits
+        return "broken"
     if rank == 1:
         return "top1"
     if in_top_p:

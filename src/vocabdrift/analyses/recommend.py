@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .verdict import fisher_greater
 from .vocab import LANGUAGES, category_label
 
 if TYPE_CHECKING:
@@ -116,14 +117,6 @@ def heal_plan(synth: int, n_tokens: int, *, replay: float = REPLAY, batch_size: 
             "replay_samples": rep, "batch_size": batch_size, "steps": steps, "lr": lr, "epochs": epochs}
 
 
-def _fisher(a_hit: int, a_n: int, b_hit: int, b_n: int) -> float | None:
-    if a_n == 0 or b_n == 0:
-        return None
-    from scipy.stats import fisher_exact
-
-    return float(fisher_exact([[a_hit, a_n - a_hit], [b_hit, b_n - b_hit]], alternative="greater")[1])
-
-
 def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, eligible: np.ndarray, *,
               threshold: float = 0.95, counts: np.ndarray | None = None, sft_samples: int | None = None,
               probed: Sequence[int] = (), lost: Sequence[int] = (), controls: Sequence[int] = (),
@@ -163,7 +156,7 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
         rest_share = float((below & rest).sum()) / max(1, int(rest.sum()))
         rare_share = None if cnt is None else float((cnt[m] < RARE).mean())
         k_probed, k_lost = probed_cat.count(cat), lost_cat.count(cat)
-        p = _fisher(k_lost, k_probed, n_ctrl_lost, n_ctrl) if probed and controls else None
+        p = fisher_greater(k_lost, k_probed, n_ctrl_lost, n_ctrl) if probed and controls else None
         drifted = share > DRIFTED_SHARE and share > DRIFT_RATIO * rest_share
         loses = k_lost >= MIN_LOST and (p is None or p < ALPHA)
         rare = rare_share is None or rare_share >= 0.5

@@ -24,7 +24,8 @@ TokenSpec = int | str
 
 TOKEN_RULE = ("A token is named by its id (all digits: 12345), else by its exact decoded text (' the', 嘉祺), else by "
               "its raw vocabulary piece (Ġthe), else by a text that encodes to exactly one token. Prefix text: or "
-              "piece: to name a token whose text is all digits (text:42) or to force one reading.")
+              "piece: to name a token whose text is all digits (text:42) or to force one reading. A token as "
+              "vocabdrift prints it (␣Jack, or ␣Jack (10472)) names it too.")
 
 _ID = re.compile(r"-?[0-9]+")
 
@@ -47,6 +48,7 @@ class TokenIndex:
     encode: Callable[[str], list[int]] | None = None
     where: str = "the vocabulary"
     piece_of: Callable[[int], str] = field(default=str)
+    text_of: Callable[[int], str] = field(default=str)
 
     @classmethod
     def of(cls, texts: Sequence[Any], pieces: Sequence[Any], *, encode: Callable[[str], list[int]] | None = None,
@@ -61,8 +63,10 @@ class TokenIndex:
             if p:
                 by_piece.setdefault(str(p), i)
         plist = [str(p) if p else "" for p in pieces]
+        tlist = [str(t) if t else "" for t in texts]
         return cls(len(texts) if size is None else size, by_text, by_piece, encode, where,
-                   lambda i: plist[i] if 0 <= i < len(plist) else f"#{i}")
+                   lambda i: plist[i] if 0 <= i < len(plist) else f"#{i}",
+                   lambda i: tlist[i] if 0 <= i < len(tlist) else "")
 
     @classmethod
     def from_table(cls, vocab: pa.Table, *, encode: Callable[[str], list[int]] | None = None,
@@ -109,6 +113,10 @@ def resolve_token(spec: TokenSpec, index: TokenIndex) -> int:
         return index.texts[s]
     if forced != "text" and s in index.pieces:
         return index.pieces[s]
+    if forced is None:
+        shown = _as_printed(s, index)
+        if shown is not None:
+            return shown
     if forced != "piece" and index.encode is not None:
         ids = index.encode(s)
         if len(ids) == 1:
@@ -116,6 +124,27 @@ def resolve_token(spec: TokenSpec, index: TokenIndex) -> int:
         raise VocabdriftError(f"{s!r} is {len(ids)} tokens {[index.piece_of(int(i)) for i in ids[:8]]}, not one; "
                               "name a single token (its text, raw piece or id)")
     raise VocabdriftError(f"{s!r} is not a token of {index.where}; give its exact text, raw piece or id")
+
+
+_LABEL = re.compile(r"(.*) \(([0-9]+)\)")
+
+
+def _as_printed(s: str, index: TokenIndex) -> int | None:
+    """The id of a token written as vocabdrift prints it (`vocab.token_label`): '␣Jack (10472)' when the id's
+    text prints so, or '␣Jack' when one text prints so: what a user copies from a table works as input."""
+    from .vocab import printable, token_label
+
+    m = _LABEL.fullmatch(s)
+    if m and int(m[2]) < index.size and token_label(index.text_of(int(m[2]))) == m[1]:
+        return int(m[2])
+    if not any(c in s for c in "␣\\∅"):  # nothing printed differently from its text
+        return None
+    if s == "∅":
+        return index.texts.get("")
+    for text, i in index.texts.items():
+        if printable(text) == s:
+            return i
+    return None
 
 
 def resolve_tokens(specs: Sequence[TokenSpec], index: TokenIndex) -> list[int]:

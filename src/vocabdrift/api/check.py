@@ -58,7 +58,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
     Example:
         >>> r = check("base/", "sft/", min_cos=0.9, max_below="0.95:1%", categories=["japanese:0.95:5%"])
         >>> print(r.verdict)
-        PASS lm_head: min cos 0.9712 >= 0.9; 0/140,112 (0.00%) below 0.95 <= 1%; japanese ...
+        PASS lm_head: min cos 0.9712 >= 0.9; 0/140,112 reachable tokens (0.00%) below 0.95 <= 1%; japanese ...
     """
     from ..outputs.run import Run, open_run
 
@@ -75,8 +75,11 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         mixed = r.disagreements()
         if mixed:
             raise VocabdriftError(f"{run}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}")
-        result = judge(r.read_table(R.DRIFT), r.read_table(R.VOCAB), rules, space=space,
-                       population=population)
+        from ..analyses.gate import model_problems
+
+        result = judge(r.read_table(R.DRIFT, ("token_id", f"{space}_cos")),
+                       r.read_table(R.VOCAB, ("token_id", "category", "is_special")), rules, space=space,
+                       population=population, problems=model_problems(r.read_json(R.SUMMARY, default={}) or {}))
         if max_lost is not None and r.has(R.PROBE):
             from ..analyses.gate import judge_lost, parse_max_lost, with_rule
             from ..analyses.recommend import probe_lost
@@ -101,10 +104,11 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         diff(base, post, out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
         return check(run=out, min_cos=min_cos, max_below=max_below, categories=categories, space=space,
                      population=population, write=True, max_lost=max_lost)
+    from ..analyses.gate import model_problems
     from .diff import measure
 
     m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
-    return judge(m.drift, m.vocab, rules, space=space, population=population)
+    return judge(m.drift, m.vocab, rules, space=space, population=population, problems=model_problems(m.summary()))
 
 
 def _arguments(rules: list[Rule], space: str, population: str) -> dict[str, object]:

@@ -83,7 +83,7 @@ def _progress(enabled: bool, unit: str):
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"),
                     TextColumn("{task.completed:,.0f} " + unit), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), disable=not enabled, transient=True)
+                    TimeElapsedColumn(), disable=enabled is not True, transient=True)  # a bar on a terminal only
 
 
 # ---- coverage ---------------------------------------------------------------------------------------------------
@@ -199,13 +199,30 @@ def count_targets_ray(files: Sequence[Path | str], tok: Any, *, vocab_size: int,
                       ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The same counts as `count_targets`, on Ray Data: read_json/read_parquet, one tokenizer per actor, a
     bincount per batch, summed on the driver. Connects to RAY_ADDRESS when set, else starts a local Ray."""
+    if num_cpus is not None and num_cpus < 2:  # one CPU held by the counting actor, at least one for the reads
+        raise VocabdriftError(f"--num-cpus {num_cpus}: Ray needs at least 2 (a counting actor holds one for its "
+                              "whole life, the reads need another); or use --engine local")
     try:
         import ray
     except ImportError as e:
         raise VocabdriftError("--engine ray needs Ray Data: pip install 'vocabdrift[ray]'") from e
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  logging_level=logging.WARNING)
+    try:
+        return _count_on_ray(ray, files, tok, vocab_size=vocab_size, targets=targets, field=field,
+                             batch_size=batch_size)
+    finally:
+        if started:  # a Ray this command started ends with it, on every exit path: no daemons left behind
+            ray.shutdown()
+
+
+def _count_on_ray(ray: Any, files: Sequence[Path | str], tok: Any, *, vocab_size: int, targets: C.Targets,
+                  field: str | None, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    if int(ray.cluster_resources().get("CPU", 0)) < 2:
+        raise VocabdriftError("the Ray cluster has fewer than 2 CPUs: a counting actor holds one, the reads need "
+                              "another; give it more, or use --engine local")
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     remote = [str(f) for f in files if "://" in str(f)]  # s3://, gs://, hdfs:// ... read by the cluster itself
@@ -474,8 +491,11 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         raise VocabdriftError(f"--min-per-token must be at least 1, not {min_per_token}")
     if tokens_per_sample < 1:
         raise VocabdriftError(f"--tokens-per-sample must be at least 1, not {tokens_per_sample}")
-    out = check_out(out, file=True, models=[model_or_tokenizer] if isinstance(model_or_tokenizer, (str, os.PathLike))
-                    else [])
+    if min_per_token > MAX_PER_TOKEN or tokens_per_sample > MAX_PER_TOKEN:  # sizes that cannot be meant: refused
+        raise VocabdriftError(f"--min-per-token {min_per_token} / --tokens-per-sample {tokens_per_sample}: at most "
+                              f"{MAX_PER_TOKEN:,} each (the recipe places a token twice, eight to a sample)")
+    out = _jsonl_name(check_out(out, file=True, models=[model_or_tokenizer]
+                                if isinstance(model_or_tokenizer, (str, os.PathLike)) else []))
     timer = Timer()
     with _progress(progress, "") as bar:
         task = bar.add_task("reading the vocabulary", total=None, rate="")
@@ -629,7 +649,7 @@ def mix(sft: PathLike | Sequence[PathLike], synth: PathLike, *, out: PathLike, r
     if count is not None and count < 0:
         raise VocabdriftError(f"--count must be >= 0, not {count}")
     sft_paths = [sft] if isinstance(sft, (str, os.PathLike)) else list(sft)
-    out = check_out(out, file=True, data=[*sft_paths, synth])
+    out = _jsonl_name(check_out(out, file=True, data=[*sft_paths, synth]))
     sft_reader = DataReader(sft_paths, strict=strict)
     syn_reader = DataReader([synth], strict=True)
     resolved_out = out.resolve()
@@ -701,15 +721,22 @@ def _signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends (then arrive as usual): a file opened in it always reaches the
     list that closes it, instead of being left to the garbage collector's ResourceWarning."""
     import signal
+    import threading
 
-    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+    if threading.current_thread() is not threading.main_thread():  # handlers can be set in the main thread only
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Held by handlers that only note the signal: blocking it with pthread_sigmask in this thread is not enough,
+    # since another thread (a library's pool) may take it and Python then runs the handler here at once.
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])  # delivered now, to the handler it was meant for
 
 
 # ---- prune-suggest ----------------------------------------------------------------------------------------------
@@ -726,10 +753,45 @@ class PruneResult:
     word_list: bool = True  # False: wordfreq is not installed, and every word-like token was kept
 
 
-def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float = 0.95) -> PruneResult:
+def _common_words_cached(texts: list[str], categories: list[str]) -> tuple[list[bool], bool]:
+    """`advice.common_words` with its answers kept in the user's cache folder (per wordfreq version and zipf
+    threshold): wordfreq's lists take two seconds to load, and the same run's candidates are asked again and again
+    (a second prune-suggest of a folder reads no list)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..analyses.advice import COMMON_ZIPF
+    from ..sources.vocabulary import read_cached_json, write_cached_json
+
+    try:
+        name = f"common-words-wordfreq{version('wordfreq')}-zipf{COMMON_ZIPF:g}.json"
+    except PackageNotFoundError:
+        return common_words(texts, categories)
+    known = read_cached_json(name) or {}
+    before = len(known)
+    got = common_words(texts, categories, known=known)
+    if len(known) > before:
+        write_cached_json(name, known)
+    return got
+
+
+MAX_PER_TOKEN = 1_000  # synth: placements of a token, tokens of a sample; beyond this a set cannot be meant
+
+
+def _jsonl_name(out: Path) -> Path:
+    """synth and mix write plain JSON lines: a name that promises another format (gzip, Parquet) is refused, or
+    the next reader would take the text for what the name says."""
+    if out.name.endswith((".gz", ".parquet", ".arrow", ".zst", ".bz2", ".xz")):
+        raise VocabdriftError(f"-o {out}: vocabdrift writes plain JSON lines; name the file .jsonl (and compress "
+                              "it afterwards if you like)")
+    return out
+
+
+def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float = 0.95,
+                  csv: PathLike | None = None) -> PruneResult:
     """List tokens counted below `floor` in RUN's coverage and with lm_head cosine below `threshold`. Reports only.
 
-    Needs RUN/vocab.parquet, drift.parquet (from `diff`) and coverage.parquet (from `coverage`).
+    Needs RUN/vocab.parquet, drift.parquet (from `diff`) and coverage.parquet (from `coverage`). With `csv`, the
+    list is also written to that file (atomically; never into a model folder or over a run folder's files).
 
     Example:
         >>> r = prune_suggest("runs/sft1")
@@ -742,6 +804,8 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
         raise VocabdriftError(f"--threshold {threshold}: a cosine threshold lies in [-1, 1] (0.95, say)")
     if floor is not None and floor < 1:
         raise VocabdriftError(f"--floor must be at least 1, not {floor}")
+    if csv is not None:
+        csv = check_out(csv, file=True, flag="--csv")
     with open_run(run, create=False) as r:
         missing = [n for n in (R.VOCAB, R.DRIFT, R.COVERAGE) if not r.has(n)]
         if missing:
@@ -764,7 +828,7 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
                       "count": pa.array(cnt[idx]), "samples": pc.take(cov.column("samples"), take),
                       "lm_head_cos": pa.array(cos[idx])})
     # never propose a word of ordinary text (` Jack`, ` Paul`): rare in one SFT set is not rare in the language
-    common, checked = common_words(table.column("text").to_pylist(), table.column("category").to_pylist())
+    common, checked = _common_words_cached(table.column("text").to_pylist(), table.column("category").to_pylist())
     keep = np.asarray([not c for c in common], dtype=bool)
     if keep.size:
         kept_ids = set(table.column("token_id").to_numpy()[~keep].tolist())
@@ -773,5 +837,15 @@ def prune_suggest(run: PathLike, *, floor: int | None = None, threshold: float =
     cats = np.asarray(scatter.column("category").to_pylist(), dtype=object)
     per = {str(c): {"tokens": int((cats == c).sum()), "candidates": int((hit & (cats == c)).sum())}
            for c in sorted(set(cats.tolist()))}
+    if csv is not None:
+        import io
+
+        import pyarrow.csv as pacsv
+
+        from ..atomic import write_bytes_atomic
+
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        write_bytes_atomic(csv, buf.getvalue())
     return PruneResult(table, per, floor, threshold, common_words_kept=int((~keep).sum()),
                        word_list=checked)

@@ -5,9 +5,10 @@ I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come fro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ class Measurement:
     def summary(self, *, threshold: float = 0.95) -> dict[str, Any]:
         s = D.summarize(self.drift, self.vocab, threshold=threshold)
         s["added_tokens"] = self.info.get("added_tokens", [])
+        missing = self.info.get("missing_rows") or []
+        if missing:  # tokens the tokenizer emits that have no row to compare: a gate fails on them
+            s["missing_rows"] = {"count": len(missing), "ids": missing[:1000]}
+        if self.info.get("nonfinite_norm"):  # a final norm of NaN/Inf: every logit of that model is NaN
+            s["nonfinite_norm"] = list(self.info["nonfinite_norm"])
         s["tied"] = {"base": self.info["base"]["tied"], "post": self.info["post"]["tied"]}
         # one naming of categories: the keys (latin, cyrillic...) and, as labels, the names shown on screen
         s["category_names"] = {c: LANGUAGE_NAMES.get(c, c) for c in s["categories"]}
@@ -84,6 +90,7 @@ def vocab(model: PathLike, *, out: PathLike | None = None, trust_remote_code: bo
     """
     if out is not None:
         check_out(out, models=[model])  # before the table's seconds
+        R.refuse_foreign(out, model)
     table = vocab_table(model, trust_remote_code=trust_remote_code)
     if out is not None:
         with open_run(out) as run:
@@ -184,11 +191,55 @@ def _check_pair(base: Checkpoint, post: Checkpoint) -> None:
                               "diff compares two checkpoints of the same model")
 
 
+def _check_tokenizers(base: Checkpoint, post: Checkpoint) -> None:
+    """BASE and POST must give each shared id the same token: rows of different tokens are not a drift. Compared
+    from their tokenizer.json files (a re-saved, identical vocabulary passes; added tokens past BASE's are POST's
+    own); GGUF and hub checkpoints are taken as they are."""
+    files = []
+    for ck in (base, post):
+        try:
+            src = Path(_tokenizer_spec(ck))
+        except VocabdriftError:
+            return
+        f = src / "tokenizer.json" if src.is_dir() else src
+        if not (f.is_file() and f.name == "tokenizer.json"):
+            return
+        files.append(f)
+    if files[0].read_bytes() == files[1].read_bytes():
+        return
+    ids = [_pieces_by_id(f) for f in files]
+    if ids[0] is None or ids[1] is None:
+        return
+    differ = [i for i, t in ids[0].items() if i in ids[1] and ids[1][i] != t]
+    if differ:
+        i = differ[0]
+        raise VocabdriftError(f"BASE and POST have different tokenizers: {len(differ):,} shared ids name other tokens "
+                              f"(id {i}: {ids[0][i]!r} in {files[0]}, {ids[1][i]!r} in {files[1]}); their rows are "
+                              "not the same tokens — compare checkpoints of one model")
+
+
+def _pieces_by_id(f: Path) -> dict[int, str] | None:
+    """id -> piece of a tokenizer.json (its model's vocabulary and its added tokens), or None if unreadable."""
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        vocab = doc.get("model", {}).get("vocab")
+        out: dict[int, str] = {}
+        if isinstance(vocab, dict):
+            out = {int(i): str(t) for t, i in vocab.items()}
+        elif isinstance(vocab, list):  # Unigram: [piece, score] in id order
+            out = {i: str(x[0]) for i, x in enumerate(vocab)}
+        for a in doc.get("added_tokens") or []:
+            out[int(a["id"])] = str(a["content"])
+        return out
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+
+
 def _progress(enabled: bool):  # -> rich Progress or a no-op
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
+                    disable=enabled is not True, transient=True)  # a bar on a terminal only
 
 
 # From this many rows on, the vocabulary table is built in a process of its own (`sources.vocabulary._VocabChild`).
@@ -250,6 +301,8 @@ def measure(base: PathLike | Checkpoint, post: PathLike | Checkpoint, *, tokeniz
         b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         p = post if isinstance(post, Checkpoint) else open_checkpoint(post, allow_pickle=allow_pickle)
         _check_pair(b, p)
+        if tokenizer is None:  # a tokenizer named by the user is the user's word
+            _check_tokenizers(b, p)
     import torch  # noqa: F401  (first: see below)
 
     # The vocabulary table is built beside the pass (in a child process for large vocabularies). Not before torch
@@ -298,13 +351,14 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
     with timer("drift"), _progress(progress) as bar:
         for kind in kinds:
             out = {k: np.empty(n, dtype=np.float32) for k in ("cos", "l2", "norm_base", "norm_post")}
+            broken = np.zeros(n, dtype=bool)  # this matrix's rows holding NaN/Inf: attributed to it, not the other
             task = bar.add_task(f"{kind} rows", total=n)
             sb = torch.zeros(b.hidden_size, dtype=torch.float64, device=dev)
             sp = torch.zeros_like(sb)
             if fused[kind]:
                 for s, st_np in fused_stats(b, p, kind, n, fused_step):
                     e = s + len(st_np["cos"])
-                    nonfinite[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
+                    broken[s:e] |= ~(np.isfinite(st_np["norm_base"]) & np.isfinite(st_np["norm_post"]))
                     for k, v in st_np.items():
                         out[k][s:e] = v
                     bar.advance(task, e - s)
@@ -312,20 +366,33 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
                 for s, rb, rp in _paired_blocks(b, p, kind, n, step, dev, scale(kind)):
                     e = s + len(rb)
                     st = D.row_stats(rb, rp, scratch=scratch)
-                    # A NaN or Inf anywhere in a row makes its norm non-finite: free detection of broken rows.
-                    bad = ~(torch.isfinite(st["norm_base"]) & torch.isfinite(st["norm_post"])).cpu().numpy()
-                    if bad.any():  # reported, and zeroed so they cannot poison the sums
-                        nonfinite[s:e] |= bad
-                        torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
-                        torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
+                    # A NaN or Inf in a row makes its norm non-finite; so does a finite row too large to square in
+                    # float32 (values of 1e30): those rows are told apart by their values and measured in float64
+                    odd = ~(torch.isfinite(st["norm_base"]) & torch.isfinite(st["norm_post"]))
+                    if bool(odd.any()):
+                        i = odd.nonzero().squeeze(1)
+                        bad_i = ~(torch.isfinite(rb[i]).all(1) & torch.isfinite(rp[i]).all(1))
+                        big = i[~bad_i]
+                        if len(big):
+                            st64 = D.row_stats(rb[big].double(), rp[big].double())
+                            for k, v in st64.items():
+                                st[k][big] = v.float()
+                        bad = np.zeros(len(rb), dtype=bool)
+                        bad[i[bad_i].cpu().numpy()] = True
+                        if bad.any():  # reported, and zeroed so they cannot poison the sums
+                            broken[s:e] |= bad
+                            torch.nan_to_num(rb, nan=0.0, posinf=0.0, neginf=0.0, out=rb)
+                            torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
                     for k, v in st.items():
                         out[k][s:e] = v.cpu().numpy()
                     if center:
                         sb += rb.sum(0, dtype=torch.float64)
                         sp += rp.sum(0, dtype=torch.float64)
                     bar.advance(task, len(rb))
-            out["cos"][nonfinite] = np.nan
+            out["cos"][broken] = np.nan
+            nonfinite |= broken
             cols.update({f"{kind}_{k}": v for k, v in out.items()})
+            cols[f"{kind}_nonfinite"] = broken
             means[kind] = ((sb / max(n, 1)).float(), (sp / max(n, 1)).float())
         if center:  # a second pass: the mean row is known only after the first
             for kind in kinds:
@@ -337,11 +404,19 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
                     torch.nan_to_num(rp, nan=0.0, posinf=0.0, neginf=0.0, out=rp)
                     cc[s:s + len(rb)] = D.centered_cos(rb, rp, mb, mp).cpu().numpy()
                     bar.advance(task, len(rb))
-                cc[nonfinite] = np.nan
+                cc[cols[f"{kind}_nonfinite"]] = np.nan
                 cols[f"{kind}_cos_centered"] = cc
 
     with timer("vocab (not overlapped)"):
-        vt = job.result().slice(0, n)
+        full = job.result()
+        vt = full.slice(0, n)
+    # tokens the tokenizer can emit past the rows both models have: never judged by a cosine, so named here (a
+    # POST with no lm_head rows at all, or 390 for a 400-token tokenizer, must fail a gate, not pass it)
+    special = full.column("is_special").to_numpy(zero_copy_only=False)
+    added_set = set(added)
+    missing = [int(i) for i in range(n, full.num_rows) if not special[i] and i not in added_set]
+    broken_norm = [name for name, ck in (("base", b), ("post", p))
+                   if (w := ck.final_norm()) is not None and not np.isfinite(w).all()]
     import pyarrow as pa  # (imported by now, by the table's `result`)
 
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
@@ -356,7 +431,14 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
     if nonfinite.any():
         log.warning("%d rows hold NaN or Inf (first: %s); they count as drifted, below every threshold",
                     int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())
+    if missing:
+        log.warning("%d tokens of the tokenizer have no row in both models (first id %d): they fail every gate",
+                    len(missing), missing[0])
+    if broken_norm:
+        log.warning("the final norm of %s holds NaN or Inf: every logit of that model is NaN",
+                    " and ".join(broken_norm))
     info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
+            "missing_rows": missing, "nonfinite_norm": broken_norm,
             "fold_norm": fold_norm, "center": center, "device": str(dev),
             "block_rows": {k: fused_step if fused[k] else step for k in kinds}}
     return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)
@@ -389,6 +471,8 @@ def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, sp
         nid, ncos = _neighbor_rows(ck, space, list(ids), k, dev, stop, (norms or {}).get(name))
         for qi, tid in enumerate(ids):
             for r in range(nid.shape[1]):
+                if nid[qi, r] < 0 or not ncos[qi, r] >= -1.0:  # padding of topk, or a row without direction
+                    continue
                 cols["token_id"].append(int(tid))
                 cols["space"].append(space)
                 cols["model"].append(name)
@@ -397,6 +481,41 @@ def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, sp
                 cols["cos"].append(float(ncos[qi, r]))
     return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": cols["space"],
                      "model": cols["model"], "rank": pa.array(cols["rank"], pa.int32()),
+                     "neighbor_id": pa.array(cols["neighbor_id"], pa.int64()),
+                     "cos": pa.array(cols["cos"], pa.float32())})
+
+
+def _lazy_encoder(spec: PathLike) -> Callable[[str], list[int]]:
+    """The tokenizer's encoder, loaded on first use: most token specs resolve against the vocabulary table alone,
+    and loading a tokenizer costs the seconds of importing transformers."""
+    loaded: list[Callable[[str], list[int]]] = []
+
+    def encode(text: str) -> list[int]:
+        if not loaded:
+            loaded.append(T.encoder_of(load_tokenizer(spec)))
+        return loaded[0](text)
+
+    return encode
+
+
+def _neighbor_table_np(cks: dict[str, Checkpoint], tid: int, *, space: Kind, k: int, stop: int) -> pa.Table:
+    """`neighbor_table` of one token, in numpy (`drift.topk_cosine_np`)."""
+    import pyarrow as pa
+
+    cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
+    for name, ck in cks.items():
+        step = max(1, DEFAULT_BLOCK_BYTES // (4 * ck.hidden_size))
+        blocks = ((s, ck.rows_np(space, s, min(stop, s + step))) for s in range(0, stop, step))
+        ids, cos = D.topk_cosine_np(ck.rows_np(space, tid, tid + 1), blocks, k, exclude=tid)
+        if len(ids) == 0:
+            log.warning("%s: the %s row of token %d holds NaN/Inf or is zero: it has no direction, so no "
+                        "neighbours", ck.path, space, tid)
+        for r, (i, c) in enumerate(zip(ids.tolist(), cos.tolist(), strict=True)):
+            for key, v in (("token_id", tid), ("space", space), ("model", name), ("rank", r + 1),
+                           ("neighbor_id", i), ("cos", c)):
+                cols[key].append(v)
+    return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": pa.array(cols["space"], pa.string()),
+                     "model": pa.array(cols["model"], pa.string()), "rank": pa.array(cols["rank"], pa.int32()),
                      "neighbor_id": pa.array(cols["neighbor_id"], pa.int64()),
                      "cos": pa.array(cols["cos"], pa.float32())})
 
@@ -423,12 +542,16 @@ def neighbors(model: PathLike, token: str | int, *, base: PathLike | None = None
     cks = {"post": post} if base is None else {"base": open_checkpoint(base, allow_pickle=allow_pickle), "post": post}
     if base is not None:
         _check_pair(cks["base"], post)
-    tok = load_tokenizer(tokenizer or _tokenizer_spec(post))
-    vt = vocab_table(tokenizer or _tokenizer_spec(post), size=post.rows_of(space))
-    tid = resolve_token(token, vt, tok)  # before any row is read
+    spec = tokenizer or _tokenizer_spec(post)
+    vt = vocab_table(spec, size=post.rows_of(space))  # cached per tokenizer: no tokenizer is loaded to read it
+    tid = T.resolve_token(token, T.TokenIndex.from_table(vt, encode=_lazy_encoder(spec)))  # before any row is read
     stop = min(ck.rows_of(space) for ck in cks.values())
-    k = min(k, stop - 1)  # every other row at most: past that, topk would pad with made-up neighbours
-    nt = neighbor_table(cks, [tid], space=space, k=k, device=device, stop=stop)
+    if tid >= stop:
+        raise VocabdriftError(f"token {tid} has no {space} row (the matrix has {stop} rows)")
+    if device is not None:  # asked for a device: the streaming pass of `diff`
+        nt = neighbor_table(cks, [tid], space=space, k=min(k, stop - 1), device=device, stop=stop)
+    else:  # one row against all: a matrix-vector product, bound by reading; numpy spares torch's start-up
+        nt = _neighbor_table_np(cks, tid, space=space, k=k, stop=stop)
     ids = nt.column("neighbor_id").to_numpy()
     texts = vt.column("text").to_numpy(zero_copy_only=False)
     special = vt.column("is_special").to_numpy(zero_copy_only=False)

@@ -168,7 +168,7 @@ def read_token_file(path: PathLike) -> list[str]:
     if not p.is_file():
         raise VocabdriftError(f"{p}: no such token file; write one token (id, text or piece) a line")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a token
     except UnicodeDecodeError as e:
         raise VocabdriftError(f"{p}: not UTF-8 text ({e.reason}); write one token a line in UTF-8") from e
     specs = [x for x in lines if x.strip() and not x.lstrip().startswith("#")]
@@ -336,6 +336,7 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
     if batch_size < 1 or block_tokens < 1:
         raise VocabdriftError(f"--batch-size must be at least 1, not {min(batch_size, block_tokens)}")
     check_out(out, models=[model, base, tokenizer])  # before any partial folder: never into a model folder
+    R.refuse_foreign(out, model, base)  # another pair's folder: said now, never a folder left unreportable
     if device is not None:
         from ..device import best_device
 
@@ -496,6 +497,7 @@ def cases(model: PathLike, cases_file: PathLike | None = None, *, out: PathLike 
     out = run_target(out, run, required=False)
     if out is not None:  # before any answer is generated: never into a model folder
         check_out(out, models=[model, tokenizer], data=[cases_file])
+        R.refuse_foreign(out, model)
     if max_tokens < 1:
         raise VocabdriftError(f"--max-tokens must be at least 1, not {max_tokens}")
     items = read_cases(cases_file)
@@ -572,6 +574,7 @@ def undertrained(model: PathLike, *, out: PathLike | None = None, tokens: Sequen
     out = run_target(out, run, required=False)  # `run`: an existing run folder to add to
     if out is not None:  # before the matrices are read: never into a model folder
         check_out(out, models=[model])
+        R.refuse_foreign(out, model)
     if not 0 < share < 1:
         raise VocabdriftError(f"--share must be between 0 and 1, not {share}")
     timer = Timer()
@@ -847,6 +850,7 @@ def confusion(model: PathLike, *, prompts: Any = None, language: str | None = No
     out = run_target(out, run, required=False)  # `run`: an existing run folder to add to
     if out is not None:  # before any sample is drawn: never into a model folder
         check_out(out, models=[model, base])
+        R.refuse_foreign(out, model, base)
     if n < 1:
         raise VocabdriftError(f"-n must be at least 1, not {n}")
     if not 0 <= temperature < float("inf"):  # NaN fails this too

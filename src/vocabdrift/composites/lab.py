@@ -40,8 +40,9 @@ from typing import Any
 
 from ..atomic import write_bytes_atomic, write_lines_atomic
 from ..device import usable_cpus
-from ..errors import VocabdriftError, need_extra
+from ..errors import need_extra
 from ..outputs import run as R
+from ..progress import Mode
 from .corpus import GIVEN_NAME, build_corpus
 from .stages import Stage, StageRunner, steps_to_parent
 from .train import TRAINING
@@ -116,7 +117,7 @@ LARGE = Recipe(docs=5000, sft_samples=1500, name_every=400, vocab_size=4096, hid
 class _Stages(StageRunner):
     """OUT/lab.json: the recipe, the seed and the finished stages with their seconds."""
 
-    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool) -> None:
+    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: Mode) -> None:
         super().__init__(out / "lab.json", {"recipe": asdict(recipe), "seed": seed}, progress,
                          mismatch=f"{out} holds a lab run made with other settings (seed or recipe); pass another "
                               "-o, or delete the folder")
@@ -440,14 +441,14 @@ class _Lab:
         return [r["text"] for r in _read_jsonl(self.data / "pretrain.jsonl")]
 
 
-def _corpus(lb: _Lab, progress: bool) -> None:
+def _corpus(lb: _Lab, progress: Mode) -> None:
     c = build_corpus(docs=lb.recipe.docs, sft=lb.recipe.sft_samples, seed=lb.seed, name_every=lb.recipe.name_every)
     _write_jsonl(lb.data / "pretrain.jsonl", [{"text": t} for t in c.pretrain])
     _write_jsonl(lb.data / "sft.jsonl", c.sft)
     _write_jsonl(lb.data / "heldout.jsonl", _heldout_records(lb.seed))
 
 
-def _tokenizer(lb: _Lab, progress: bool) -> None:
+def _tokenizer(lb: _Lab, progress: Mode) -> None:
     from .train import train_tokenizer
 
     _rm_partial(lb.mpath["tokenizer"])
@@ -455,7 +456,7 @@ def _tokenizer(lb: _Lab, progress: bool) -> None:
                     must_have=[GIVEN_NAME])
 
 
-def _base(lb: _Lab, progress: bool) -> dict[str, Any]:
+def _base(lb: _Lab, progress: Mode) -> dict[str, Any]:
     from ..sources.tokenizer import load_tokenizer
     from .train import pretrain
 
@@ -467,14 +468,14 @@ def _base(lb: _Lab, progress: bool) -> dict[str, Any]:
     return {"pretrain_loss": round(loss, 4)}
 
 
-def _synth_set(lb: _Lab, progress: bool) -> None:
+def _synth_set(lb: _Lab, progress: Mode) -> None:
     from ..api.coverage import synth
 
     synth(lb.mpath["tokenizer"], out=lb.data / "coverage.jsonl", min_per_token=lb.recipe.min_per_token,
           tokens_per_sample=lb.recipe.tokens_per_sample, seed=lb.seed, progress=progress)
 
 
-def _train(lb: _Lab, name: str, files: list[Path], progress: bool) -> None:
+def _train(lb: _Lab, name: str, files: list[Path], progress: Mode) -> None:
     from .train import sft
 
     r = lb.recipe
@@ -484,7 +485,7 @@ def _train(lb: _Lab, name: str, files: list[Path], progress: bool) -> None:
         batch_size=r.sft_batch, seed=lb.seed, progress=progress, callbacks=[_steps_to_parent()])
 
 
-def _analyse(lb: _Lab, name: str, files: list[Path], progress: bool) -> None:
+def _analyse(lb: _Lab, name: str, files: list[Path], progress: Mode) -> None:
     from ..api.coverage import coverage
     from ..api.diff import diff
 
@@ -509,7 +510,7 @@ def _probe_tokens(lb: _Lab) -> list[int]:
     return list(dict.fromkeys([_planted_id(lb), *top.column("token_id").to_pylist()]))
 
 
-def _probe(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
+def _probe(lb: _Lab, model: Path, run: Path, progress: Mode) -> None:
     from ..analyses.probe import CHAT_DEFAULT, FEWSHOT_DEFAULT
     from ..api.probe import probe
 
@@ -521,7 +522,7 @@ def _probe(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
           templates=[*FEWSHOT_DEFAULT, *CHAT_DEFAULT], top_p=PROBE_TOP_P, progress=progress, control=0)
 
 
-def _confusion(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
+def _confusion(lb: _Lab, model: Path, run: Path, progress: Mode) -> None:
     """The published measurement: its two Japanese prompts and its Korean one, `confusion_n` answers each at
     temperature 1.0; every answer goes to RUN/confusion.jsonl."""
     from ..api.probe import confusion
@@ -530,7 +531,7 @@ def _confusion(lb: _Lab, model: Path, run: Path, progress: bool) -> None:
               progress=progress)
 
 
-def _prove(lb: _Lab, name: str, progress: bool) -> None:
+def _prove(lb: _Lab, name: str, progress: Mode) -> None:
     from ..api.probe import cases
 
     _probe(lb, lb.mpath[name], lb.runs[name], progress)
@@ -545,13 +546,13 @@ def _heldout_of(data: Path, seed: int) -> list[dict[str, Any]]:
     return _read_jsonl(f) if f.exists() else _heldout_records(seed)
 
 
-def _heldout_loss(lb: _Lab, name: str, model: Path, progress: bool) -> dict[str, Any]:
+def _heldout_loss(lb: _Lab, name: str, model: Path, progress: Mode) -> dict[str, Any]:
     from .train import eval_loss
 
     return {"heldout_loss": {name: round(eval_loss(model, _heldout_of(lb.data, lb.seed)), 6)}}
 
 
-def _remedy(lb: _Lab, name: str, progress: bool) -> None:
+def _remedy(lb: _Lab, name: str, progress: Mode) -> None:
     from .repair import repair
 
     r, run = lb.recipe, lb.remedy_runs[name]
@@ -567,10 +568,13 @@ def _remedy(lb: _Lab, name: str, progress: bool) -> None:
     _confusion(lb, run / "model", run, progress)
 
 
-def _write_report(lb: _Lab, progress: bool) -> None:
+def _write_report(lb: _Lab, progress: Mode) -> None:
+    """The comparison page, opening with the lab's verdict (its held-out losses are in lab.json by now)."""
     from ..outputs.report import report
 
-    report(lb.runs["baseline"], compare=lb.runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME])
+    losses = json.loads((lb.out / "lab.json").read_text())["heldout_loss"]
+    report(lb.runs["baseline"], compare=lb.runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME],
+           findings=lab_verdict(_results(lb, losses)))
 
 
 def _stage(name: str, fn: Callable[..., Any], what: str, *args: Any) -> Stage:
@@ -584,7 +588,7 @@ def _heldout(lb: _Lab, name: str, model: Path) -> Stage:
 
 # ---- the recipe, top to bottom ----------------------------------------------------------------------------------
 
-def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress: bool = True,
+def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress: Mode = True,
         recipe: Recipe | None = None, remedies: bool | None = None) -> LabResult:
     """Reproduce the investigation on a tiny model: pre-train, SFT twice (baseline, + coverage set), analyse both.
 
@@ -608,11 +612,13 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
         need_extra(m, "lab", "`vocabdrift lab`", load=False)
     recipe = recipe or (QUICK if quick else DEFAULT)
     seed = recipe.seed if seed is None else seed
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise VocabdriftError(f"{out} is a file; -o takes a folder for the lab")
+    from ..outputs.location import check_out
+
+    out = check_out(out, lab=True)  # a new or empty folder, or a lab folder; never a model folder, `/` or $HOME
     out.mkdir(parents=True, exist_ok=True)
     st = _Stages(out, recipe, seed, progress)
+    if not (out / "lab.json").exists():
+        st.save()  # from its first moment the folder says it is a lab's: a rerun after a kill may resume it
     lb = _Lab(out, recipe, seed)
     mpath = lb.mpath
 
@@ -647,17 +653,28 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     return _compare(lb, st)
 
 
+def _reached(lb: _Lab) -> Any:
+    """Ids the repaired run's data reach (coverage count > 0): the lab's minimum is over these."""
+    cov = R.Run(lb.runs["repaired"]).read_table(R.COVERAGE)
+    return cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
+
+
+def _results(lb: _Lab, losses: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The baseline's and the repaired run's measurements, with their held-out losses: what the verdict reads."""
+    planted, reach_ids = _planted_id(lb), _reached(lb)
+    results = {k: _measure(p, reach_ids, planted) for k, p in lb.runs.items()}
+    for k, v in results.items():
+        v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
+    return results
+
+
 def _compare(lb: _Lab, st: _Stages) -> LabResult:
     """The measured tables (OUT/lab.md, and OUT/remedies.md when the remedies ran) from the finished run folders."""
     out, runs, remedy_runs = lb.out, lb.runs, lb.remedy_runs
-    planted = _planted_id(lb)
-    cov = R.Run(runs["repaired"]).read_table(R.COVERAGE)
-    reach_ids = cov.filter(cov.column("count").to_numpy() > 0).column("token_id").to_numpy()
+    planted, reach_ids = _planted_id(lb), _reached(lb)
     remedied = all(st.done(f"remedy_{k}") for k in REMEDIES)
     losses = st.state["heldout_loss"]
-    results = {k: _measure(p, reach_ids, planted) for k, p in runs.items()}
-    for k, v in results.items():
-        v.update(heldout_loss=losses[k], heldout_loss_base=losses["base"])
+    results = _results(lb, losses)
     verdict = lab_verdict(results)
     table = comparison_markdown(results)
     if verdict:

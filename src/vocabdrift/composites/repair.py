@@ -45,11 +45,18 @@ def _as_text(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def count_tokens(records: Sequence[dict[str, Any]], tok: Any) -> int:
-    """Tokens of the records' contents (what they add to training, template tokens left out)."""
-    texts = [r["text"] if "text" in r else m["content"] for r in records
-             for m in ([None] if "text" in r else r["messages"])]
-    backend = tok.backend_tokenizer
-    return sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+    """The records' target tokens: what training learns from and `coverage` counts (the assistant's tokens of a
+    chat, every token of plain text), before any truncation. The one size of an SFT set that coverage's table,
+    repair's cost line and the plan all give."""
+    from ..analyses.coverage import Renderer, target_mask
+    from .train import _record_sample
+
+    if not records:
+        return 0
+    rendered = [r for r in Renderer(tok, targets="assistant").render([_record_sample(r, i) for i, r in
+                                                                       enumerate(records)]) if not isinstance(r, str)]
+    encs = tok.backend_tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    return sum(sum(target_mask(len(e.ids), r.spans, e)[1:]) for r, e in zip(rendered, encs, strict=True))
 
 
 def mix_coverage(records: list[dict[str, Any]], coverage: list[dict[str, Any]], share: float | None, *,
@@ -217,7 +224,15 @@ def repair(base: PathLike, data: PathLike | Sequence[PathLike], *, out: PathLike
         raise VocabdriftError(f"vocabdrift.composites.train is missing ({e}); reinstall vocabdrift") from e
 
     need_training("`vocabdrift repair`")  # a missing trl/datasets is said now, not after the coverage set is built
-    out = Path(out)
+    from ..outputs.location import check_out
+
+    datas = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    helds = [] if heldout is None else [heldout] if isinstance(heldout, (str, os.PathLike)) else list(heldout)
+    out = check_out(out, models=[base, heal], data=[*datas, *helds, replay])  # never into a model or data folder
+    if device is not None:
+        from ..device import best_device
+
+        best_device(device)  # `--device cuda` without CUDA: one line now, not a crash in the first step
     if (out / "model").exists():
         raise VocabdriftError(f"{out}/model already exists; pick another -o (repair never overwrites a model)")
     healing = heal is not None

@@ -21,6 +21,7 @@ from typing import Any
 from ..atomic import write_bytes_atomic
 from ..device import cpu_threads, usable_cpus
 from ..errors import VocabdriftError
+from ..progress import Mode, every_seconds, say, set_prefix
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ class StageRunner:
     Args:
         path: the state file.
         settings: what the stages' results depend on; a state file made with other settings is refused.
-        progress: say each stage on stderr (and show the live lines of stages running side by side).
+        progress: say each stage on stderr and show the live lines of stages running side by side (True, on a
+            terminal), or say each stage and the steps of training stages as plain lines at a steady pace ("lines",
+            in a log: `vocabdrift.progress`).
         mismatch: the error for a state file made with other settings.
     """
 
-    def __init__(self, path: Path, settings: dict[str, Any], progress: bool, *, mismatch: str) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], progress: Mode, *, mismatch: str) -> None:
         self.path = path
         self.progress = progress
         want = json.loads(json.dumps(settings, default=str))
@@ -158,7 +161,7 @@ class StageRunner:
         import warnings
 
         reader, writer = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_chain_worker, args=(chain, writer), daemon=True)
+        p = ctx.Process(target=_chain_worker, args=(chain, writer, self.progress == "lines"), daemon=True)
         self._say("[bold]→ " + ", then ".join(what for _, _, what in chain) + f" …[/bold] [dim]({note})[/dim]")
         with warnings.catch_warnings():  # Python 3.12+ warns on a fork with threads (torch's idle pool)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -199,11 +202,15 @@ class StageRunner:
         self._say(f"✓ {what} [dim]({secs:.1f} s)[/dim]")
 
     def _say(self, msg: str) -> None:
-        if self.progress:
+        from rich.text import Text
+
+        if self.progress is True:
             from rich.console import Console
 
             (self._console or Console(stderr=True)).print(msg)
-        log.info(msg)
+        elif self.progress == "lines":
+            say(Text.from_markup(msg).plain)
+        log.info(Text.from_markup(msg).plain)
 
     @contextlib.contextmanager
     def _board(self) -> Iterator[Callable[..., None]]:
@@ -213,6 +220,9 @@ class StageRunner:
         `steps=(done, total)` (and `what` None) the line keeps its text and shows the steps. A no-op without
         progress. The workers draw nothing themselves: two live displays on one terminal would garble it.
         """
+        if self.progress == "lines":
+            yield _step_lines()
+            return
         if not self.progress:
             yield lambda key, what, steps=None: None
             return
@@ -240,6 +250,27 @@ class StageRunner:
                 self._console = None
 
 
+def _step_lines() -> Callable[..., None]:
+    """`_board`'s `show` in a log: each running stage's steps as a line every `progress.LINE_EVERY` seconds (the
+    stage's start and end are said by the runner)."""
+    every = every_seconds()
+    started: dict[Any, tuple[str, float, float]] = {}  # key -> (what, start, last line)
+
+    def show(key: Any, what: str | None, steps: tuple[int, int] | None = None) -> None:
+        now = time.perf_counter()
+        if steps is None:
+            started.pop(key, None)
+            if what is not None:
+                started[key] = (what, now, now)
+            return
+        if key in started and now - started[key][2] >= every:
+            what, t0, _ = started[key]
+            started[key] = (what, t0, now)
+            say(f"  {what}: step {steps[0]:,}/{steps[1]:,} ({now - t0:.0f} s)")
+
+    return show
+
+
 # In a forked worker: sends a training stage's step count to the parent's live line (None elsewhere).
 _step_sink: Callable[[int, int], None] | None = None
 
@@ -257,8 +288,10 @@ def steps_to_parent() -> Any:
     return StepsToParent()
 
 
-def _chain_worker(chain: list[Stage], conn: Any) -> None:
-    """A forked worker: one thread, no progress bars; each finished stage is sent to the parent."""
+def _chain_worker(chain: list[Stage], conn: Any, lines: bool = False) -> None:
+    """A forked worker: one thread, no progress bars; each finished stage is sent to the parent. With `lines` (the
+    parent writes to a log) its stages write their own progress lines (probe, confusion): a line is one write, so
+    two workers' lines do not mix within a line."""
     import traceback
 
     global _step_sink
@@ -270,8 +303,9 @@ def _chain_worker(chain: list[Stage], conn: Any) -> None:
     try:
         for name, fn, what in chain:
             conn.send(("start", what))
+            set_prefix(f"  {what.split(':')[0]}: ")  # "  baseline: probing: 62/248 ..."
             t = time.perf_counter()
-            update = fn(False)
+            update = fn("lines" if lines else False)
             conn.send(("done", name, what, time.perf_counter() - t, update))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says it, once
         code = 130

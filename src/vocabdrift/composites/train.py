@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import new_folder
 from ..errors import VocabdriftError, need_extra
+from ..progress import Mode
+from ..progress import bar as progress_lines
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -110,7 +112,7 @@ def tiny_llama(tokenizer: Any, *, hidden: int = 128, layers: int = 4, heads: int
 
 def pretrain(tokenizer: Any, texts: Sequence[str], *, out: PathLike, steps: int, hidden: int = 128, layers: int = 4,
              heads: int = 4, context: int = 128, batch_size: int = 16, lr: float = 3e-3, warmup: int = 50,
-             seed: int = 0, progress: bool = True) -> tuple[Path, float]:
+             seed: int = 0, progress: Mode = True) -> tuple[Path, float]:
     """Pre-train a tiny Llama from scratch on `texts` (packed, documents joined by eos); save it to `out`.
 
     A hand-written loop rather than Trainer: one random window of the packed stream per row, AdamW with warmup
@@ -169,9 +171,14 @@ def pretrain(tokenizer: Any, texts: Sequence[str], *, out: PathLike, steps: int,
 
 
 @contextmanager
-def _bar(enabled: bool, what: str, total: int):
-    """A rich progress bar with the running loss; a no-op callable when disabled."""
+def _bar(enabled: Mode, what: str, total: int):
+    """A rich progress bar with the running loss; lines at a steady pace in a log ("lines"); else a no-op."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if enabled == "lines":
+        with progress_lines(enabled, total, what) as advance:
+            yield lambda loss: advance(1)
+        return
 
     with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), disable=not enabled, transient=True) as bar:
@@ -315,7 +322,7 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
         lr: float = 2e-4, batch_size: int = 8, max_length: int = 256, seed: int = 0, betas=(0.9, 0.999),
         weight_decay: float = 0.1, warmup_steps: int = 0, callbacks: Sequence = (),
         loss_terms: Sequence[Callable] = (), freeze: Sequence[str] = (), replay: Iterable[dict] | None = None,
-        replay_ratio: float = 0.0, progress: bool = True, untie: bool = False, log_every: int = 0,
+        replay_ratio: float = 0.0, progress: Mode = True, untie: bool = False, log_every: int = 0,
         stats: dict[str, Any] | None = None, weights: Sequence[float] | None = None) -> Path:
     """Supervised fine-tuning of a causal LM; the model and its tokenizer are saved to `out`.
 
@@ -400,7 +407,7 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
             adam_beta1=betas[0], adam_beta2=betas[1], weight_decay=weight_decay, warmup_steps=warmup_steps,
             lr_scheduler_type="constant_with_warmup", logging_steps=max(1, steps // 20), save_strategy="no",
-            report_to=[], use_cpu=not gpu, disable_tqdm=not progress, seed=seed,
+            report_to=[], use_cpu=not gpu, disable_tqdm=progress is not True, seed=seed,
             data_seed=seed, dataloader_num_workers=0, optim="adamw_torch_fused", max_length=max_length,
             # TRL's defaults (bf16 autocast, activation checkpointing) suit big models on GPUs; on a CPU they only
             # slow the step down and change the numbers
@@ -415,9 +422,11 @@ def sft(model: str | Path | PreTrainedModel, records: Iterable[dict], *, out: st
 
         # both print a dict per log step; keep the bar, drop the dicts (callbacks still get on_log)
         trainer.remove_callback(PrinterCallback)
+        if progress == "lines" and log_every <= 0:  # in a log: a line about every 5% of the steps
+            log_every = max(1, steps // 20)
         if log_every > 0:
             trainer.add_callback(_step_lines(steps, log_every))
-        if progress:
+        if progress is True:
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(_quiet_progress())
         with score_trained_positions_only():

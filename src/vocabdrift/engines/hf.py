@@ -68,8 +68,13 @@ def scores_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, top_p: fl
     rank = above.sum(dim=1) + 1
     mass_above = (logp.exp() * above).sum(dim=1)
     lp = logp.gather(1, targets[:, None])[:, 0]
-    return [Score(float(a), int(r), bool(r == 1 or m < top_p), top_p)
-            for a, r, m in zip(lp.tolist(), rank.tolist(), mass_above.tolist(), strict=True)]
+    # a NaN or infinite logit poisons the softmax: the model computes nothing there, so nothing is sayable (a NaN
+    # compares False with everything, which would otherwise rank the target first)
+    broken = (~torch.isfinite(logits).all(dim=1)).tolist()
+    vocab = logits.shape[1]
+    return [Score(float("nan"), vocab, False, top_p) if bad else Score(float(a), int(r), bool(r == 1 or m < top_p),
+                                                                      top_p)
+            for a, r, m, bad in zip(lp.tolist(), rank.tolist(), mass_above.tolist(), broken, strict=True)]
 
 
 def _common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -395,6 +400,15 @@ class HFEngine:
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(message)["input_ids"]
 
+    def context_length(self) -> int | None:
+        """The positions the model was built for (max_position_embeddings and its aliases), or None if unsaid."""
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 128, seed: int = 0) -> list[list[str]]:
         """`n` answers to each user message; temperature 0 is greedy. Same seed, same answers."""
@@ -402,9 +416,15 @@ class HFEngine:
 
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        context = self.context_length()
         results: list[list[str]] = []
         for i, msg in enumerate(prompts):
             ids = torch.tensor([self.render(msg)], device=self.device)
+            if context is not None and ids.shape[1] >= context:  # past the context the model computes nothing
+                raise VocabdriftError(f"a prompt of {ids.shape[1]:,} tokens does not fit the model's context of "
+                                      f"{context:,}; shorten it")
+            # never past the context: a huge --max-tokens would otherwise run on (and the model extrapolate)
+            budget = max_tokens if context is None else min(max_tokens, context - ids.shape[1])
             answers: list[str] = []
             chunk = max(1, min(n, self.batch_size))
             for j in range(0, n, chunk):
@@ -412,9 +432,15 @@ class HFEngine:
                 torch.manual_seed(seed + 1_000_003 * i + j)
                 kw: dict[str, Any] = {"do_sample": False} if temperature <= 0 else \
                     {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-                with torch.inference_mode():
-                    out = self.model.generate(ids.expand(m, -1), attention_mask=torch.ones_like(ids).expand(m, -1),
-                                              max_new_tokens=max_tokens, pad_token_id=pad, **kw)
+                try:
+                    with torch.inference_mode():
+                        out = self.model.generate(ids.expand(m, -1), attention_mask=torch.ones_like(ids).expand(m, -1),
+                                                  max_new_tokens=budget, pad_token_id=pad, **kw)
+                except RuntimeError as e:
+                    if "inf" not in str(e) and "nan" not in str(e):
+                        raise
+                    raise VocabdriftError(f"{self.name}: its next-token probabilities hold NaN/Inf, so nothing can be "
+                                          "sampled: the model is broken (`vocabdrift check` names the rows)") from e
                 answers += tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             results.append(answers)
         return results

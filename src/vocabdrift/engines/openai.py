@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20
 
 
+MAX_RESPONSE_BYTES = 64 << 20  # one answer of logprobs or text: far below this
+
+
 class OpenAIEngine:
     """A client of an OpenAI-compatible server.
 
@@ -41,6 +44,7 @@ class OpenAIEngine:
         self.model = str(model)
         self.name = self.model.rstrip("/").split("/")[-1] or self.model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = float(timeout)
         self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), headers=headers)
         self.concurrency = max(1, concurrency)
         self._tok_spec = tokenizer
@@ -63,32 +67,51 @@ class OpenAIEngine:
     def close(self) -> None:
         self._client.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """(status, body) read in chunks, at most MAX_RESPONSE_BYTES and `timeout` seconds in all: a server that
+        streams without end, or drips a byte a minute, is one clear error, not a process that grows or waits."""
+        import time
+
         import httpx
 
-        url = self.base + path
+        deadline = time.monotonic() + self.timeout
         try:
-            r = self._client.post(url, json=body)
+            with self._client.stream(method, url, json=body) as r:
+                got = bytearray()
+                for chunk in r.iter_bytes():
+                    got += chunk
+                    if len(got) > MAX_RESPONSE_BYTES:
+                        raise VocabdriftError(f"{url}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB; "
+                                              "is this an OpenAI-compatible server?")
+                    if time.monotonic() > deadline:
+                        raise VocabdriftError(f"{url}: the answer took more than {self.timeout:g} s; raise the "
+                                              "timeout or check the server")
+                return r.status_code, bytes(got)
         except httpx.HTTPError as e:
             raise VocabdriftError(f"{url}: request failed ({type(e).__name__}: {e}); is the server running?") from e
-        if r.status_code >= 400:
-            detail = r.text[:300].replace("\n", " ")
-            raise VocabdriftError(f"{url}: HTTP {r.status_code}: {detail}")
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = self.base + path
+        status, raw = self._request("POST", url, body)
+        text = raw.decode("utf-8", errors="replace")
+        if status >= 400:
+            detail = text[:300].replace("\n", " ")
+            raise VocabdriftError(f"{url}: HTTP {status}: {detail}")
         try:
-            return r.json()
-        except json.JSONDecodeError as e:
-            raise VocabdriftError(f"{url}: the answer is not JSON ({r.text[:200]!r})") from e
+            return json.loads(text)
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise VocabdriftError(f"{url}: the answer is not JSON ({text[:200]!r})") from e
 
     def models(self) -> list[str]:
         """Model names the server lists."""
-        import httpx
-
+        url = self.base + "/models"
+        status, raw = self._request("GET", url)
         try:
-            r = self._client.get(self.base + "/models")
-            r.raise_for_status()
-            return [m["id"] for m in r.json().get("data", [])]
-        except (httpx.HTTPError, KeyError, json.JSONDecodeError) as e:
-            raise VocabdriftError(f"{self.base}/models: could not list models ({e})") from e
+            if status >= 400:
+                raise ValueError(f"HTTP {status}")
+            return [m["id"] for m in json.loads(raw).get("data", [])]
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise VocabdriftError(f"{url}: could not list models ({e})") from e
 
     # ---- generation ---------------------------------------------------------------------------------------
     def _one(self, message: str, temperature: float, top_p: float, max_tokens: int, seed: int) -> str:

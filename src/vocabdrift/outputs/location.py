@@ -10,12 +10,14 @@ refuse whatever the bits say).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import VocabdriftError
+from .run import is_run_folder, ours
 
 PathLike = str | os.PathLike
 
@@ -44,22 +46,50 @@ def _model_folder(p: Path) -> Path | None:
     return p.parent if (p.parent / "config.json").is_file() else None
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def is_model_folder(d: Path) -> bool:
+    """A Hugging Face model folder: a config.json beside weights or a tokenizer. vocabdrift writes into none,
+    whether or not the command was given it as an input."""
+    try:
+        if not (d / "config.json").is_file():
+            return False
+        return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file() or any(
+            f.suffix in _WEIGHT_SUFFIXES for f in d.iterdir())
+    except OSError:
+        return False
+
+
 def check_out(out: PathLike, *, models: Iterable[PathLike | None] = (), data: Iterable[PathLike | None] = (),
-              file: bool = False, flag: str = "-o") -> Path:
-    """Refuse an output location before anything is computed; return it as a Path.
+              file: bool = False, flag: str = "-o", lab: bool = False) -> Path:
+    """Refuse an output location before anything is computed; return it as a Path. The one gate every path
+    vocabdrift writes goes through (the CLI runs it on every output option as it parses, the Python API again).
 
     Args:
         out: the run folder (or, with `file`, the file) to write.
         models: model inputs (folders, weights files, tokenizer files, hub ids): nothing may be written inside
-            their model folder (see `_model_folder`), nor onto an input file.
+            their model folder (see `_model_folder`), nor onto an input file. Any model folder (`is_model_folder`)
+            is refused too, named as an input or not.
         data: data inputs (files or folders): the output may not be one of them or lie inside a data folder.
-        file: `out` is a file (synth, mix), not a run folder.
+        file: `out` is a file (synth, mix, a CSV), not a run folder: never a file of a run folder's contract.
+        lab: `out` is the lab's folder (it carries lab.json), not a run folder.
     """
     raw = Path(out).expanduser()
     if not os.fspath(out).strip():
         raise VocabdriftError(f"{flag} is empty; name the {'file' if file else 'run folder'} to write")
-    target = raw.resolve()
-    kind = "file" if file else "run folder"
+    try:
+        target = raw.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise VocabdriftError(f"{flag} {raw}: cannot be resolved ({e}); pick another location") from e
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in target.parts):
+        raise VocabdriftError(f"{flag} {raw}: a name in it is longer than 255 bytes, more than a file system "
+                              "takes; pick a shorter name")
+    kind = "file" if file else "lab folder" if lab else "run folder"
+    for folder in (target, *target.parents):
+        if folder.is_dir() and is_model_folder(folder):
+            raise VocabdriftError(f"{flag} {raw}: lies inside the model folder {folder}; vocabdrift never writes "
+                                  f"into a model folder — pick a {kind} outside it")
     for spec in models:
         p = _local(spec)
         if p is None:
@@ -80,11 +110,20 @@ def check_out(out: PathLike, *, models: Iterable[PathLike | None] = (), data: It
         if p.is_dir() and _inside(target, p):
             raise VocabdriftError(f"{flag} {raw}: lies inside the data folder {p}, which is read as input; pick a "
                                   f"{kind} outside it")
+    if file and is_run_folder(target.parent) and target.name in _contract_files():
+        raise VocabdriftError(f"{flag} {raw}: is the run folder {target.parent}'s own {target.name}; vocabdrift never "
+                              "overwrites a run folder's files with another output — pick another file name")
     if target.exists():
         if file and target.is_dir():
             raise VocabdriftError(f"{flag} {raw}: is a folder; {flag} takes the file to write, e.g. {raw}/out.jsonl")
+        if file and not target.is_file():
+            raise VocabdriftError(f"{flag} {raw}: exists and is not a regular file (a pipe, a device); pick a file")
         if not file and not target.is_dir():
             raise VocabdriftError(f"{flag} {raw}: exists and is not a folder; pick another {flag}")
+        if not file and not ours(target, lab=lab):
+            what = "lab folder (no lab.json)" if lab else "run folder (no manifest.json of vocabdrift's)"
+            raise VocabdriftError(f"{flag} {raw}: exists, is not empty and is not a vocabdrift {what}; vocabdrift "
+                                  f"writes only into folders it made — pick a new {kind}")
     _probe_writable(raw, target, flag, first_new=target.parent if file or not target.exists() else target)
     return raw
 
@@ -107,3 +146,13 @@ def _probe_writable(raw: Path, target: Path, flag: str, *, first_new: Path) -> N
     except OSError as e:
         raise VocabdriftError(f"{flag} {raw}: cannot write in {anchor} ({e.strerror or e}); pick a writable "
                               "location") from e
+
+
+@functools.cache
+def _contract_files() -> frozenset[str]:
+    """The names a run folder's contract gives its files (outputs/run.py)."""
+    from . import run as R
+
+    return frozenset({R.VOCAB, R.DRIFT, R.NEIGHBORS, R.COVERAGE, R.COVERAGE_DRIFT, R.PROBE, R.UNDERTRAINED,
+                      R.SUMMARY, R.MANIFEST, R.CASES, R.CONFUSION, R.CONFUSION_ANSWERS, R.EVALUATE, R.REPORT_HTML,
+                      R.REPORT_MD})

@@ -1022,7 +1022,8 @@ def l2_histogram(fr: Frame, vocab: Vocab, chosen: Sequence[int]) -> Chart:
 
 
 def read_say_scatter(fr: Frame, thr: float, tied: bool) -> Chart | None:
-    """Embedding drift vs lm_head drift: rows low on y and right on x are tokens the model reads but can't say."""
+    """Embedding drift vs lm_head drift: rows low on y and right on x are tokens the model still reads whose output
+    row drifted; whether each can still be said is the probe's to tell, not the plot's."""
     ok = fr.judged() & np.isfinite(fr.emb_cos)
     idx = np.flatnonzero(ok)
     if not idx.size:
@@ -1035,7 +1036,7 @@ def read_say_scatter(fr: Frame, thr: float, tied: bool) -> Chart | None:
     x0 = max(thr, emin - 0.1 * (1 - emin))  # the box starts at the threshold, or where the points start
     note = (f"{len(pos):,} of {len(idx):,} tokens shown: the most drifted in each space, then a random sample. "
             + ("The model ties lm_head to the embedding, so both cosines are the same row's." if tied else ""))
-    return Chart("read-say", "Can read, can't say: embedding drift vs lm_head drift", "embedding cosine",
+    return Chart("read-say", "Embedding drift vs lm_head drift: still read, output row drifted", "embedding cosine",
                  "lm_head cosine", series, region=(x0, 1.0, lo, thr, "read, drifted: probe whether said"),
                  note=note.strip())
 
@@ -1353,8 +1354,9 @@ def _origin(rd: RunData) -> str:
 
 
 def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[str, str] | None = None,
-                   tokens: Sequence[str | int] = (), top: int = 50) -> list[Section]:
-    """The page as data: the sections both renderers draw."""
+                   tokens: Sequence[str | int] = (), top: int = 50, findings: Sequence[str] = ()) -> list[Section]:
+    """The page as data: the sections both renderers draw. `findings`: sentences of a verdict computed elsewhere
+    (the lab's), shown first; a REGRESSION in red, "No signal" and "Worse, not significantly" as notes."""
     vocab = Vocab.of(rd.vocab)
     chosen = resolve_tokens(tokens, vocab)
     fr = Frame.of(rd, vocab)
@@ -1418,6 +1420,10 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
         fb = Frame.of(compare, Vocab.of(compare.vocab))
         sections.insert(1, Section("compare", f"Comparing runs: {names[0]} vs {names[1]}",
                                    comparison_items(rd, compare, names, fr, fb)))
+    if findings:
+        sections.insert(0, Section("verdict", "Verdict", [
+            Para(x, "bad" if x.startswith("REGRESSION") else "note" if x.startswith(("No signal", "Worse"))
+                 else "verdict") for x in findings]))
     return sections
 
 
@@ -1473,7 +1479,7 @@ def render_markdown(sections: list[Section], *, title: str, origin: str, images:
         for it in s.items:
             if isinstance(it, Para):
                 text = "".join(f"`{x}`" if code else _md(x) for code, x in it.parts)
-                out.append(f"**{text}**\n" if it.cls == "verdict" else f"{text}\n")
+                out.append(f"**{text}**\n" if it.cls in ("verdict", "bad") else f"{text}\n")
             elif isinstance(it, Table):
                 out.append(_md_table(it))
             elif it.key in images:
@@ -1494,7 +1500,8 @@ def _names(run: Path, compare: Path, names: str | Sequence[str] | None) -> tuple
 
 
 def report(run: PathLike, *, compare: PathLike | None = None, names: str | Sequence[str] | None = None,
-           tokens: Sequence[str | int] | None = None, top: int = 50) -> tuple[Path, Path]:
+           tokens: Sequence[str | int] | None = None, top: int = 50, findings: Sequence[str] = ()
+           ) -> tuple[Path, Path]:
     """Write RUN/report.html and RUN/report.md (with PNG plots in RUN/report_files/) from the run folder alone.
 
     Args:
@@ -1504,6 +1511,8 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
         names: the two runs' names, "baseline,repaired" or a pair (default: the folders' names).
         tokens: tokens to mark and show the neighbours of: ids, exact texts or raw pieces.
         top: rows in the tables of most drifted and lost tokens.
+        findings: a verdict's sentences to open the page with (the lab passes its own: what reproduced, the
+            repaired model's regressions, the measurements without signal).
     Returns:
         (path of report.html, path of report.md).
 
@@ -1518,7 +1527,7 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
     pair = _names(p, Path(compare), names) if compare is not None else None
     rd = read_run(p, name=pair[0] if pair else None)
     rb = read_run(compare, name=pair[1]) if compare is not None and pair else None
-    sections = build_sections(rd, compare=rb, names=pair, tokens=tokens or (), top=top)
+    sections = build_sections(rd, compare=rb, names=pair, tokens=tokens or (), top=top, findings=findings)
     title = f"vocabdrift report: {rd.name}" + (f" vs {rb.name}" if rb else "")
     origin = _origin(rd)
     page = render_html(sections, title=title, origin=origin)  # before any write: a failure leaves nothing new
@@ -1537,5 +1546,9 @@ def report(run: PathLike, *, compare: PathLike | None = None, names: str | Seque
     md_path, html_path = p / md_name, p / html_name
     write_bytes_atomic(md_path, render_markdown(sections, title=title, origin=origin, images=images).encode())
     write_bytes_atomic(html_path, page.encode())
+    with R.open_run(p, create=False) as rf:  # stamped in the manifest: a change of pair removes them
+        rf.wrote(html_name, md_name, files_name)
+        rf.record("report", arguments={"compare": None if compare is None else str(compare), "names": list(pair or ()),
+                                       "tokens": [str(t) for t in tokens or ()], "top": top})
     log.info("wrote %s and %s", html_path, md_path)
     return html_path, md_path

@@ -226,7 +226,8 @@ class Run:
         missing = [c for c in columns if c not in t.column_names]
         if missing:
             raise VocabdriftError(f"{p}: missing column(s) {', '.join(missing)}; it was written by an incompatible "
-                                  "version — rerun the command that wrote it")
+                                  "version or changed — rerun the command that wrote it")
+        _check_values(p, t)
         return t
 
     # ---- json ---------------------------------------------------------------------------------------------
@@ -248,6 +249,24 @@ class Run:
         except json.JSONDecodeError as e:
             raise VocabdriftError(f"{p}: not valid JSON ({e}); delete it and rerun the command") from e
 
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json, checked: an object whose "commands" is a list, "files" an object of stamps, "pair" an
+        object (each optional). A damaged manifest is one clear error, never a crash or a silent pass."""
+        m = self.read_json(MANIFEST, default={"commands": []})
+        p = self.path / MANIFEST
+        if not isinstance(m, dict):
+            raise VocabdriftError(f"{p}: holds a JSON {type(m).__name__}, not an object; the run folder's manifest is "
+                                  "damaged — write a new run folder (-o NEW)")
+        for key, kind in (("commands", list), ("files", dict), ("pair", dict)):
+            if key in m and not isinstance(m[key], kind):
+                want = "an object" if kind is dict else "a list"
+                raise VocabdriftError(f"{p}: \"{key}\" is a {type(m[key]).__name__}, not {want}; the run folder's "
+                                      "manifest is damaged — write a new run folder (-o NEW)")
+        if any(not isinstance(v, dict) for v in (m.get("files") or {}).values()):
+            raise VocabdriftError(f"{p}: a stamp under \"files\" is not an object; the run folder's manifest is "
+                                  "damaged — write a new run folder (-o NEW)")
+        return m
+
     def update_summary(self, **keys: Any) -> Path:
         """Merge top-level keys into summary.json: later commands add their keys beside diff's."""
         summary = self.read_json(SUMMARY, default={})
@@ -255,12 +274,17 @@ class Run:
         self._written += [_SUMMARY_KEY + k for k in keys]
         return self.write_json(SUMMARY, summary)
 
+    def wrote(self, *names: str) -> None:
+        """Files written here other than through this object (the report's pages and plots): stamped by the next
+        `record` like the rest, so a change of pair removes them and nothing else."""
+        self._written += list(names)
+
     def record(self, command: str, *, arguments: dict[str, Any], inputs: dict[str, Any] | None = None,
                seed: int | None = None, timings: dict[str, float] | None = None) -> Path:
         """Append what made this run's files to manifest.json (command, arguments, versions, input fingerprints),
         and stamp each file (and summary key) this command wrote with what it was computed from: the folder's
         BASE/POST pair and the identity of the models named in `inputs` ("model", "base", "post")."""
-        manifest = self.read_json(MANIFEST, default={"commands": []})
+        manifest = self.manifest()
         pair = manifest.get("pair") or {}
         models = {k: model_identity(v) for k, v in (inputs or {}).items()
                   if k in ("model", "base", "post") and isinstance(v, (str, os.PathLike))}
@@ -285,7 +309,7 @@ class Run:
     # ---- provenance: every file of the folder belongs to one BASE/POST ----------------------------------------
     def pair(self) -> dict[str, str] | None:
         """The BASE/POST pair `diff` last wrote here ({"key", "base", "post"}: `model_identity`s), or None."""
-        return self.read_json(MANIFEST, default={}).get("pair")
+        return self.manifest().get("pair")
 
     def holds(self, name: str, *, command: str, arguments: dict[str, Any],
               inputs: dict[str, Any] | None = None) -> bool:
@@ -294,7 +318,7 @@ class Run:
         of recomputing."""
         if not self.has(name):
             return False
-        manifest = self.read_json(MANIFEST, default={})
+        manifest = self.manifest()
         stamp = manifest.get("files", {}).get(name)
         if not isinstance(stamp, dict):
             return False
@@ -312,7 +336,7 @@ class Run:
         inputs (compared by `fingerprint`)."""
         ids = {"base": model_identity(base), "post": model_identity(post)}
         key = pair_key(ids["base"], ids["post"])
-        manifest = self.read_json(MANIFEST, default={"commands": []})
+        manifest = self.manifest()
         old = manifest.get("pair")
         if old is not None:
             changed = old.get("key") != key
@@ -324,12 +348,18 @@ class Run:
                 for k, v in (("base", base), ("post", post)))
         removed: list[str] = []
         if changed:
-            for name in (*_DEPENDENT, NEIGHBORS):  # diff writes neighbours again: not worth a word
+            # only what vocabdrift wrote and stamped: a file of the user's own in the folder is never removed (a
+            # folder an older version wrote, without stamps, loses the names its commands wrote)
+            stamped = ([n for n in manifest["files"] if not n.startswith(_SUMMARY_KEY)]
+                       if isinstance(manifest.get("files"), dict) else list(_DEPENDENT))
+            for name in dict.fromkeys([*stamped, NEIGHBORS]):  # diff writes neighbours again: not worth a word
+                if name in PAIR_FILES and name != NEIGHBORS or "/" in name or name.startswith("."):
+                    continue
                 p = self.path / name
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                     removed.append(name + "/")
-                elif p.exists():
+                elif p.exists() or p.is_symlink():
                     p.unlink()
                     if name != NEIGHBORS:
                         removed.append(name)
@@ -346,7 +376,7 @@ class Run:
     def disagreements(self) -> list[str]:
         """One sentence per file (or summary key) here that was computed from another BASE/POST than the
         folder's pair, or from a model that is neither: what the report refuses to put on one page."""
-        manifest = self.read_json(MANIFEST, default={})
+        manifest = self.manifest()
         pair = manifest.get("pair")
         if not pair:
             return []
@@ -406,6 +436,97 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _check_values(p: Path, t: pa.Table) -> None:
+    """A table read back is checked for what no writer of ours produces: ids that are not non-negative integers,
+    cosines that are not numbers in [-1, 1] (NaN allowed: a destroyed row), flags that are not booleans. A file
+    edited by hand or damaged is one clear error, never a silent pass of a gate."""
+    import numpy as np
+    import pyarrow.types as pt
+
+    for c in t.column_names:
+        col = t.column(c)
+        kind = ("id" if c in ("token_id", "neighbor_id") else "cos" if c.endswith(("_cos", "_cos_centered"))
+                or c == "cos" else "flag" if c in ("is_special", "reachable", "nonfinite", "sayable") else None)
+        if kind is None:
+            continue
+        bad = None
+        if kind == "id":
+            if not pt.is_integer(col.type):
+                bad = f"is {col.type}, not integers"
+            elif len(col) and (v := np.asarray(col.to_numpy(zero_copy_only=False))).min() < (-1 if c == "neighbor_id"
+                                                                                             else 0):
+                bad = f"holds {int(v.min())}, not an id"
+        elif kind == "cos":
+            if not (pt.is_floating(col.type) or pt.is_integer(col.type)):
+                bad = f"is {col.type}, not numbers"
+            elif len(col):
+                v = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+                out = np.abs(v) > 1.0 + 1e-3  # NaN compares False: a destroyed row stays readable
+                if out.any():
+                    i = int(np.flatnonzero(out)[0])
+                    bad = f"holds {v[i]:g} (row {i}), outside [-1, 1]"
+        elif not pt.is_boolean(col.type):
+            bad = f"is {col.type}, not true/false"
+        if bad is not None:
+            raise VocabdriftError(f"{p}: column {c} {bad}; the file was changed or damaged — rerun the command that "
+                                  "wrote it")
+
+
+# ---- what vocabdrift made: the folders it writes into ---------------------------------------------------
+
+def _json_object(p: Path) -> dict | None:
+    try:
+        with open(p, "rb") as f:  # a bounded read: a manifest is small, a FIFO or a huge file is not one
+            got = json.loads(f.read(64 << 20) if p.is_file() else b"null")
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def is_run_folder(d: Path) -> bool:
+    """A folder vocabdrift made: it carries vocabdrift's manifest.json (a JSON object with its "commands")."""
+    m = _json_object(d / MANIFEST)
+    return m is not None and isinstance(m.get("commands"), list)
+
+
+def is_lab_folder(d: Path) -> bool:
+    """A folder `vocabdrift lab` made: it carries lab.json (the recipe and the finished stages)."""
+    m = _json_object(d / "lab.json")
+    return m is not None and isinstance(m.get("stages"), dict)
+
+
+def ours(d: Path, *, lab: bool = False) -> bool:
+    """Whether vocabdrift may write into the existing folder `d`: it is empty, or vocabdrift made it (a run
+    folder; with `lab`, a lab folder). A user's project, `/` or $HOME is none of these."""
+    try:
+        empty = not any(d.iterdir())
+    except OSError:
+        return False
+    return empty or (is_lab_folder(d) if lab else is_run_folder(d))
+
+
+def refuse_foreign(out: str | os.PathLike | None, *models: str | os.PathLike | None) -> None:
+    """Refuse, before any work, a command of a model that is neither BASE nor POST of the run folder it would
+    write into: its results would sit beside the pair's, and `report` and `check --run` would refuse the folder
+    afterwards. A folder without a pair (new, or vocab's alone) takes any model."""
+    if out is None or not Path(out).is_dir():
+        return
+    pair = Run(out).manifest().get("pair")
+    if not isinstance(pair, dict) or "base" not in pair or "post" not in pair:
+        return
+    for m in models:
+        ident = None if m is None else model_identity(m)
+        if ident is None or not ident.startswith("local:") or ident in (pair["base"], pair["post"]):
+            continue  # a hub id or a served name is taken at its word, as `disagreements` does
+        raise VocabdriftError(f"{out}: holds the results of BASE {_shown(pair['base'])} and POST "
+                              f"{_shown(pair['post'])}; {m} is neither — write its results to another folder "
+                              "(-o NEW)")
+
+
+def _shown(identity: str) -> str:
+    return identity.split(":", 1)[-1][:16] if identity.startswith("local:") else identity.split(":", 1)[-1]
+
+
 def existing_run(run: str | os.PathLike) -> Path:
     """`--run RUN`: a run folder that must exist already (one line naming the fix otherwise)."""
     p = Path(run)
@@ -413,6 +534,9 @@ def existing_run(run: str | os.PathLike) -> Path:
         what = "is not a folder" if p.exists() else "no such run folder"
         raise VocabdriftError(f"--run {p}: {what}; create it with `vocabdrift diff BASE POST -o {p}` (or give -o "
                               "to create a new run folder)")
+    if not is_run_folder(p):
+        raise VocabdriftError(f"--run {p}: not a vocabdrift run folder (no manifest.json of vocabdrift's); give the "
+                              f"folder `vocabdrift diff BASE POST -o RUN` made")
     return p
 
 
@@ -458,12 +582,17 @@ def open_run(path: str | os.PathLike, *, create: bool = True) -> Iterator[Run]:
     if final.exists() and not final.is_dir():
         raise VocabdriftError(f"{final}: exists and is not a folder; pick another -o")
     if final.exists():
+        if create and not ours(final):  # a writer: only into a folder vocabdrift made (or an empty one)
+            raise VocabdriftError(f"{final}: exists, is not empty and is not a vocabdrift run folder (no manifest.json "
+                                  "of vocabdrift's); vocabdrift writes only into folders it made — pick a new folder")
         yield Run(final)
         return
     if not create:
         raise VocabdriftError(f"{final}: no such run folder; create it with `vocabdrift diff` or another command")
     with new_folder(final) as tmp:
-        yield Run(tmp)
+        run = Run(tmp)
+        run.write_json(MANIFEST, {"commands": []})  # from its first moment, a folder vocabdrift made says so
+        yield run
 
 
 class Timer:

@@ -165,6 +165,24 @@ class Checkpoint:
             return dst
         return block.to(device=device or "cpu", dtype=torch.float32, copy=True)
 
+    def rows_np(self, kind: Kind, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 numpy, without torch where the format allows (safetensors of bf16, f16,
+        f32, f64; GGUF): a lookup of a few rows should not pay torch's second of start-up."""
+        t = self._tensor(kind)
+        stop = min(stop, t.shape[0])
+        floats = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+        if t.read_into is None or t.dtype not in floats:
+            return _to_numpy(self.rows(kind, start, stop))  # pickle, float8: through torch
+        width = np.dtype(floats[t.dtype]).itemsize
+        try:
+            bits = t.read_into(start, stop, disk.buffer((stop - start) * t.shape[1] * width))
+        except OSError as e:
+            raise VocabdriftError(f"{self.path}: could not read rows {start}:{stop} of {t.name} ({e}); "
+                                  "the file may be truncated or corrupt") from e
+        if t.dtype == "BF16":
+            return (bits.astype(np.uint32) << 16).view(np.float32)
+        return bits.view(floats[t.dtype]).astype(np.float32)
+
     def iter_blocks(self, kind: Kind, *, block_rows: int | None = None, stop: int | None = None,
                     device: str | torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start, rows) blocks covering the matrix; `block_rows` defaults to DEFAULT_BLOCK_BYTES of float32."""
@@ -498,6 +516,8 @@ def _shards_from_index(index: Path) -> list[Path]:
 
 def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
     config = _read_config(folder)
+    if (folder / "model.safetensors").is_file():  # what transformers loads first, a stale shard index beside it
+        return _open_safetensors([folder / "model.safetensors"], where=folder, config=config)  # notwithstanding
     for index_name in ("model.safetensors.index.json", "pytorch_model.safetensors.index.json"):
         if (folder / index_name).exists():
             return _open_safetensors(_shards_from_index(folder / index_name), where=folder, config=config)

@@ -142,6 +142,8 @@ def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
         p = Path(spec)
         if not p.exists():
             raise VocabdriftError(f"{p}: no such file or folder")
+        if not p.is_file() and not p.is_dir():  # reading a pipe, socket or device could block forever
+            raise VocabdriftError(f"{p}: not a regular file (a pipe, socket or device); give files or folders")
         if _is_saved_dataset(p) or p.is_file():
             if p.is_file() and not _supported(p):
                 raise VocabdriftError(f"{p}: unknown data format; give .jsonl, .json, .parquet (or .gz of JSON "
@@ -159,7 +161,8 @@ def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 elif not d.startswith("."):
                     keep.append(d)
             dirs[:] = keep
-            found.extend(r / f for f in sorted(files) if _supported(r / f) and not f.startswith("."))
+            found.extend(r / f for f in sorted(files) if _supported(r / f) and not f.startswith(".")
+                         and (r / f).is_file())  # a pipe among the files is not data: it would block
         if not found:
             raise VocabdriftError(f"{p}: no .jsonl, .json or .parquet files and no saved data set in this folder")
         out.extend(found)
@@ -169,9 +172,10 @@ def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
 # ---- reading records --------------------------------------------------------------------------------------------
 
 def _open_text(p: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (Windows editors write one) is read as nothing, not as part of record 1
     if p.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace")
-    return open(p, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8-sig", errors="replace")
+    return open(p, encoding="utf-8-sig", errors="replace")
 
 
 @contextlib.contextmanager
@@ -200,6 +204,8 @@ def _parse(line: str) -> tuple[Any, str | None]:
         return None, f"not valid JSON ({e.msg} at column {e.colno})"
     except RecursionError:
         return None, "JSON nested too deeply to read"
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits, which Python refuses to convert
+        return None, f"not readable as JSON ({str(e).split(';')[0]})"
     if _lone_surrogate(line):
         try:
             json.dumps(rec, ensure_ascii=False).encode("utf-8")

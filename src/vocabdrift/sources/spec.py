@@ -120,13 +120,33 @@ def parse_model_spec(spec: str | os.PathLike | ModelSpec) -> ModelSpec:
         raise VocabdriftError("an empty model name; pass a model folder, a weights file, a .gguf file or a hub id")
     p = Path(raw).expanduser()
     if p.is_dir():
+        _only_regular_files(p)
         return ModelSpec(raw, "folder", p)
     if p.is_file():
         return ModelSpec(raw, "gguf" if p.suffix == ".gguf" else "file", p)
+    if p.exists():  # a pipe, a socket, a device: reading it could block forever
+        raise VocabdriftError(f"{raw}: not a regular file (a pipe, socket or device); pass a model folder or a "
+                              "weights file")
     if not isinstance(spec, Path) and not os.path.isabs(raw) and not raw.startswith("~") and looks_like_hub_id(raw):
         require_hub(raw)  # seconds, not a minute of retries, when the hub does not answer (sources.hub)
         return ModelSpec(raw, "hub", hub_id=raw)
     raise VocabdriftError(f"{raw}: no such file or folder")
+
+
+_MODEL_FILES = (".json", ".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".model", ".txt", ".jinja")
+
+
+def _only_regular_files(folder: Path) -> None:
+    """A model folder's files that vocabdrift or transformers may open (config, tokenizer, weights, indexes) must
+    be regular files: a FIFO named model.safetensors would block the first read forever."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise VocabdriftError(f"{folder}: cannot be listed ({e.strerror or e})") from e
+    for f in entries:
+        if f.suffix in _MODEL_FILES and f.exists() and not f.is_file() and not f.is_dir():
+            raise VocabdriftError(f"{f}: not a regular file (a pipe, socket or device); a model folder holds files "
+                                  "— replace it with the file it stands for")
 
 
 # ---- the loading policy ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..analyses.vocab import build_vocab_table
-from ..atomic import write_parquet_atomic
+from ..atomic import write_bytes_atomic, write_parquet_atomic
 from ..errors import VocabdriftError
 from .spec import parse_model_spec
 from .tokenizer import gguf_of, gguf_token_types, load_vocabulary_tokenizer, read_vocabulary
@@ -52,6 +52,31 @@ def _cache_dir() -> Path | None:
     if env is not None:
         return None if env.strip().lower() in ("", "0", "off", "no", "false") else Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vocabdrift"
+
+
+def read_cached_json(name: str) -> dict[str, Any] | None:
+    """A JSON object kept in the cache folder (`_cache_dir`) under `name`, or None (no cache, no file, damaged)."""
+    folder = _cache_dir()
+    if folder is None:
+        return None
+    try:
+        got = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def write_cached_json(name: str, obj: dict[str, Any]) -> None:
+    """Keep `obj` in the cache folder under `name` (atomically); a read-only or full cache folder only costs the
+    next run the work again."""
+    folder = _cache_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(folder / name, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+    except OSError as e:
+        log.info("cache file %s not written (%s)", name, e)
 
 
 def _cache_key(model: PathLike, size: int | None) -> str | None:
