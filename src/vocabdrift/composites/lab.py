@@ -292,14 +292,17 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _costs(out: Path, remedy_runs: dict[str, Path]) -> dict[str, int]:
-    """Extra training tokens of each way: the coverage set's, replay's; the anchor and the gate add none."""
+def _costs(lb: _Lab, remedy_runs: dict[str, Path]) -> dict[str, int]:
+    """Extra target tokens each way drew (as `repair` counts them: the added records' target tokens times the
+    passes the steps make over the data): the coverage set's, replay's; the anchor and the gate add none."""
     from ..outputs.run import Run
     from ..sources.tokenizer import load_tokenizer
     from .repair import count_tokens
 
-    tok = load_tokenizer(out / "models" / "base")
-    cost = {"baseline": 0, "+coverage": count_tokens(_read_jsonl(out / "data" / "coverage.jsonl"), tok)}
+    tok = load_tokenizer(lb.mpath["base"])
+    cov = _read_jsonl(lb.data / "coverage.jsonl")
+    passes = lb.recipe.sft_steps * lb.recipe.sft_batch / max(1, len(_read_jsonl(lb.data / "sft.jsonl")) + len(cov))
+    cost = {"baseline": 0, "+coverage": round(count_tokens(cov, tok) * passes)}
     for k, p in remedy_runs.items():
         cost[f"+{k}"] = int(Run(p).read_json(R.SUMMARY)["repair"]["cost"]["extra_tokens"])
     return cost
@@ -310,7 +313,7 @@ def remedies_markdown(results: dict[str, dict[str, Any]]) -> str:
     langs = [c for c in ("japanese", "hangul", "cyrillic", "arabic", "han", "latin")
              if c in results["baseline"]["languages"]]
     head = ["SFT", "lm_head cos mean", "min", "min (reachable)", *[f"{c} < 0.95" for c in langs],
-            "probe: lost", "held-out SFT loss", "extra training tokens"]
+            "probe: lost", "held-out SFT loss", "extra target tokens drawn"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in results.items():
         lost = m.get("probe", {}).get("lost", [])
@@ -691,7 +694,7 @@ def _compare(lb: _Lab, st: _Stages) -> LabResult:
                        **{f"+{k}": _measure(p, reach_ids, planted) for k, p in remedy_runs.items()}}
         for k in REMEDIES:
             rem_results[f"+{k}"].update(heldout_loss=losses[f"+{k}"], heldout_loss_base=losses["base"])
-        cost = _costs(out, remedy_runs)
+        cost = _costs(lb, remedy_runs)
         for k, v in rem_results.items():
             v["extra_tokens"] = cost[k]
         rem_table = remedies_markdown(rem_results)
