@@ -289,7 +289,8 @@ def test_coverage_and_prune_cli(tok_dir: Path, tmp_path: Path) -> None:
     assert "tokens below the floor" in res.output and f"wrote {run}/coverage.parquet" in res.output
     assert n_below["samples"] == 40
     _plant_drift(run)
-    res = CliRunner().invoke(app, ["prune-suggest", str(run), "--threshold", "0.93", "--csv", str(tmp_path / "p.csv")])
+    res = CliRunner().invoke(app, ["prune-suggest", "--run", str(run), "--threshold", "0.93", "--csv",
+                                   str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     want = prune_suggest(run, threshold=0.93).table.num_rows
     import pyarrow.csv as pacsv

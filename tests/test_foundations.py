@@ -98,7 +98,7 @@ def test_a_model_spec_with_a_tilde_works_in_every_command(command: str, tiny: Pa
         "check": ["check", m, m],
         "coverage": ["coverage", str(data), "--tokenizer", m, "-o", str(out)],
         "synth": ["synth", m, "-o", str(tmp_path / "syn.jsonl")],
-        "probe": ["probe", m, "--tokens", "5", "--base", m, "-o", str(out)],
+        "probe": ["probe", m, "--token", "5", "--base", m, "-o", str(out)],
         "cases": ["cases", m, str(cases), "--max-tokens", "2"],
         "undertrained": ["undertrained", m, "--token", "5", "--no-verify", "-o", str(out)],
         "confusion": ["confusion", m, "--prompt", "hello", "--language", "en", "-n", "1", "--max-tokens", "2"],

@@ -187,7 +187,7 @@ def test_diff_reports_zero_rows_with_a_count(m: Models, tmp_path: Path) -> None:
     assert s["overall"]["lm_head"]["undefined"] == 10 and s["undefined_rows"]["lm_head"] == ZEROED
     assert s["overall"]["lm_head"]["below_threshold"] >= 10 and s["overall"]["embed"]["undefined"] == 0
     assert "zero/NaN" in r.stdout and "undefined" in r.stdout  # the table's column, the drifted rows' cosine
-    rep = cli("report", out)
+    rep = cli("report", "--run", out)
     assert rep.returncode == 0, rep.stderr
     assert "became zero or NaN" in (out / "report.md").read_text()
 
@@ -519,7 +519,7 @@ def test_probe_fails_before_probing(tiny: Path, tmp_path: Path, argv: list[str],
     file.write_text("x")
     subs = {"{out}": str(out), "{file}": str(file), "{model}": str(tiny)}
     before = snapshot(tiny)
-    r = cli("probe", tiny, "--tokens", "5", *[subs.get(a, a).replace("{model}", str(tiny)) for a in argv])
+    r = cli("probe", tiny, "--token", "5", *[subs.get(a, a).replace("{model}", str(tiny)) for a in argv])
     assert_one_line(r, 2, *needles)
     assert snapshot(tiny) == before
     assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
@@ -533,7 +533,7 @@ MODEL_OUT_CASES = [
     ("cases-into-model", ["cases", "{model}", "-o", "{model}"]),
     ("confusion-into-model", ["confusion", "{model}", "--prompt", "hi", "--language", "en", "-n", "1", "-o",
                               "{model}/run"]),
-    ("probe-into-model", ["probe", "{model}", "--tokens", "5", "-o", "{model}"]),
+    ("probe-into-model", ["probe", "{model}", "--token", "5", "-o", "{model}"]),
 ]
 
 MODEL_OPTION_CASES = [
@@ -545,7 +545,7 @@ MODEL_OPTION_CASES = [
     ("confusion-max-tokens-negative", ["confusion", "{model}", "--prompt", "hi", "--language", "en", "-n", "1",
                                        "--max-tokens", "-5"], ["--max-tokens"]),
     ("cases-max-tokens-zero", ["cases", "{model}", "--max-tokens", "0"], ["--max-tokens"]),
-    ("probe-batch-size-zero", ["probe", "{model}", "--tokens", "5", "-o", "{out}", "--batch-size", "0"],
+    ("probe-batch-size-zero", ["probe", "{model}", "--token", "5", "-o", "{out}", "--batch-size", "0"],
      ["--batch-size"]),
     ("undertrained-share-nan", ["undertrained", "{model}", "-o", "{out}", "--share", "nan"], ["--share"]),
 ]
@@ -735,24 +735,26 @@ def _with(obj: dict, path: list[str], value: object) -> dict:
 RUN_CASES = [
     # (id, how the run folder is damaged, argv after the run folder is made ({run} replaced), words)
     ("report-summary-threshold-text", _edit_json("summary.json", lambda s: _with(s, ["threshold"], "high")),
-     ["report", "{run}"], ["summary.json", "threshold"]),
+     ["report", "--run", "{run}"], ["summary.json", "threshold"]),
     ("report-summary-min-cos-text", _edit_json("summary.json",
                                                lambda s: _with(s, ["overall", "lm_head", "min_cos"], "low")),
-     ["report", "{run}"], ["summary.json", "overall.lm_head.min_cos"]),
-    ("report-summary-a-list", _edit_json("summary.json", lambda s: [1, 2]), ["report", "{run}"], ["summary.json"]),
-    ("report-cases-wrong-types", _edit_json("cases.json", lambda s: {"cases": 5}), ["report", "{run}"],
+     ["report", "--run", "{run}"], ["summary.json", "overall.lm_head.min_cos"]),
+    ("report-summary-a-list", _edit_json("summary.json", lambda s: [1, 2]), ["report", "--run", "{run}"],
+     ["summary.json"]),
+    ("report-cases-wrong-types", _edit_json("cases.json", lambda s: {"cases": 5}), ["report", "--run", "{run}"],
      ["cases.json", "not a list"]),
-    ("report-cases-not-json", lambda run: (run / "cases.json").write_text("{"), ["report", "{run}"],
+    ("report-cases-not-json", lambda run: (run / "cases.json").write_text("{"), ["report", "--run", "{run}"],
      ["cases.json", "not valid JSON"]),
     ("report-confusion-wrong-types", _edit_json("confusion.json", lambda s: {"results": [{"n": "many"}]}),
-     ["report", "{run}"], ["confusion.json", "results[0].n"]),
-    ("report-confusion-not-json", lambda run: (run / "confusion.json").write_text("[1,"), ["report", "{run}"],
+     ["report", "--run", "{run}"], ["confusion.json", "results[0].n"]),
+    ("report-confusion-not-json", lambda run: (run / "confusion.json").write_text("[1,"), ["report", "--run", "{run}"],
      ["confusion.json", "not valid JSON"]),
     ("check-run-corrupt-drift", lambda run: (run / "drift.parquet").write_bytes(b"PAR1 garbage"),
      ["check", "--run", "{run}"], ["drift.parquet"]),
     ("check-run-truncated-drift", lambda run: (run / "drift.parquet").write_bytes(
         (run / "drift.parquet").read_bytes()[:300]), ["check", "--run", "{run}"], ["drift.parquet"]),
-    ("prune-threshold-nan", lambda run: None, ["prune-suggest", "{run}", "--threshold", "nan"], ["--threshold"]),
+    ("prune-threshold-nan", lambda run: None, ["prune-suggest", "--run", "{run}", "--threshold", "nan"],
+     ["--threshold"]),
     ("coverage-into-a-run-with-corrupt-vocab", lambda run: (run / "vocab.parquet").write_bytes(b"junk"),
      ["coverage", "{data}", "--tokenizer", "{base}", "-o", "{run}"], ["vocab.parquet", "Parquet"]),
     ("coverage-into-a-run-with-corrupt-drift", lambda run: (run / "drift.parquet").write_bytes(b"junk"),
@@ -845,10 +847,10 @@ MISC_CASES = [
      ["could not load a tokenizer"]),
     ("vocab-tokenizer-json-garbage", lambda m, t: ["vocab", _bad_tokenizer(m, t, "{garbage"), "-o", t / "out"],
      ["tokenizer.json"]),
-    ("synth-damaged-coverage-run", lambda m, t: ["synth", m.base, "-o", t / "out", "--only-below-floor",
+    ("synth-damaged-coverage-run", lambda m, t: ["synth", m.base, "-o", t / "out", "--run",
                                                  _damaged_coverage_run(t)], ["coverage.parquet", "Parquet"]),
     ("empty-model-name", lambda m, t: ["diff", "", m.base, "-o", t / "out"], ["empty model name"]),
-    ("report-on-a-file", lambda m, t: ["report", m.syn], ["no such run folder"]),
+    ("report-on-a-file", lambda m, t: ["report", "--run", m.syn], ["not a folder"]),
     ("neighbors-id-out-of-range", lambda m, t: ["neighbors", m.base, "999999"], ["out of range"]),
 ]
 
@@ -1089,7 +1091,7 @@ def test_hostile_token_strings_are_escaped_in_the_report(m: Models, tmp_path: Pa
     run = tmp_path / "run"
     r = cli("diff", base, post, "-o", run)
     assert r.returncode == 0, r.stderr
-    r = cli("report", run, "--token", HOSTILE_TOKENS[0])
+    r = cli("report", "--run", run, "--token", HOSTILE_TOKENS[0])
     assert r.returncode == 0, r.stderr
     html = (run / "report.html").read_text()
     md = (run / "report.md").read_text()
@@ -1103,7 +1105,7 @@ def test_hostile_token_strings_are_escaped_in_the_report(m: Models, tmp_path: Pa
 def test_probe_sigterm_keeps_finished_blocks_and_resumes_identically(tiny: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tokens = [a for i in range(3, 63) for a in ("--tokens", str(i))]
+    tokens = [a for i in range(3, 63) for a in ("--token", str(i))]
     whole = tmp_path / "whole"
     r = cli("probe", tiny, *tokens, "-o", whole, "--batch-size", "4")
     assert r.returncode == 0, r.stderr

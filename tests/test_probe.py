@@ -335,7 +335,7 @@ def test_cli_probe_writes_the_run_and_bad_input_is_one_line(tiny_model: Path, tm
     import sys
 
     exe = [sys.executable, "-c", "from vocabdrift.cli import main; main()"]
-    ok = subprocess.run([*exe, "probe", str(tiny_model), "--tokens", "5", "--tokens", "6", "--template",
+    ok = subprocess.run([*exe, "probe", str(tiny_model), "--token", "5", "--token", "6", "--template",
                          "repeat_en", "-o", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "probe.parquet" in ok.stdout and (tmp_path / "run" / "probe.parquet").exists()
@@ -350,7 +350,7 @@ def test_cli_probe_off_a_terminal_says_how_far_it_is(tiny_model: Path, tmp_path:
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`vocabdrift probe ... 2> log`: lines at a steady pace (here every block) and a last one, no bar."""
     monkeypatch.setenv("VOCABDRIFT_PROGRESS_EVERY", "0")
-    code, out, err = cli("probe", tiny_model, "--tokens", "5", "--tokens", "6", "--template", "repeat_en",
+    code, out, err = cli("probe", tiny_model, "--token", "5", "--token", "6", "--template", "repeat_en",
                          "-o", tmp_path / "run")
     assert code == 0, err
     lines = [x for x in err.splitlines() if x.startswith("probing: ")]
@@ -369,7 +369,7 @@ def test_probe_from_a_diff_run_takes_the_most_drifted(tiny_model: Path, tmp_path
         run.write_table("vocab.parquet", pa.table({"token_id": list(range(200)),
                                                    "is_special": [i < 3 for i in range(200)]}))
     want = sorted((c, i) for i, c in enumerate(cos) if i >= 3)[:5]
-    r = probe(tiny_model, from_run=tmp_path / "run", top=5, templates=["repeat_en"], out=tmp_path / "run")
+    r = probe(tiny_model, run=tmp_path / "run", drifted=5, templates=["repeat_en"], out=tmp_path / "run")
     assert sorted(set(r.table["token_id"].to_pylist())) == sorted(i for _, i in want)
     assert (tmp_path / "run" / "probe.parquet").exists() and (tmp_path / "run" / "drift.parquet").exists()
 

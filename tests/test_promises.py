@@ -205,12 +205,14 @@ def test_tampered_run_tables_are_refused_not_passed(models: dict[str, Path], tmp
                                                         pa.array([5.0] * t.num_rows))),
                          ("strings", lambda t: t.set_column(t.column_names.index("lm_head_cos"), "lm_head_cos",
                                                            pa.array(["x"] * t.num_rows))),
-                         ("nocol", lambda t: t.drop_columns(["lm_head_cos"]))):
+                         ("nocol", lambda t: t.drop_columns(["lm_head_cos"])),
+                         ("ids-past-the-vocab", lambda t: t.set_column(0, "token_id",
+                                                                        pa.array(range(10**6, 10**6 + t.num_rows))))):
         run = tmp_path / name
         shutil.copytree(good, run)
         pq.write_table(change(pq.read_table(run / "drift.parquet")), run / "drift.parquet")
         code, out, err = cli("check", "--run", run)
-        assert code == 2 and "vocabdrift: error:" in err and "drift.parquet" in err, (name, code, out, err)
+        assert code == 2 and "vocabdrift: error:" in err and ("drift" in err), (name, code, out, err)
 
 
 # ---- bounded, and bad input is exit 2 --------------------------------------------------------------------------
@@ -237,6 +239,12 @@ def test_pipes_are_refused_never_read(models: dict[str, Path], tmp_path: Path, c
     assert code == 2 and "not a regular file" in err
 
 
+def _dangling(tmp_path: Path) -> Path:
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere" / "run")
+    return link
+
+
 def test_bad_input_is_one_line_and_exit_2(models: dict[str, Path], filled: Path, tmp_path: Path, cli) -> None:
     sft = tmp_path / "sft.jsonl"  # a BOM, a 5000-digit integer, then a good record
     sft.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first record"}).encode() + b"\n"
@@ -255,7 +263,9 @@ def test_bad_input_is_one_line_and_exit_2(models: dict[str, Path], filled: Path,
                         (("synth", models["base"], "-o", tmp_path / "s.jsonl", "--min-per-token", "1000000000"),
                          "at most"),
                         (("diff", models["base"], models["post"], "-o", tmp_path / ("x" * 300)), "255 bytes"),
-                        (("repair", models["base"], sft, "-o", tmp_path / "rep", "--device", "cuda:7"), "--device")):
+                        (("repair", models["base"], sft, "-o", tmp_path / "rep", "--device", "cuda:7"), "--device"),
+                        (("diff", models["base"], models["post"], "-o", _dangling(tmp_path)), "does not exist"),
+                        (("diff", "x" * 300, models["base"], "-o", tmp_path / "z"), "too long")):
         code, out, err = cli(*args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "m.jsonl.gz").exists() and not (tmp_path / "rep").exists()
@@ -382,6 +392,8 @@ def test_a_model_with_nan_logits_is_broken_in_every_verdict(models: dict[str, Pa
     assert not any(r["sayable"] for r in doc["per_token"])
     code, out, err = cli("confusion", nan, "-n", "1", "--max-tokens", "3")
     assert code == 2 and "NaN/Inf" in err, err
+    code, out, err = cli("cases", nan, "--max-tokens", "3")  # greedy decoding would take an argmax of NaN
+    assert code == 2 and "NaN/Inf" in err, err
     code, out, err = cli("check", models["base"], nan)
     assert code == 1
 
@@ -418,3 +430,44 @@ def test_a_damaged_manifest_is_one_line(models: dict[str, Path], filled: Path, t
                                                                           "-o", run)):
             code, out, err = cli(*args)
             assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1, (name, args, err)
+
+
+def test_the_fused_bf16_pass_attributes_and_measures_the_same(tmp_path: Path) -> None:
+    """The same two rows through the fused bf16 pass (sums in float64): a row of 1e30s measured, Inf attributed."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vocabdrift.api.diff import measure
+
+    base = make_llama(tmp_path / "base")  # bfloat16: the fused pass on a CPU
+    post = tmp_path / "post"
+    shutil.copytree(base, post)
+    t = load_file(str(post / "model.safetensors"))
+    assert t["lm_head.weight"].dtype == torch.bfloat16
+    t["lm_head.weight"][8] *= 1e30
+    t["lm_head.weight"][9, 0] = float("inf")
+    save_file(t, str(post / "model.safetensors"), metadata={"format": "pt"})
+    d = measure(base, post, device="cpu").drift.to_pydict()
+    assert d["lm_head_cos"][8] == pytest.approx(1.0, abs=1e-5) and not d["lm_head_nonfinite"][8]
+    assert d["lm_head_nonfinite"][9] and not d["embed_nonfinite"][9] and d["embed_cos"][9] == pytest.approx(1.0)
+
+
+def test_check_fails_a_nan_in_any_layer(models: dict[str, Path], tmp_path: Path, cli) -> None:
+    """Every weight of POST is read (a chunk at a time): a NaN deep in a layer makes every logit NaN, whatever the
+    vocabulary rows say."""
+    import shutil
+
+    import numpy as np
+
+    nan = tmp_path / "nan"
+    shutil.copytree(models["base"], nan)  # every vocabulary row and the norm as in BASE
+    layer = "model.layers.0.mlp.down_proj.weight"
+    _edit(nan, lambda t: t[layer].__setitem__((0, 0), np.nan))
+    code, out, err = cli("check", models["base"], nan)
+    assert code == 1 and f"POST's weights hold NaN/Inf in 1 tensor(s) (first: {layer}" in out, out + err
+    run = tmp_path / "run"
+    code, out, err = cli("check", models["base"], nan, "-o", run)
+    code, out, err = cli("check", "--run", run)  # kept in the run folder: the gate still fails
+    assert code == 1 and layer in out

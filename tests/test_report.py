@@ -454,18 +454,14 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path: Path) -> N
                                                                                   "report_files"))
 
 
-def test_cli(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def test_cli(tmp_path: Path, cli) -> None:
     run = make_run(tmp_path / "run", ("cases",))
-    exe = [sys.executable, "-c", "from vocabdrift.cli import main; main()", "report"]
-    ok = subprocess.run([*exe, str(run), "--token", "嘉祺", "--top", "7"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == f"wrote {run / 'report.html'} and {run / 'report.md'}"
+    code, out, err = cli("report", "--run", run, "--token", "嘉祺", "--top", "7")
+    assert code == 0, err
+    assert out.strip() == f"wrote {run / 'report.html'} and {run / 'report.md'}"
     assert len(_md_rows((run / "report.md").read_text(), "The 7 most drifted tokens (lm_head)")) == 7
-    bad = subprocess.run([*exe, str(tmp_path / "nope")], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such run folder" in bad.stderr
+    code, out, err = cli("report", "--run", tmp_path / "nope")
+    assert code == 2 and err.count("\n") == 1 and "no such run folder" in err
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """synth: every reachable, non-special token becomes a generation target at least --min-per-token times, verified
-by re-tokenizing the output file; --only-below-floor fills exactly the floor a coverage run found."""
+by re-tokenizing the output file; --run on a coverage run fills exactly the floor it found."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_synth_deterministic_and_accepts_tokenizer_objects(tok_dir: Path, tmp_pa
     with pytest.raises(VocabdriftError, match="is a folder"):
         synth(tok_dir, out=tmp_path)
     with pytest.raises(VocabdriftError, match="coverage.parquet: not found"):
-        synth(tok_dir, out=tmp_path / "f.jsonl", only_below_floor=tmp_path)
+        synth(tok_dir, out=tmp_path / "f.jsonl", run=tmp_path)
     assert not (tmp_path / "e.jsonl").exists() and not (tmp_path / "f.jsonl").exists()
 
 
@@ -109,7 +109,7 @@ def test_only_below_floor_fills_exactly_the_floor(tok_dir: Path, tmp_path: Path)
     data = write_dataset(tmp_path / "data", make_records(n=40))
     run = tmp_path / "run"
     before = coverage(data, tokenizer=tok_dir, out=run, floor=4)
-    r = synth(tok_dir, out=tmp_path / "fill.jsonl", only_below_floor=run)
+    r = synth(tok_dir, out=tmp_path / "fill.jsonl", run=run)
     below = before.below_floor
     assert r.stats["targets"] == below.num_rows and r.stats["floor"] == 4 and r.stats["skipped"] == []
     # each below-floor token is placed (floor - count) times; tokens already at the floor are not targeted

@@ -219,7 +219,7 @@ def test_json_and_quiet_on_the_table_commands(pair: tuple[Path, Path], tmp_path:
     assert q.returncode == 0 and q.stdout == "", q.stdout
     for args, key in ((("vocab", base, "-o", tmp_path / "v"), "categories"),
                       (("coverage", data, "--tokenizer", base, "-o", run, "--targets", "all"), "advice"),
-                      (("prune-suggest", run), "candidates"),
+                      (("prune-suggest", "--run", run), "candidates"),
                       (("undertrained", base, "-o", tmp_path / "u", "--no-verify"), "candidates"),
                       (("neighbors", post, "40", "--base", base), None)):
         r = _cli(*args, "--json")
@@ -299,7 +299,7 @@ def test_no_third_party_bars_or_warnings_off_a_terminal(smollm2_gguf: Path, tmp_
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "TRANSFORMERS_VERBOSITY"))}
-    r = subprocess.run([*EXE, "probe", str(smollm2_gguf), "--tokens", "hello", "--template", "repeat_en",
+    r = subprocess.run([*EXE, "probe", str(smollm2_gguf), "--token", "hello", "--template", "repeat_en",
                         "-o", str(tmp_path / "run"), "--json"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     assert "de-quantizing" not in r.stderr and "it/s" not in r.stderr and "%|" not in r.stderr, r.stderr
@@ -482,14 +482,15 @@ def test_cli_options_and_python_keywords_have_the_same_names() -> None:
     assert tops == {"diff": 20, "coverage": 20, "prune-suggest": 20, "report": 50}
     probe_opts = {o for p in group.commands["probe"].params if not p.hidden for o in p.opts}  # type: ignore[attr-defined]
     assert {"--run", "--drifted", "--token", "--all-tokens"} <= probe_opts
-    assert not {"--from", "--top", "--tokens", "--all"} & probe_opts  # old spellings: hidden aliases
+    assert not {"--from", "--top", "--tokens", "--all"} & probe_opts  # old spellings: gone
 
 
 @pytest.mark.slow
-def test_the_quickstart_names_every_run_folder_with_run_and_old_spellings_still_work(pair: tuple[Path, Path],
+def test_the_quickstart_names_every_run_folder_with_run_and_the_old_spellings_are_gone(pair: tuple[Path, Path],
                                                                                      tmp_path: Path) -> None:
-    """`-o` where a command creates the run folder, `--run` everywhere it reads or adds to one; `probe --from
-    RUN --top N`, `report RUN`, `prune-suggest RUN` and `synth --only-below-floor RUN` keep working, unseen."""
+    """`-o` where a command creates the run folder, `--run` everywhere it reads or adds to one; the old spellings
+    (`probe --from RUN --top N`, `report RUN`, `prune-suggest RUN`, `synth --only-below-floor RUN`) are gone: one
+    line naming the option, exit 2."""
     base, post = pair
     run, data = tmp_path / "run", tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
@@ -509,8 +510,7 @@ def test_the_quickstart_names_every_run_folder_with_run_and_old_spellings_still_
            ("synth", base, "--only-below-floor", run, "-o", tmp_path / "fill2.jsonl")]
     for args in old:
         r = _cli(*args)
-        assert r.returncode == 0, (args[0], r.stderr)
-        assert "deprecat" not in (r.stderr + r.stdout).lower()
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args[0], r.stderr)
     r = _cli("report", "--run", tmp_path / "nowhere")  # bad input: one line, exit 2
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "vocabdrift diff" in r.stderr
     r = _cli("probe", post, "--drifted", "3")  # no run folder named at all

@@ -93,30 +93,6 @@ OutOpt = Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
 TOP = 20
 
 
-_EXTRA_ARGS = {"allow_extra_args": True}  # the old positional RUN of report and prune-suggest, not in --help
-
-
-def _positional_runs(ctx: typer.Context, run: Path | None, second: Path | None, command: str
-                     ) -> tuple[Path, Path | None]:
-    """`report RUN [RUN_B]` and `prune-suggest RUN`, the old spellings of `--run RUN [--compare RUN_B]`: still
-    accepted, not shown in --help."""
-    from .outputs.run import old_spelling
-
-    extra = [Path(a) for a in ctx.args]
-    if len(extra) > (2 if command == "report" else 1):
-        raise VocabdriftError(f"{command}: unexpected arguments {' '.join(ctx.args)}; see `vocabdrift {command} "
-                              "--help`")
-    if extra:
-        run = old_spelling(run, extra[0], new_name="--run", old_name="RUN given as an argument")
-    if len(extra) > 1:
-        second = old_spelling(second, extra[1], new_name="--compare", old_name="RUN_B given as an argument")
-    if run is None:
-        raise VocabdriftError(f"name the run folder: vocabdrift {command} --run RUN")
-    return run, second
-
-
-
-
 def _echo(msg: str) -> None:
     typer.echo(msg)
 
@@ -707,8 +683,6 @@ def synth(
                                              help="A run folder holding a coverage count: cover only the "
                                                   "tokens it found below its floor, up to the floor.")]
     = None,
-    only_below_floor: Annotated[Path | None, typer.Option("--only-below-floor", callback=_gate_run, hidden=True)
-                                ] = None,
     format: Annotated[str, typer.Option(help="messages, sharegpt, alpaca or prompt-completion.")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for phrasings and order.")] = 0,
     as_json: AsJson = False,
@@ -723,7 +697,7 @@ def synth(
     from .api.coverage import synth as run_synth
 
     r = run_synth(model, out=out, min_per_token=min_per_token, tokens_per_sample=tokens_per_sample,
-                  run=run, only_below_floor=only_below_floor, format=format, seed=seed,
+                  run=run, format=format, seed=seed,
                   progress=sys.stderr.isatty() and not (quiet or as_json))
     st = r.stats
     if as_json:
@@ -780,14 +754,13 @@ def mix(
           f"({r.synth / max(1, r.sft + r.synth):.1%} synthetic)")
 
 
-@app.command("prune-suggest", context_settings=_EXTRA_ARGS,
+@app.command("prune-suggest",
              epilog="Examples:\n\n    vocabdrift prune-suggest --run runs/sft1\n\n"
                     "    vocabdrift prune-suggest --run runs/sft1 --threshold 0.9 --csv prune.csv")
 def prune_suggest(
-    ctx: typer.Context,
-    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
-                                             help="A run folder holding drift.parquet (diff) and "
-                                                  "coverage.parquet (coverage).")] = None,
+    run: Annotated[Path, typer.Option("--run", callback=_gate_run,
+                                      help="A run folder holding drift.parquet (diff) and coverage.parquet "
+                                           "(coverage).")],
     floor: Annotated[int | None, typer.Option(help="Count below which a token is rare (default: the coverage "
                                                    "run's floor).")] = None,
     threshold: Annotated[float, typer.Option(help="lm_head cosine below which a token counts as drifted.")] = 0.95,
@@ -803,7 +776,6 @@ def prune_suggest(
     from .api.coverage import prune_suggest as run_prune
     from .outputs.console import prune_candidates_table, prune_categories_table
 
-    run = _positional_runs(ctx, run, None, "prune-suggest")[0]  # type: ignore[assignment]
     r = run_prune(run, floor=floor, threshold=threshold, csv=csv)
     if as_json or quiet:
         if as_json:
@@ -843,10 +815,6 @@ def probe(
                                                   "-o).")] = None,
     drifted: Annotated[int, typer.Option(help="How many of RUN's most drifted tokens to probe.")] = 200,
     all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Probe every non-special token.")] = False,
-    tokens_old: Annotated[list[str] | None, typer.Option("--tokens", hidden=True)] = None,
-    from_old: Annotated[Path | None, typer.Option("--from", callback=_gate_run, hidden=True)] = None,
-    top_old: Annotated[int | None, typer.Option("--top", hidden=True)] = None,
-    all_old: Annotated[bool, typer.Option("--all", hidden=True)] = False,
     template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family (repeat_en, quoted_en, "
                                                        "repeat_zh, repeat_ja, fewshot_en, fewshot_zh); "
                                                        "repeatable. Default: chat families, or few-shot for "
@@ -888,16 +856,14 @@ def probe(
     from .api.probe import probe as run_probe
     from .outputs.console import probe_headline_table, probe_outcomes_table, probe_tokens_table
 
-    tokens = [*(token or ()), *(tokens_old or ())]
-    all_tokens = all_tokens or all_old
-    r = run_probe(model, out=out, tokens=tokens or None, base=base, run=run, drifted=drifted, from_run=from_old,
-                  top=top_old, all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
+    r = run_probe(model, out=out, tokens=token or None, base=base, run=run, drifted=drifted,
+                  all_tokens=all_tokens, templates=template or None, top_p=top_p, endpoint=endpoint,
                   tokenizer=tokenizer, engine=engine, batch_size=batch_size, device=device,
                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                   progress=cli_mode(quiet=as_json or quiet), tokens_file=tokens_file,
                   control=control, force=force)
     s = r.summary
-    asked = tokens or tokens_file
+    asked = token or tokens_file
     rows: list[dict] = []
     loaded: list[Any] = []
 
@@ -1093,15 +1059,13 @@ def confusion(
 
 # ---- the report -----------------------------------------------------------------------------------------------
 
-@app.command(context_settings=_EXTRA_ARGS, epilog="Examples:\n\n    vocabdrift report --run runs/sft1\n\n"
+@app.command(epilog="Examples:\n\n    vocabdrift report --run runs/sft1\n\n"
                     "    vocabdrift report --run runs/sft1 --token 嘉祺 --token 12345 --top 100\n\n"
                     "    vocabdrift report --run runs/sft1 --compare runs/fixed --names baseline,repaired")
 def report(
-    ctx: typer.Context,
-    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
-                                             help="The run folder (from `diff`, with any of coverage, "
-                                                  "probe, cases, confusion); the report is written into "
-                                                  "it.")] = None,
+    run: Annotated[Path, typer.Option("--run", callback=_gate_run,
+                                      help="The run folder (from `diff`, with any of coverage, probe, cases, "
+                                           "confusion); the report is written into it.")],
     compare: Annotated[Path | None, typer.Option("--compare", callback=_gate_run,
                                                  help="A second run folder to put side by side with "
                                                       "RUN (written beside RUN's own report).")] = None,
@@ -1119,7 +1083,6 @@ def report(
     """
     from .outputs.report import report as run_report
 
-    run, compare = _positional_runs(ctx, run, compare, "report")
     html_path, md_path = run_report(run, compare=compare, names=names, tokens=token or (), top=top)
     if as_json:
         _echo_json({"html": str(html_path), "md": str(md_path)})
@@ -1328,6 +1291,10 @@ def main() -> None:
         typer.echo("vocabdrift: error: out of memory; free memory, or give smaller inputs", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except OSError as e:
+        if errno.errorcode.get(e.errno or -1) == "ENAMETOOLONG":  # a path given on the command line: bad input
+            typer.echo(f"vocabdrift: error: {e.filename or 'a path'}: a name in it is too long for the file system; "
+                       "give a shorter path", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         if errno.errorcode.get(e.errno or -1) in _ENVIRONMENT_ERRNOS:
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"vocabdrift: error: {where}{e.strerror or e}; free space or fix the permissions, or pick "

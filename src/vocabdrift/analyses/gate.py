@@ -210,6 +210,9 @@ def model_problems(summary: dict[str, Any]) -> list[str]:
                    + (f" (first id {ids[0]})" if ids else ""))
     for name in summary.get("nonfinite_norm") or []:
         out.append(f"the final norm of {str(name).upper()} holds NaN/Inf (every logit is NaN)")
+    weights = summary.get("nonfinite_weights") or []
+    if weights:
+        out.append(f"POST's weights hold NaN/Inf in {len(weights)} tensor(s) (first: {weights[0]}; every logit is NaN)")
     return out
 
 
@@ -235,6 +238,9 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
     if not rules:
         raise VocabdriftError("no rule to check; give --min-cos, --max-below or --category")
     ids = drift.column("token_id").to_numpy()
+    if len(ids) and (ids.max() >= vocab.num_rows or len(np.unique(ids)) != len(ids)):
+        raise VocabdriftError(f"the drift table names token ids the vocabulary table ({vocab.num_rows:,} rows) lacks, "
+                              "or names one twice: the two tables are not one run's — rerun `vocabdrift diff`")
     cos = drift.column(f"{space}_cos").to_numpy(zero_copy_only=False).astype(np.float64)
     special = vocab.column("is_special").to_numpy(zero_copy_only=False)[ids]
     keep = ~special

@@ -30,7 +30,7 @@ from ..analyses.vocab import LANGUAGE_NAMES
 from ..errors import VocabdriftError
 from ..outputs import run as R
 from ..outputs.location import check_out
-from ..outputs.run import Timer, old_spelling, open_run, run_target, write_lines_atomic
+from ..outputs.run import Timer, open_run, run_target, write_lines_atomic
 from ..sources.data import DataReader, Malformed, Sample, detect_shape
 from ..sources.tokenizer import load_tokenizer
 from ..sources.vocabulary import table_of_tokenizer, vocab_table
@@ -461,8 +461,7 @@ def _stats_path(out: Path) -> Path:
 
 def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tokens_per_sample: int = 8,
           run: PathLike | None = None, format: str = "messages", seed: int = 0,
-          progress: bool = False, only_below_floor: PathLike | None = None,
-          max_tokens: int = RECOMMENDED_TOKENS) -> SynthResult:
+          progress: bool = False, max_tokens: int = RECOMMENDED_TOKENS) -> SynthResult:
     """Write the full-vocabulary coverage set: repetition tasks placing every reachable, non-special token as a
     generation target at least `min_per_token` times, each placement verified by re-tokenizing the answer.
 
@@ -476,7 +475,6 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
             cosine first; at most `max_tokens`), each `min_per_token` times: the set `coverage` and `report`
             size, and `repair --heal POST` heals with. Of a coverage run alone: the tokens below its floor,
             each just enough times to reach the floor (`min_per_token` is then not used).
-            `only_below_floor` is its old spelling, still accepted.
         max_tokens: with a diff run, the most tokens at risk to cover (the recommendation's dose).
         format: "messages" (TRL SFTTrainer), "sharegpt" or "alpaca".
 
@@ -484,7 +482,6 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         >>> r = synth("Qwen/Qwen2.5-7B", out="coverage.jsonl")
         >>> r.stats["covered"], r.stats["skipped"]
     """
-    only_below_floor = old_spelling(run, only_below_floor, new_name="--run", old_name="--only-below-floor")
     if format not in FORMATS:
         raise VocabdriftError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if min_per_token < 1:
@@ -508,11 +505,11 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         need = np.where(reach & ~special, min_per_token, 0).astype(np.int64)
         floor = None
         risk = None
-        if only_below_floor is not None and (Path(only_below_floor) / R.DRIFT).exists():
+        if run is not None and (Path(run) / R.DRIFT).exists():
             # a diff run: the tokens the run folder's recommendation covers (LOST, collapsed, drifted and rare)
             from .recommend import recommendation
 
-            rp = Path(only_below_floor)
+            rp = Path(run)
             prev = R.Run(rp)
             _check_same_tokenizer(prev.read_table(R.VOCAB), tok, rp)
             risk = recommendation(rp, max_tokens=max_tokens)
@@ -523,8 +520,8 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
             cover = cover[cover < n]
             need = np.zeros(n, dtype=np.int64)
             need[cover] = np.where(reach[cover] & ~special[cover], min_per_token, 0)
-        elif only_below_floor is not None:
-            rp = Path(only_below_floor)
+        elif run is not None:
+            rp = Path(run)
             if not (rp / R.COVERAGE).exists():
                 raise VocabdriftError(f"{rp}/coverage.parquet: not found; run `vocabdrift coverage DATA --tokenizer "
                                       f"MODEL -o {rp}` first")
@@ -567,7 +564,7 @@ def synth(model_or_tokenizer: Any, *, out: PathLike, min_per_token: int = 2, tok
         "tokenizer": str(model_or_tokenizer) if isinstance(model_or_tokenizer, (str, os.PathLike)) else "object",
         "vocab_size": n, "format": format, "seed": seed, "samples": n_written,
         "min_per_token": None if floor is not None else min_per_token,
-        "only_below_floor": str(only_below_floor) if only_below_floor is not None else None, "floor": floor,
+        "run": str(run) if run is not None else None, "floor": floor,
         "at_risk": None if risk is None else {"covered": len(risk.covered), "at_risk": len(risk.at_risk),
                                               "lost": risk.lost, "max_tokens": max_tokens},
         "targets": int(len(ids)), "covered": covered,

@@ -58,6 +58,8 @@ class Measurement:
             s["missing_rows"] = {"count": len(missing), "ids": missing[:1000]}
         if self.info.get("nonfinite_norm"):  # a final norm of NaN/Inf: every logit of that model is NaN
             s["nonfinite_norm"] = list(self.info["nonfinite_norm"])
+        if self.info.get("nonfinite_weights"):  # POST's layers holding NaN/Inf: every logit is NaN
+            s["nonfinite_weights"] = list(self.info["nonfinite_weights"])[:100]
         s["tied"] = {"base": self.info["base"]["tied"], "post": self.info["post"]["tied"]}
         # one naming of categories: the keys (latin, cyrillic...) and, as labels, the names shown on screen
         s["category_names"] = {c: LANGUAGE_NAMES.get(c, c) for c in s["categories"]}
@@ -417,6 +419,12 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
     missing = [int(i) for i in range(n, full.num_rows) if not special[i] and i not in added_set]
     broken_norm = [name for name, ck in (("base", b), ("post", p))
                    if (w := ck.final_norm()) is not None and not np.isfinite(w).all()]
+    with timer("weights"):  # every other weight of POST: a NaN in any layer makes every logit NaN
+        judged = {t.name for t in p.tensors.values()}  # the vocabulary rows and the norm are judged on their own
+        broken_weights = [t for t in p.nonfinite_tensors() if t not in judged]
+    if broken_weights:
+        log.warning("POST's weights hold NaN or Inf in %d tensors (first: %s): every logit is NaN",
+                    len(broken_weights), broken_weights[0])
     import pyarrow as pa  # (imported by now, by the table's `result`)
 
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
@@ -438,7 +446,7 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
         log.warning("the final norm of %s holds NaN or Inf: every logit of that model is NaN",
                     " and ".join(broken_norm))
     info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
-            "missing_rows": missing, "nonfinite_norm": broken_norm,
+            "missing_rows": missing, "nonfinite_norm": broken_norm, "nonfinite_weights": broken_weights,
             "fold_norm": fold_norm, "center": center, "device": str(dev),
             "block_rows": {k: fused_step if fused[k] else step for k in kinds}}
     return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)

@@ -25,7 +25,6 @@ from ..outputs.location import check_out
 from ..outputs.run import (
     Timer,
     existing_run,
-    old_spelling,
     open_run,
     run_target,
     write_bytes_atomic,
@@ -269,8 +268,7 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
           engine: Any = None, tokenizer: str | None = None, device: str | None = None, batch_size: int = 64,
           block_tokens: int = 1024, trust_remote_code: bool = False, allow_pickle: bool = False,
           progress: bool | str = False, tokens_file: PathLike | None = None, control: int = CONTROL,
-          force: bool = False,
-          from_run: PathLike | None = None, top: int | None = None) -> ProbeResult:
+          force: bool = False) -> ProbeResult:
     """Ask MODEL (and BASE) to say each token; write RUN/probe.parquet and summary["probe"].
 
     Each token goes into every template (chat families for a model with a chat template, few-shot ones for a base
@@ -289,7 +287,6 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
         run: an existing run folder (`--run`, as every command names one): where the most drifted and the control
             tokens are read from, and where the probe is written unless `out` says otherwise.
         drifted: how many of the most drifted tokens to probe (`--drifted`).
-        from_run, top: the old spellings of `run` and `drifted`, still accepted.
         base: the pre-trained model, probed the same way (locally).
         templates / base_templates: template names from `analyses.probe.TEMPLATES` (default by model kind).
         endpoint: probe MODEL through an OpenAI-compatible server that returns logprobs.
@@ -314,8 +311,6 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
 
     from ..sources.tokenizer import load_tokenizer
 
-    run = old_spelling(run, from_run, new_name="--run", old_name="--from")
-    drifted = old_spelling(None, top, new_name="--drifted", old_name="--top") or drifted
     if run is not None:
         run = existing_run(run)
     if out is None and run is None:

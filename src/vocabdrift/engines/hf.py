@@ -425,6 +425,11 @@ class HFEngine:
                                       f"{context:,}; shorten it")
             # never past the context: a huge --max-tokens would otherwise run on (and the model extrapolate)
             budget = max_tokens if context is None else min(max_tokens, context - ids.shape[1])
+            with torch.inference_mode():  # greedy decoding takes the argmax of NaN logits without a word: ask once
+                first = self.model(ids).logits[0, -1]
+            if not bool(torch.isfinite(first).all()):
+                raise VocabdriftError(f"{self.name}: its next-token logits hold NaN/Inf, so its answers mean nothing: "
+                                      "the model is broken (`vocabdrift check` names the rows)")
             answers: list[str] = []
             chunk = max(1, min(n, self.batch_size))
             for j in range(0, n, chunk):

@@ -78,9 +78,15 @@ def check_out(out: PathLike, *, models: Iterable[PathLike | None] = (), data: It
     raw = Path(out).expanduser()
     if not os.fspath(out).strip():
         raise VocabdriftError(f"{flag} is empty; name the {'file' if file else 'run folder'} to write")
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in raw.parts):  # before any system call
+        raise VocabdriftError(f"{flag} {raw}: a name in it is longer than 255 bytes, more than a file system "
+                              "takes; pick a shorter name")
     try:
+        if raw.is_symlink() and not raw.exists():
+            raise VocabdriftError(f"{flag} {raw}: a symbolic link to {os.readlink(raw)}, which does not exist; name a "
+                                  "real location")
         target = raw.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop
+    except (OSError, RuntimeError) as e:  # a symlink loop, a path the system refuses
         raise VocabdriftError(f"{flag} {raw}: cannot be resolved ({e}); pick another location") from e
     if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in target.parts):
         raise VocabdriftError(f"{flag} {raw}: a name in it is longer than 255 bytes, more than a file system "

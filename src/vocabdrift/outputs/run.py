@@ -540,18 +540,6 @@ def existing_run(run: str | os.PathLike) -> Path:
     return p
 
 
-def old_spelling(new: Any, old: Any, *, new_name: str, old_name: str) -> Any:
-    """A hidden old spelling of an option (`--from` for `--run`, `--top` for `--drifted` ...): either may be given,
-    not both with different values."""
-    if old is None:
-        return new
-    same = Path(new) == Path(old) if isinstance(old, (str, os.PathLike)) and new is not None else new == old
-    if new is not None and not same:
-        raise VocabdriftError(f"{new_name} {new} and {old_name} {old} say the same thing twice, differently; "
-                              f"give {new_name} alone")
-    return old
-
-
 def run_target(out: str | os.PathLike | None, run: str | os.PathLike | None, *, required: bool = True
                ) -> Path | None:
     """Where a command writes: `-o/--out OUT` (created when missing) or `--run RUN` (an existing run folder the

@@ -87,6 +87,8 @@ class Checkpoint:
     tensors: dict[str, _Tensor]  # role ("embed", "lm_head", "lm_head_bias", "final_norm") -> tensor
     config: dict[str, Any] = field(default_factory=dict)
     tied: bool = False
+    # every stored tensor (safetensors): name -> (file, its header entry with "data_start"), for `nonfinite_tensors`
+    stored: dict[str, tuple[Path, dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     # ---- shape --------------------------------------------------------------------------------------------
     @property
@@ -199,6 +201,42 @@ class Checkpoint:
         """The final norm's weight g (H,): logits are W·(g⊙x̂), so g scales every lm_head row's columns alike."""
         t = self.tensors.get("final_norm")
         return None if t is None else _to_numpy(t.read(0, t.shape[0]))
+
+    def nonfinite_tensors(self, *, chunk_bytes: int = 64 << 20) -> list[str]:
+        """Names of the stored float tensors holding NaN or Inf, every weight of the model read a chunk at a time
+        (memory: one chunk): a NaN in any layer makes every logit NaN, whatever the vocabulary rows say. A float's
+        exponent bits all set is NaN or Inf, tested on the raw bits without converting. Safetensors only (other
+        formats: [], and their matrices are checked row by row as they are read)."""
+        out = []
+        buf = np.empty(chunk_bytes, dtype=np.uint8)  # one buffer, read into: no copy per chunk
+        scratch = np.empty(chunk_bytes // 2, dtype=np.uint16)
+        for name, (path, info) in sorted(self.stored.items()):
+            dtype = info.get("dtype")
+            if dtype not in _FLOATS_NP:
+                continue
+            width = np.dtype(_FLOATS_NP[dtype]).itemsize
+            begin, end = (info["data_start"] + int(o) for o in info["data_offsets"])
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(begin)
+                    left = end - begin
+                    while left > 0:
+                        got = f.readinto(memoryview(buf)[: min(chunk_bytes - chunk_bytes % width, left)])
+                        if not got:
+                            break
+                        left -= got
+                        v = buf[: got - got % width].view(_FLOATS_NP[dtype])
+                        if dtype == "BF16":  # no numpy bf16: every exponent bit set is NaN or Inf
+                            m = np.bitwise_and(v, 0x7F80, out=scratch[: len(v)])
+                            bad = bool((m == 0x7F80).any())
+                        else:
+                            bad = not bool(np.isfinite(v).all())
+                        if bad:
+                            out.append(name)
+                            break
+            except OSError as e:
+                raise VocabdriftError(f"{path}: could not read {name} ({e}); the file may be truncated") from e
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about this checkpoint."""
@@ -358,6 +396,8 @@ def _safetensors_tensor(path: Path, name: str, info: dict[str, Any], data_start:
 
 
 _BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# the numpy view of each float type `nonfinite_tensors` reads (bf16 as its bits)
+_FLOATS_NP = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 def _torch_has(dtype_name: str) -> bool:
@@ -373,8 +413,10 @@ def _open_safetensors(files: list[Path], *, where: Path, config: dict[str, Any])
         for name, info in header.items():
             if name != "__metadata__":
                 located[name] = (f, {**info, "data_start": data_start})
-    return _assemble(where, "safetensors", located,
-                     lambda f, name, info: _safetensors_tensor(f, name, info, info["data_start"]), config)
+    ck = _assemble(where, "safetensors", located,
+                   lambda f, name, info: _safetensors_tensor(f, name, info, info["data_start"]), config)
+    ck.stored = located
+    return ck
 
 
 def _assemble(where: Path, fmt: str, located: dict[str, tuple[Any, dict[str, Any]]], make: Any,
