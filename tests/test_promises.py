@@ -471,3 +471,19 @@ def test_check_fails_a_nan_in_any_layer(models: dict[str, Path], tmp_path: Path,
     code, out, err = cli("check", models["base"], nan, "-o", run)
     code, out, err = cli("check", "--run", run)  # kept in the run folder: the gate still fails
     assert code == 1 and layer in out
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_crash(models: dict[str, Path]) -> None:
+    """PYTHONIOENCODING=ascii (or a C locale): tokens that cannot be printed show as escapes; exit 0, not 70."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "vocab", models["base"], "-o", "/dev/null/x"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1  # bad input stays one line
+    r = subprocess.run([sys.executable, "-m", "vocabdrift.cli", "neighbors", models["post"], "40", "--base",
+                        models["base"], "-k", "20"], capture_output=True, env={**os.environ,
+                                                                             "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr
+    r.stdout.decode("ascii")  # every byte ASCII: what cannot be shown is escaped
+    assert b"\\u2423" in r.stdout  # the visible space of a token label, escaped
