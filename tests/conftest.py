@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -68,6 +69,42 @@ def qwen36_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 Cli = Callable[..., tuple[int, str, str]]
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`vocabdrift ARGS...` in this process through `cli.main`, as a subprocess would answer: exit code, stdout,
+    and stderr with the logging lines. What `main` sets for the process (environment, SIGTERM handler, logging
+    levels) is put back. Why: a subprocess pays the torch import, a second or two, per call."""
+    import io
+    import logging
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from vocabdrift.cli import main
+
+    env, term, argv = dict(os.environ), signal.getsignal(signal.SIGTERM), sys.argv
+    root = logging.getLogger()
+    levels = {n: logging.getLogger(n).level for n in ("vocabdrift", "vocabdrift.composites")}
+    saved = root.handlers[:], root.level, levels
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # where main's basicConfig would send them: our stderr
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.handlers, code = [handler], 0
+    root.setLevel(logging.WARNING)
+    sys.argv = ["vocabdrift", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, term)
+        os.environ.clear()
+        os.environ.update(env)
+        root.handlers, _ = saved[0], root.setLevel(saved[1])
+        for n, level in saved[2].items():
+            logging.getLogger(n).setLevel(level)
+    return subprocess.CompletedProcess(["vocabdrift", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

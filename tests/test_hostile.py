@@ -34,6 +34,12 @@ if not Path(EXE[0]).exists():  # not installed as a script: the same entry point
 
 def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300
         ) -> subprocess.CompletedProcess[str]:
+    """`vocabdrift ARGS...`: in this process (`conftest.run_cli`, no torch import per case) unless the case sets
+    the environment, which libraries read when imported (the hub's address): then in a subprocess."""
+    if env is None:
+        from conftest import run_cli
+
+        return run_cli(*args)
     full_env = {**os.environ, **(env or {})}
     for k, v in (env or {}).items():
         if v is None:
