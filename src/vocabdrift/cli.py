@@ -81,7 +81,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, onl
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (.bin/.pt, loaded with "
                                                                   "weights_only=True); refused otherwise.")]
 # One way to name a run folder (docs/ARCHITECTURE.md, "The run folder"): `-o/--out RUN` where a command creates or
-# writes one, `--run RUN` where it reads (or adds to) an existing one. Older spellings stay as hidden aliases.
+# writes one, `--run RUN` where it reads (or adds to) an existing one.
 RunIn = Annotated[Path | None, typer.Option("--run", callback=_gate_run,
                                             help="An existing run folder (from `diff`) to read and add "
                                                  "to.")]

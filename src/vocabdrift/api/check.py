@@ -8,7 +8,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..analyses.gate import CheckResult, Rule, judge, parse_category, parse_max_below, parse_min_cos
+from ..analyses.gate import (
+    CheckResult,
+    Rule,
+    judge,
+    judge_lost,
+    model_problems,
+    parse_category,
+    parse_max_below,
+    parse_max_lost,
+    parse_min_cos,
+    with_rule,
+)
 from ..errors import VocabdriftError
 from ..outputs import run as R
 
@@ -75,13 +86,10 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         mixed = r.disagreements()
         if mixed:
             raise VocabdriftError(f"{run}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}")
-        from ..analyses.gate import model_problems
-
         result = judge(r.read_table(R.DRIFT, ("token_id", f"{space}_cos")),
                        r.read_table(R.VOCAB, ("token_id", "category", "is_special")), rules, space=space,
                        population=population, problems=model_problems(r.read_json(R.SUMMARY, default={}) or {}))
         if max_lost is not None and r.has(R.PROBE):
-            from ..analyses.gate import judge_lost, parse_max_lost, with_rule
             from ..analyses.recommend import probe_lost
 
             asked, lost, _, _ = probe_lost(r.read_table(R.PROBE))
@@ -104,7 +112,6 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         diff(base, post, out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
         return check(run=out, min_cos=min_cos, max_below=max_below, categories=categories, space=space,
                      population=population, write=True, max_lost=max_lost)
-    from ..analyses.gate import model_problems
     from .diff import measure
 
     m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)

@@ -5,7 +5,6 @@ I/O at the edges (checkpoints, tokenizers, the run folder); the numbers come fro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -195,46 +194,22 @@ def _check_pair(base: Checkpoint, post: Checkpoint) -> None:
 
 def _check_tokenizers(base: Checkpoint, post: Checkpoint) -> None:
     """BASE and POST must give each shared id the same token: rows of different tokens are not a drift. Compared
-    from their tokenizer.json files (a re-saved, identical vocabulary passes; added tokens past BASE's are POST's
-    own); GGUF and hub checkpoints are taken as they are."""
-    files = []
-    for ck in (base, post):
-        try:
-            src = Path(_tokenizer_spec(ck))
-        except VocabdriftError:
-            return
-        f = src / "tokenizer.json" if src.is_dir() else src
-        if not (f.is_file() and f.name == "tokenizer.json"):
-            return
-        files.append(f)
-    if files[0].read_bytes() == files[1].read_bytes():
+    from their tokenizer.json files (the same bytes pass at once; a re-saved, identical vocabulary passes; added
+    tokens past BASE's are POST's own); GGUF and hub checkpoints are taken as they are."""
+    from ..sources.tokenizer import pieces_by_id, tokenizer_json
+
+    files = [tokenizer_json(ck.path) for ck in (base, post)]
+    if files[0] is None or files[1] is None or files[0].read_bytes() == files[1].read_bytes():
         return
-    ids = [_pieces_by_id(f) for f in files]
-    if ids[0] is None or ids[1] is None:
+    a, b = (pieces_by_id(f) for f in files)
+    if a is None or b is None:
         return
-    differ = [i for i, t in ids[0].items() if i in ids[1] and ids[1][i] != t]
+    differ = [i for i, t in a.items() if i in b and b[i] != t]
     if differ:
         i = differ[0]
         raise VocabdriftError(f"BASE and POST have different tokenizers: {len(differ):,} shared ids name other tokens "
-                              f"(id {i}: {ids[0][i]!r} in {files[0]}, {ids[1][i]!r} in {files[1]}); their rows are "
-                              "not the same tokens — compare checkpoints of one model")
-
-
-def _pieces_by_id(f: Path) -> dict[int, str] | None:
-    """id -> piece of a tokenizer.json (its model's vocabulary and its added tokens), or None if unreadable."""
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-        vocab = doc.get("model", {}).get("vocab")
-        out: dict[int, str] = {}
-        if isinstance(vocab, dict):
-            out = {int(i): str(t) for t, i in vocab.items()}
-        elif isinstance(vocab, list):  # Unigram: [piece, score] in id order
-            out = {i: str(x[0]) for i, x in enumerate(vocab)}
-        for a in doc.get("added_tokens") or []:
-            out[int(a["id"])] = str(a["content"])
-        return out
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return None
+                              f"(id {i}: {a[i]!r} in {files[0]}, {b[i]!r} in {files[1]}); their rows are not the "
+                              "same tokens — compare checkpoints of one model")
 
 
 def _progress(enabled: bool):  # -> rich Progress or a no-op
@@ -412,19 +387,8 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
     with timer("vocab (not overlapped)"):
         full = job.result()
         vt = full.slice(0, n)
-    # tokens the tokenizer can emit past the rows both models have: never judged by a cosine, so named here (a
-    # POST with no lm_head rows at all, or 390 for a 400-token tokenizer, must fail a gate, not pass it)
-    special = full.column("is_special").to_numpy(zero_copy_only=False)
-    added_set = set(added)
-    missing = [int(i) for i in range(n, full.num_rows) if not special[i] and i not in added_set]
-    broken_norm = [name for name, ck in (("base", b), ("post", p))
-                   if (w := ck.final_norm()) is not None and not np.isfinite(w).all()]
-    with timer("weights"):  # every other weight of POST: a NaN in any layer makes every logit NaN
-        judged = {t.name for t in p.tensors.values()}  # the vocabulary rows and the norm are judged on their own
-        broken_weights = [t for t in p.nonfinite_tensors() if t not in judged]
-    if broken_weights:
-        log.warning("POST's weights hold NaN or Inf in %d tensors (first: %s): every logit is NaN",
-                    len(broken_weights), broken_weights[0])
+    with timer("weights"):
+        health = _health(b, p, full, n, added)
     import pyarrow as pa  # (imported by now, by the table's `result`)
 
     bias_b, bias_p = b.lm_head_bias(), p.lm_head_bias()
@@ -439,17 +403,34 @@ def _measure(b: Checkpoint, p: Checkpoint, job: _VocabThread | _VocabChild, time
     if nonfinite.any():
         log.warning("%d rows hold NaN or Inf (first: %s); they count as drifted, below every threshold",
                     int(nonfinite.sum()), np.flatnonzero(nonfinite)[:5].tolist())
+    info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added, **health,
+            "fold_norm": fold_norm, "center": center, "device": str(dev),
+            "block_rows": {k: fused_step if fused[k] else step for k in kinds}}
+    return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)
+
+
+def _health(b: Checkpoint, p: Checkpoint, vocab: pa.Table, n: int, added: Sequence[int]) -> dict[str, list[Any]]:
+    """What makes the pair's verdict fail whatever the cosines (`gate.model_problems` reads it back from the
+    summary): tokens the tokenizer can emit past the rows both models have (a POST with no lm_head rows, or 390 for
+    a 400-token tokenizer, must fail a gate, not pass it), a NaN/Inf final norm, and a NaN/Inf in any other weight
+    of POST (every logit would be NaN). Each is said in a warning too."""
+    special = vocab.column("is_special").to_numpy(zero_copy_only=False).astype(bool)
+    past = np.flatnonzero(~special[n:]) + n
+    missing = past[~np.isin(past, np.asarray(added, dtype=np.int64))].tolist()
+    broken_norm = [name for name, ck in (("base", b), ("post", p))
+                   if (w := ck.final_norm()) is not None and not np.isfinite(w).all()]
+    judged = {t.name for t in p.tensors.values()}  # the vocabulary rows and the norm are judged on their own
+    broken_weights = [t for t in p.nonfinite_tensors() if t not in judged]
     if missing:
         log.warning("%d tokens of the tokenizer have no row in both models (first id %d): they fail every gate",
                     len(missing), missing[0])
     if broken_norm:
         log.warning("the final norm of %s holds NaN or Inf: every logit of that model is NaN",
                     " and ".join(broken_norm))
-    info = {"base": b.describe(), "post": p.describe(), "common_rows": n, "added_tokens": added,
-            "missing_rows": missing, "nonfinite_norm": broken_norm, "nonfinite_weights": broken_weights,
-            "fold_norm": fold_norm, "center": center, "device": str(dev),
-            "block_rows": {k: fused_step if fused[k] else step for k in kinds}}
-    return Measurement(vocab=vt, drift=table, info=info, timings=timer.timings)
+    if broken_weights:
+        log.warning("POST's weights hold NaN or Inf in %d tensors (first: %s): every logit is NaN",
+                    len(broken_weights), broken_weights[0])
+    return {"missing_rows": missing, "nonfinite_norm": broken_norm, "nonfinite_weights": broken_weights}
 
 
 # ---- neighbours -----------------------------------------------------------------------------------------------
@@ -471,24 +452,30 @@ def neighbor_table(checkpoints: dict[str, Checkpoint], ids: Sequence[int], *, sp
     """neighbors.parquet rows: for each model and query id, its k nearest rows by cosine (itself excluded).
 
     `norms` (model name -> every row's norm in `space`, e.g. from a drift table) spares the pass computing them."""
-    import pyarrow as pa
 
     dev = best_device(device)
-    cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
+    found = []
     for name, ck in checkpoints.items():
         nid, ncos = _neighbor_rows(ck, space, list(ids), k, dev, stop, (norms or {}).get(name))
-        for qi, tid in enumerate(ids):
-            for r in range(nid.shape[1]):
-                if nid[qi, r] < 0 or not ncos[qi, r] >= -1.0:  # padding of topk, or a row without direction
-                    continue
-                cols["token_id"].append(int(tid))
-                cols["space"].append(space)
-                cols["model"].append(name)
-                cols["rank"].append(r + 1)
-                cols["neighbor_id"].append(int(nid[qi, r]))
-                cols["cos"].append(float(ncos[qi, r]))
-    return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": cols["space"],
-                     "model": cols["model"], "rank": pa.array(cols["rank"], pa.int32()),
+        found += [(name, tid, nid[qi], ncos[qi]) for qi, tid in enumerate(ids)]
+    return _neighbors_as_table(found, space)
+
+
+def _neighbors_as_table(found: Sequence[tuple[str, int, np.ndarray, np.ndarray]], space: Kind) -> pa.Table:
+    """neighbors.parquet rows from (model, token id, neighbour ids, their cosines) best first: ranks from 1, and
+    no padding of a top-k (id -1) or row without direction (cosine below -1) ever listed as a neighbour."""
+    import pyarrow as pa
+
+    cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
+    for name, tid, nid, ncos in found:
+        for r, (i, c) in enumerate(zip(nid.tolist(), ncos.tolist(), strict=True)):
+            if i < 0 or not c >= -1.0:
+                continue
+            for key, v in (("token_id", int(tid)), ("space", space), ("model", name), ("rank", r + 1),
+                           ("neighbor_id", int(i)), ("cos", float(c))):
+                cols[key].append(v)
+    return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": pa.array(cols["space"], pa.string()),
+                     "model": pa.array(cols["model"], pa.string()), "rank": pa.array(cols["rank"], pa.int32()),
                      "neighbor_id": pa.array(cols["neighbor_id"], pa.int64()),
                      "cos": pa.array(cols["cos"], pa.float32())})
 
@@ -508,9 +495,7 @@ def _lazy_encoder(spec: PathLike) -> Callable[[str], list[int]]:
 
 def _neighbor_table_np(cks: dict[str, Checkpoint], tid: int, *, space: Kind, k: int, stop: int) -> pa.Table:
     """`neighbor_table` of one token, in numpy (`drift.topk_cosine_np`)."""
-    import pyarrow as pa
-
-    cols: dict[str, list[Any]] = {"token_id": [], "space": [], "model": [], "rank": [], "neighbor_id": [], "cos": []}
+    found = []
     for name, ck in cks.items():
         step = max(1, DEFAULT_BLOCK_BYTES // (4 * ck.hidden_size))
         blocks = ((s, ck.rows_np(space, s, min(stop, s + step))) for s in range(0, stop, step))
@@ -518,14 +503,8 @@ def _neighbor_table_np(cks: dict[str, Checkpoint], tid: int, *, space: Kind, k: 
         if len(ids) == 0:
             log.warning("%s: the %s row of token %d holds NaN/Inf or is zero: it has no direction, so no "
                         "neighbours", ck.path, space, tid)
-        for r, (i, c) in enumerate(zip(ids.tolist(), cos.tolist(), strict=True)):
-            for key, v in (("token_id", tid), ("space", space), ("model", name), ("rank", r + 1),
-                           ("neighbor_id", i), ("cos", c)):
-                cols[key].append(v)
-    return pa.table({"token_id": pa.array(cols["token_id"], pa.int64()), "space": pa.array(cols["space"], pa.string()),
-                     "model": pa.array(cols["model"], pa.string()), "rank": pa.array(cols["rank"], pa.int32()),
-                     "neighbor_id": pa.array(cols["neighbor_id"], pa.int64()),
-                     "cos": pa.array(cols["cos"], pa.float32())})
+        found.append((name, tid, ids, cos))
+    return _neighbors_as_table(found, space)
 
 
 def resolve_token(token: str | int, vocab: pa.Table, tokenizer: Any | None = None) -> int:

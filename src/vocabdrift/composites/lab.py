@@ -118,7 +118,7 @@ class _Stages(StageRunner):
     """OUT/lab.json: the recipe, the seed and the finished stages with their seconds."""
 
     def __init__(self, out: Path, recipe: Recipe, seed: int, progress: Mode) -> None:
-        super().__init__(out / "lab.json", {"recipe": asdict(recipe), "seed": seed}, progress,
+        super().__init__(out / R.LAB_STATE, {"recipe": asdict(recipe), "seed": seed}, progress,
                          mismatch=f"{out} holds a lab run made with other settings (seed or recipe); pass another "
                               "-o, or delete the folder")
 
@@ -575,7 +575,7 @@ def _write_report(lb: _Lab, progress: Mode) -> None:
     """The comparison page, opening with the lab's verdict (its held-out losses are in lab.json by now)."""
     from ..outputs.report import report
 
-    losses = json.loads((lb.out / "lab.json").read_text())["heldout_loss"]
+    losses = json.loads((lb.out / R.LAB_STATE).read_text())["heldout_loss"]
     report(lb.runs["baseline"], compare=lb.runs["repaired"], names="baseline,repaired", tokens=[GIVEN_NAME],
            findings=lab_verdict(_results(lb, losses)))
 
@@ -620,7 +620,7 @@ def lab(out: PathLike, *, quick: bool = False, seed: int | None = None, progress
     out = check_out(out, lab=True)  # a new or empty folder, or a lab folder; never a model folder, `/` or $HOME
     out.mkdir(parents=True, exist_ok=True)
     st = _Stages(out, recipe, seed, progress)
-    if not (out / "lab.json").exists():
+    if not (out / R.LAB_STATE).exists():
         st.save()  # from its first moment the folder says it is a lab's: a rerun after a kill may resume it
     lb = _Lab(out, recipe, seed)
     mpath = lb.mpath

@@ -48,6 +48,7 @@ EVALUATE = "evaluate.parquet"  # every probe row of `evaluate` (BASE, POST, cand
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 REPORT_FILES = "report_files"
+LAB_STATE = "lab.json"  # not a run folder's file: the lab folder's, which holds run folders (composites/lab.py)
 
 
 
@@ -245,9 +246,11 @@ class Run:
                 return default
             raise VocabdriftError(f"{p}: not found; run the command that writes {name} into {self.path} first")
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+            return _load_json(p)
+        except (ValueError, RecursionError) as e:
             raise VocabdriftError(f"{p}: not valid JSON ({e}); delete it and rerun the command") from e
+        except OSError as e:
+            raise VocabdriftError(f"{p}: cannot be read ({e.strerror or e}); rerun the command that wrote it") from e
 
     def manifest(self) -> dict[str, Any]:
         """manifest.json, checked: an object whose "commands" is a list, "files" an object of stamps, "pair" an
@@ -474,11 +477,27 @@ def _check_values(p: Path, t: pa.Table) -> None:
 
 # ---- what vocabdrift made: the folders it writes into ---------------------------------------------------
 
+_MAX_JSON_BYTES = 256 << 20  # a summary or manifest is kilobytes; past this it is not one of ours
+
+
+def _load_json(p: Path) -> Any:
+    """The one reader of a run folder's JSON: a regular file only (a pipe would block), at most _MAX_JSON_BYTES
+    (a huge file is not ours). Raises ValueError for bad or oversized JSON, OSError for an unreadable file."""
+    if not p.is_file():
+        raise ValueError("not a regular file")
+    with open(p, "rb") as f:
+        raw = f.read(_MAX_JSON_BYTES + 1)
+    if len(raw) > _MAX_JSON_BYTES:
+        raise ValueError(f"larger than {_MAX_JSON_BYTES >> 20} MiB")
+    return json.loads(raw)
+
+
 def _json_object(p: Path) -> dict | None:
+    """`_load_json` of an object, or None (missing, unreadable, not JSON, not an object): for telling folders
+    apart, where nothing is an error."""
     try:
-        with open(p, "rb") as f:  # a bounded read: a manifest is small, a FIFO or a huge file is not one
-            got = json.loads(f.read(64 << 20) if p.is_file() else b"null")
-    except (OSError, ValueError):
+        got = _load_json(p)
+    except (OSError, ValueError, RecursionError):
         return None
     return got if isinstance(got, dict) else None
 
@@ -491,7 +510,7 @@ def is_run_folder(d: Path) -> bool:
 
 def is_lab_folder(d: Path) -> bool:
     """A folder `vocabdrift lab` made: it carries lab.json (the recipe and the finished stages)."""
-    m = _json_object(d / "lab.json")
+    m = _json_object(d / LAB_STATE)
     return m is not None and isinstance(m.get("stages"), dict)
 
 

@@ -224,6 +224,28 @@ def load_vocabulary_tokenizer(spec: str | os.PathLike, *, trust_remote_code: boo
     return load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
+def tokenizer_json(spec: str | os.PathLike) -> Path | None:
+    """The local tokenizer.json a model or tokenizer spec stands for, or None (a GGUF, a hub id, none there)."""
+    try:
+        ms = parse_model_spec(spec)
+    except VocabdriftError:
+        return None
+    p = Path(ms.tokenizer_source())
+    f = p / "tokenizer.json" if p.is_dir() else p
+    return f if ms.local and f.is_file() and f.name == "tokenizer.json" else None
+
+
+def pieces_by_id(f: Path) -> dict[int, str] | None:
+    """id -> piece of a tokenizer.json (its vocabulary and its added tokens), read by `tokenizers`; None when it
+    cannot be read (the readers that need it say why)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return {i: t for t, i in Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True).items()}
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file; its readers report it
+        return None
+
+
 def read_vocabulary(tok: PreTrainedTokenizerBase | tokenizers.Tokenizer, *, size: int | None = None) -> Vocabulary:
     """Read every token's piece, bytes, text, special flag and reachability.
 
