@@ -97,14 +97,16 @@ def _tiny_qwen2(tiny_model: Path, folder: Path) -> Path:
     return folder
 
 
-def test_tail_logprobs_equal_the_generic_forward(tiny_model: Path, tmp_path: Path) -> None:
-    """`HFEngine.logprobs` (the hand-written decoder pass for verification: shared prefix kept per template, the
-    last layer at the last position only) gives `score`'s log-probabilities, on Llama and Qwen2, for equal and
-    ragged tails, alternating prefixes, a batch that shares no prefix and a single prompt."""
+def test_tail_pass_scores_equal_the_generic_forward(tiny_model: Path, tmp_path: Path) -> None:
+    """`HFEngine.score` through the hand-written decoder pass (shared prefix kept per template, the last layer at
+    the last position only) gives the generic forward's scores, on Llama and Qwen2, for equal and ragged tails,
+    alternating prefixes, a batch that shares no prefix and a single prompt."""
     from vocabdrift.engines.hf import HFEngine
 
     for folder in (tiny_model, _tiny_qwen2(tiny_model, tmp_path / "qwen2")):
         eng = HFEngine(folder, batch_size=16)
+        generic = HFEngine(folder, batch_size=16, shared_prefix=False)  # no prefix, no tail pass
+        assert generic._tails is not None and not generic.shared_prefix
         head = eng.render("Repeat this word exactly: X")
         other = eng.render("Say this word: X")
         k = len(head) - 6
@@ -116,26 +118,30 @@ def test_tail_logprobs_equal_the_generic_forward(tiny_model: Path, tmp_path: Pat
         unrelated = [[t, 5, 6] for t in range(3, 9)] + [[9, 4]]
         for prompts in (equal, second, ragged, equal, unrelated, equal[:1]):
             targets = [(7 * i + 3) % 300 for i in range(len(prompts))]
-            got = eng.logprobs(prompts, targets)
+            got = eng.score(prompts, targets, top_p=0.5)
             assert eng._tails is not None  # the hand-written pass, not the fallback
-            want = [sc.logprob for sc in eng.score(prompts, targets)]
-            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+            want = generic.score(prompts, targets, top_p=0.5)
+            assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want, strict=True)) < 1e-4
+            assert max(abs(a.mass_above - b.mass_above) for a, b in zip(got, want, strict=True)) < 1e-4
+            assert [a.rank for a in got] == [b.rank for b in want]
+            assert eng.logprobs(prompts, targets) == [a.logprob for a in got]
         assert len(eng._tail_prefixes) >= 2  # both templates' prefixes kept
 
 
-def test_tail_logprobs_fall_back_when_they_disagree(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_tail_pass_falls_back_when_it_disagrees(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
     from vocabdrift.engines import hf
 
     eng = hf.HFEngine(tiny_model)
-    monkeypatch.setattr(hf._TailForward, "logprobs", lambda self, past, start, ids, last, targets:
-                        torch.zeros(len(ids)))
+    monkeypatch.setattr(hf._TailForward, "logits", lambda self, past, start, ids, last:
+                        torch.zeros(len(ids), eng.vocab_size))
     prompts = [[*eng.render("Repeat this word exactly: X"), t] for t in range(3, 9)]
-    got = eng.logprobs(prompts, list(range(6)))
+    got = eng.score(prompts, list(range(6)))
     assert eng._tails is None and "generic forward" in caplog.text
-    assert got == [sc.logprob for sc in eng.score(prompts, list(range(6)))]
+    want = hf.HFEngine(tiny_model, shared_prefix=False).score(prompts, list(range(6)))
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want, strict=True)) < 1e-5
 
 
 def test_scores_from_logits_match_a_sorted_nucleus() -> None:

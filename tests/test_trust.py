@@ -448,6 +448,7 @@ _VERBS = {"diff": "vocabdrift.api.diff:diff", "vocab": "vocabdrift.api.diff:voca
           "repair": "vocabdrift.composites.repair:repair", "coverage": "vocabdrift.api.coverage:coverage",
           "synth": "vocabdrift.api.coverage:synth", "mix": "vocabdrift.api.coverage:mix",
           "prune-suggest": "vocabdrift.api.coverage:prune_suggest", "probe": "vocabdrift.api.probe:probe",
+          "saymap": "vocabdrift.api.saymap:saymap",
           "cases": "vocabdrift.api.probe:cases", "undertrained": "vocabdrift.api.probe:undertrained",
           "confusion": "vocabdrift.api.probe:confusion", "report": "vocabdrift.outputs.report:report",
           "lab": "vocabdrift.composites.lab:lab", "evaluate": "vocabdrift.composites.evaluate:evaluate"}

@@ -105,3 +105,21 @@ def test_scoring_through_a_logprob_server_equals_local_scoring(vllm_server: str,
         if a.rank > TOP_LOGPROBS:
             assert b.rank == TOP_LOGPROBS + 1 and not b.in_top_p and b.logprob >= a.logprob - 1e-4
     assert _text(said) == _text(hf.generate(asks, temperature=0, max_tokens=8))
+
+
+def test_saymap_through_vllm_equals_the_probe_through_vllm(model: Path, tmp_path: Path) -> None:
+    """The map through vLLM (prompt_logprobs, prefix caching; the exact pass only) gives the full probe's verdicts
+    through the same engine."""
+    from vocabdrift.api.probe import probe
+    from vocabdrift.api.saymap import saymap
+    from vocabdrift.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine(model, **VLLM_ARGS)
+    ids = list(range(3, 83))
+    r = saymap(model, engine=eng, tokens=ids, out=tmp_path / "map", sample=16)
+    assert r.summary["fast"] is None
+    full = probe(model, engine=eng, tokens=ids, out=tmp_path / "probe", control=0)
+    want: dict[int, bool] = {}
+    for x in full.table.select(["token_id", "sayable"]).to_pylist():
+        want[x["token_id"]] = want.get(x["token_id"], False) or bool(x["sayable"])
+    assert dict(zip(r.table["token_id"].to_pylist(), r.table["post_sayable"].to_pylist(), strict=True)) == want

@@ -33,6 +33,7 @@ _LAZY = {
     "cases": "vocabdrift.api.probe",
     "undertrained": "vocabdrift.api.probe",
     "confusion": "vocabdrift.api.probe",
+    "saymap": "vocabdrift.api.saymap",
     "repair": "vocabdrift.composites.repair",
     "evaluate": "vocabdrift.composites.evaluate",
     "recommendation": "vocabdrift.api.recommend",

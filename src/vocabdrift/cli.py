@@ -312,10 +312,12 @@ def check(
     run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
                                              help="Judge a run folder `diff` wrote instead of two "
                                                   "checkpoints.")] = None,
-    max_lost: Annotated[str, typer.Option("--max-lost", help="With --run holding a probe with BASE: the most "
-                                                             "probed tokens that may be LOST (sayable in BASE, not "
-                                                             "in POST): a count or a share (2%); 'none' turns it "
-                                                             "off.")] = "0",
+    max_lost: Annotated[list[str] | None, typer.Option("--max-lost", help="With --run holding a say-ability map "
+                                                       "(saymap --base) or a probe with BASE: the most tokens "
+                                                       "that may be LOST (sayable in BASE, not in POST): a count "
+                                                       "or a share (2%: of what BASE could say, in a map); "
+                                                       "CATEGORY:LIMIT (japanese:1%) per category of a map; "
+                                                       "repeatable; 'none' turns it off. Default 0.")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
                                              help="Also write the run folder (diff's tables and "
                                                   "summary.json's \"check\" key).")] = None,
@@ -347,7 +349,8 @@ def check(
                        categories=category or (), space=space, all_tokens=all_tokens,
                        out=out, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle,
                        progress=sys.stderr.isatty() and not (as_json or quiet), write=write,
-                       max_lost=None if max_lost.lower() == "none" else max_lost)
+                       max_lost=None if any(x.lower() == "none" for x in max_lost or ()) else
+                       (max_lost or "0"))
     from .outputs.run import DRIFT
 
     rec = None
@@ -909,6 +912,99 @@ def probe(
             con.print("  " + ", ".join(token_label(text_of(i), i) for i in s["lost"][:30]),
                       highlight=False)  # tokens shown as everywhere else: ␣ for a space, the id beside
     _echo(f"wrote {r.path}/probe.parquet")
+
+
+@app.command(epilog="Examples:\n\n    vocabdrift saymap ./sft --base ./base --run runs/sft1\n\n"
+                    "    vocabdrift saymap ./sft --base ./base -o runs/map --tokens-file names.txt\n\n"
+                    "    vocabdrift check --run runs/sft1 --max-lost 1% --max-lost japanese:2%")
+def saymap(
+    model: Annotated[str, typer.Argument(help="The (post-trained) model: folder, .gguf or hub id.")],
+    base: Annotated[str | None, typer.Option(help="The pre-trained model: map it too, and name LOST (sayable in "
+                                                  "BASE, not in MODEL), GAINED and never-sayable tokens.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", callback=_gate_run,
+                                             help="An existing run folder (a diff's): the map is written "
+                                                  "into it and joined with its drift, coverage and "
+                                                  "collapsed rows.")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", callback=_gate_out,
+                                             help="Run folder to write (default: --run).")] = None,
+    token: Annotated[list[str] | None, typer.Option("--token", help="Map only this token; repeatable (default: "
+                                                                    "every non-special token). " + TOKEN_RULE)]
+    = None,
+    tokens_file: Annotated[Path | None, typer.Option("--tokens-file", help="Map only the tokens of this file, one "
+                                                     "a line.")] = None,
+    template: Annotated[list[str] | None, typer.Option("--template", help="Prompt family, as probe's, asked of "
+                                                       "both models; repeatable. Default: chat families, or "
+                                                       "few-shot for a model without a chat template.")] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus for 'sayable': kept by top-p sampling at this p.")] = 0.95,
+    fast: Annotated[str, typer.Option(help="The fast pass that settles verdicts far from the cut: auto "
+                                           "(bfloat16 on a CPU that runs it natively), bfloat16, or none (the "
+                                           "exact pass only).")] = "auto",
+    endpoint: Annotated[str | None, typer.Option(help="Ask MODEL through an OpenAI-compatible server that returns "
+                                                      "logprobs (exact pass only).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="The tokenizer (needed with --endpoint).")] = None,
+    engine: Annotated[str, typer.Option(help="hf (local transformers) or vllm (in-process; exact pass only).")]
+    = "hf",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 256,
+    sample: Annotated[int, typer.Option(help="Tokens per model (seeded) that choose its template order and "
+                                             "measure the fast pass's margin.")] = 128,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best present).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own code.")
+                                 ] = False,
+    allow_pickle: AllowPickle = False,
+    force: Annotated[bool, typer.Option("--force", help="Map again even when RUN holds this very map.")] = False,
+    top: Annotated[int, typer.Option(help="LOST tokens to list.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary[\"saymap\"] (LOST tokens with their texts) "
+                                                         "as JSON alone on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no tables, only errors.")] = False,
+) -> None:
+    """Map which tokens of the whole vocabulary MODEL (and BASE) can say; write RUN/saymap.parquet.
+
+    A token is sayable when some probe template gets it kept by top-p sampling, as in `probe`; the map asks
+    each token only what decides that: templates in the order that settles most tokens per unit of work,
+    a stop at the first template that keeps the token, and a fast bfloat16 pass whose verdicts are taken only
+    far from the top-p cut (the rest are asked again exactly). With --base: LOST, GAINED and never-sayable
+    tokens per category, and how LOST relates to drift, coverage and collapsed rows. `check --max-lost` gates
+    on it; `report` draws it. Resumable: rerun the same command after an interruption.
+    """
+    from rich.console import Console
+
+    from .analyses.saymap import headline
+    from .analyses.vocab import token_label
+    from .api.saymap import saymap as run_saymap
+    from .outputs.console import saymap_relations_table, saymap_table
+
+    r = run_saymap(model, base=base, run=run, out=out, tokens=token or None, tokens_file=tokens_file,
+                   templates=template or None, base_templates=template or None, top_p=top_p, fast=fast,
+                   endpoint=endpoint, tokenizer=tokenizer,
+                   engine=engine, batch_size=batch_size, sample=sample, device=device,
+                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                   progress=cli_mode(quiet=as_json or quiet), force=force)
+    s = r.summary
+    texts = {}
+    ids = s.get("lost", [])[: max(top, 0)] if not as_json else s.get("lost", [])
+    if ids:
+        from .sources.vocabulary import vocab_table
+
+        v = vocab_table(tokenizer or model, trust_remote_code=trust_remote_code)
+        all_text = v["text"].to_pylist()
+        texts = {i: all_text[i] if i < len(all_text) else "" for i in ids}
+    if as_json or quiet:
+        if as_json:
+            _echo_json({**s, "lost_tokens": [{"token_id": i, "text": texts.get(i, "")} for i in s.get("lost", [])]})
+        return
+    con = Console()
+    for line in headline(s):
+        con.print(line, highlight=False)
+    con.print(saymap_table(s))
+    if s.get("relations"):
+        con.print(saymap_relations_table(s["relations"]))
+    if ids:
+        con.print("LOST, the most confident first: " + ", ".join(token_label(texts.get(i, ""), i) for i in ids),
+                  highlight=False)
+    asked = ", ".join(f"{m} {s['asked'][m] / max(s['tokens'], 1):.2f}" for m in s["asked"])
+    con.print(f"Templates asked per token: {asked}; verdicts asked again exactly (near the cut): "
+              + ", ".join(f"{m} {s['exact'][m]:,}" for m in s["exact"]), highlight=False, style="dim")
+    _echo(f"wrote {r.path}/saymap.parquet")
 
 
 @app.command(epilog="Examples:\n\n    vocabdrift cases ./sft                      # the published cases\n\n"

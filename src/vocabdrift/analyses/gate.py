@@ -63,6 +63,7 @@ class RuleResult:
     worst: tuple[int, ...] = ()
     worst_text: str | None = None  # the worst token's text, for the verdict
     undefined: int = 0  # tokens without a cosine (row became zero or NaN): below every threshold, among `below`
+    noun: str = "probed tokens"  # max_lost: what the judged tokens are
 
     def describe(self, population: str | None = None) -> str:
         """One line; `population` ("reachable" or "all") names what the counts are of, as the console's tables
@@ -78,7 +79,7 @@ class RuleResult:
             who = f" (token {w})"
         if r.kind == "max_lost":  # say-ability: probed tokens sayable in BASE and no longer in POST
             limit = f"{r.share * 100:g}%" if r.share is not None else f"{r.count}"
-            return (f"{where}LOST {self.below:,}/{self.tokens:,} probed tokens {'<=' if self.passed else '>'} {limit}"
+            return (f"{where}LOST {self.below:,}/{self.tokens:,} {self.noun} {'<=' if self.passed else '>'} {limit}"
                     f"{who}")
         if r.kind == "min_cos":
             op = ">=" if self.passed else "<"
@@ -277,17 +278,25 @@ def judge(drift: pa.Table, vocab: pa.Table, rules: list[Rule] | tuple[Rule, ...]
 
 
 def parse_max_lost(spec: str) -> Rule:
-    """"0" (no probed token may be LOST), "5" (at most five), "2%" (at most 2% of the probed tokens)."""
-    share, count = _limit(str(spec), f"--max-lost {spec}")
-    return Rule("max_lost", 0.0, share=share, count=count)
+    """"0" (no token may be LOST), "5" (at most five), "2%" (at most 2% of the judged tokens); with a category
+    first, over that category only ("japanese:1%", a say-ability map's categories)."""
+    text = str(spec)
+    cat = None
+    if ":" in text:
+        name, text = text.rsplit(":", 1)
+        cat = category_name(name, f"--max-lost {spec}")
+    share, count = _limit(text, f"--max-lost {spec}")
+    return Rule("max_lost", 0.0, share=share, count=count, category=cat)
 
 
-def judge_lost(rule: Rule, probed: int, lost: Sequence[int], texts: Sequence[str] | None = None) -> RuleResult:
-    """The say-ability rule over a probe with BASE: `lost` of `probed` tokens are LOST (most confident first)."""
+def judge_lost(rule: Rule, probed: int, lost: Sequence[int], texts: Sequence[str] | None = None, *,
+               noun: str = "probed tokens") -> RuleResult:
+    """The say-ability rule: `lost` of `probed` judged tokens are LOST (most confident first). `noun` names the
+    judged population in the verdict ("probed tokens", or a map's "tokens BASE could say")."""
     n = len(lost)
     ok = n <= rule.count if rule.count is not None else (n / max(probed, 1)) <= (rule.share or 0.0)
     return RuleResult(rule, ok, n / max(probed, 1), probed, below=n, worst=tuple(int(t) for t in lost[:5]),
-                      worst_text=texts[0] if texts else None)
+                      worst_text=texts[0] if texts else None, noun=noun)
 
 
 def with_rule(result: CheckResult, extra: RuleResult) -> CheckResult:

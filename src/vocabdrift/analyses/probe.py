@@ -40,12 +40,16 @@ class Score:
         in_top_p: top-p sampling at `top_p` keeps the target (the tokens strictly more likely than it hold less
             than `top_p` of the mass; the most likely token is always kept, so top_p=0 is greedy).
         top_p: the nucleus used for `in_top_p`.
+        mass_above: the probability mass of the tokens strictly more likely than the target (NaN when the engine
+            does not say): how far the target is from the top-p cut, which lets a fast, rounded pass settle the
+            verdicts it is sure of (`analyses.saymap.screen`).
     """
 
     logprob: float
     rank: int
     in_top_p: bool
     top_p: float = TOP_P
+    mass_above: float = float("nan")
 
     @property
     def p(self) -> float:
@@ -197,15 +201,16 @@ def probe_table(token_ids: Sequence[int], model: str, template: str, scores: Seq
 
 
 def best_per_token(table: pa.Table, model: str) -> dict[int, dict[str, Any]]:
-    """token_id -> the row of `model`'s best template (highest p_target): a token is sayable when any family of
-    prompts gets the model to say it."""
+    """token_id -> the row of `model`'s best template: a sayable row before any other, then the highest p_target.
+    So a token is sayable when any family of prompts gets the model to say it (a template can keep a token at a
+    lower probability than another that cuts it, when its distribution is flatter)."""
     import pyarrow.compute as pc
 
     rows = table.filter(pc.equal(table["model"], model)).to_pylist()
     best: dict[int, dict[str, Any]] = {}
     for r in rows:
         b = best.get(r["token_id"])
-        if b is None or r["p_target"] > b["p_target"]:
+        if b is None or (bool(r["sayable"]), r["p_target"]) > (bool(b["sayable"]), b["p_target"]):
             best[r["token_id"]] = r
     return best
 

@@ -43,6 +43,7 @@ DRIFTED_SHARE = 0.01  # a category is drifted when more than this share of its r
 # mostly English rows, and judging English against a vocabulary that is mostly English hides it)
 DRIFT_RATIO = 2.0
 MIN_LOST = 3  # a category with at least this many LOST tokens, at a rate beyond the controls', needs data
+MAP_RATIO = 1.5  # ... in a say-ability map: beyond the rest of the vocabulary's rate, and at least 1.5 times it
 ALPHA = 0.05
 
 
@@ -74,6 +75,8 @@ class Recommendation:
     categories: tuple[CategoryAdvice, ...]
     recipe: dict[str, Any] = field(default_factory=dict)
     lines: tuple[str, ...] = ()
+    mapped_lost: int = 0  # LOST in the say-ability map (the whole vocabulary), when the folder holds one
+    mapped: int = 0  # ... of this many tokens BASE could say
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -121,7 +124,8 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
               threshold: float = 0.95, counts: np.ndarray | None = None, sft_samples: int | None = None,
               probed: Sequence[int] = (), lost: Sequence[int] = (), controls: Sequence[int] = (),
               control_lost: Sequence[int] = (), collapsed: Sequence[int] = (), max_tokens: int = MAX_TOKENS,
-              batch_size: int = 4) -> Recommendation:
+              batch_size: int = 4, mapped_lost: Sequence[int] = (), mapped: int = 0,
+              mapped_categories: dict[str, tuple[int, int]] | None = None) -> Recommendation:
     """The one recommendation for a run folder (pure: arrays in).
 
     Args:
@@ -131,6 +135,11 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
         probed, lost, controls, control_lost: the probe's asked tokens, its LOST ones, its control tokens and the
             controls it lost (when the folder holds a probe with BASE).
         collapsed: rows that collapsed during post-training (diff's collapse change).
+        mapped_lost, mapped: the say-ability map's LOST tokens (the most confident first) and how many tokens BASE
+            could say there; they join the tokens at risk after the probe's LOST ones.
+        mapped_categories: per category, the map's (LOST, could say in BASE): a language whose LOST share is
+            beyond the rest of the vocabulary's (Fisher's exact test, the rest as its control) and at least
+            MAP_RATIO times it needs data; a loss across the board is no one language's.
     """
     ids = np.asarray(token_ids, dtype=np.int64)
     cats = np.asarray(categories).astype(str)
@@ -138,12 +147,14 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
     ok = np.asarray(eligible, dtype=bool)
     below = ok & ~(c >= threshold)
     cnt = None if counts is None else np.asarray(counts)[: len(ids)]
-    risk = at_risk(ids, c, ok, threshold=threshold, counts=cnt, lost=lost, collapsed=collapsed)
+    risk = at_risk(ids, c, ok, threshold=threshold, counts=cnt, lost=[*lost, *mapped_lost], collapsed=collapsed)
     cov = risk[:max_tokens]
     pos = {int(t): i for i, t in enumerate(ids.tolist())}
     probed_cat = [cats[pos[t]] for t in probed if t in pos]
     lost_cat = [cats[pos[t]] for t in lost if t in pos]
     n_ctrl, n_ctrl_lost = len(controls), len(set(control_lost))
+    per_cat = list((mapped_categories or {}).values())
+    map_total = (sum(k for k, _ in per_cat), sum(n for _, n in per_cat))
     advice = []
     for cat in LANGUAGES:
         m = ok & (cats == cat)
@@ -160,10 +171,20 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
         drifted = share > DRIFTED_SHARE and share > DRIFT_RATIO * rest_share
         loses = k_lost >= MIN_LOST and (p is None or p < ALPHA)
         rare = rare_share is None or rare_share >= 0.5
+        mk, mn = (mapped_categories or {}).get(cat, (0, 0))
+        rk, rn = map_total[0] - mk, map_total[1] - mn
+        mp = fisher_greater(mk, mn, rk, rn) if mn and rn else None
+        map_loses = (mk >= MIN_LOST and mp is not None and mp < ALPHA  # significant, and large: 53% against 49%
+                     and mk / mn >= MAP_RATIO * (rk / rn))                # over 45K tokens is no one language's
+
         if loses:
             verdict = "needs data"
             why = (f"{k_lost} of {k_probed} probed tokens LOST"
                    + (f" against {n_ctrl_lost} of {n_ctrl} controls (p={p:.2g})" if p is not None else ""))
+        elif map_loses:
+            verdict = "needs data"
+            why = (f"the say-ability map: {mk:,} of the {mn:,} tokens BASE could say LOST, against {rk:,} of "
+                   f"{rn:,} elsewhere (p={mp:.2g})")
         elif drifted and rare:
             verdict = "needs data"
             why = f"{share:.1%} of its rows below {threshold:g}, {rest_share:.1%} elsewhere, rarely targeted"
@@ -176,14 +197,15 @@ def recommend(token_ids: np.ndarray, categories: np.ndarray, cos: np.ndarray, el
         advice.append(CategoryAdvice(cat, n, nb, round(share, 4), round(rest_share, 4),
                                      None if rare_share is None else round(rare_share, 4), k_probed, k_lost, p,
                                      verdict, why))
-    status = "repair" if (lost or collapsed or any(a.verdict == "needs data" for a in advice)) and risk \
+    status = "repair" if (lost or mapped_lost or collapsed or any(a.verdict == "needs data" for a in advice)) and risk \
         else "watch" if int(below.sum()) else "fine"
     recipe = heal_plan(synth_samples([cats[pos[t]] for t in cov]), len(cov), batch_size=batch_size) if cov else {}
     if recipe and sft_samples:
         recipe["sft_samples"] = sft_samples
         recipe["retrain_share"] = round(recipe["synth_samples"] / (recipe["synth_samples"] + sft_samples), 4)
     rec = Recommendation(status, tuple(risk), tuple(cov), len(set(lost)), n_ctrl_lost if controls else None,
-                         n_ctrl if controls else None, tuple(advice), recipe)
+                         n_ctrl if controls else None, tuple(advice), recipe,
+                         mapped_lost=map_total[0] if mapped_categories else len(set(mapped_lost)), mapped=mapped)
     return Recommendation(**{**asdict_shallow(rec), "lines": tuple(recommendation_lines(rec))})
 
 
@@ -199,6 +221,9 @@ def recommendation_lines(r: Recommendation) -> list[str]:
     if r.lost:
         ctrl = (f", against {r.control_lost} of {r.controls} undrifted control tokens" if r.controls else "")
         lines.append(f"POST lost {r.lost} probed tokens (sayable in BASE, not in POST){ctrl}.")
+    if r.mapped_lost:
+        lines.append(f"The say-ability map: POST lost {r.mapped_lost:,} of the {r.mapped:,} tokens BASE could say "
+                     f"({r.mapped_lost / max(r.mapped, 1):.1%}); they are at risk too, the most confident loss first.")
     if need:
         lines.append("Needs coverage data: " + "; ".join(
             f"{category_label(a.category)} ({a.why})" for a in r.categories if a.verdict == "needs data") + ".")
@@ -243,10 +268,11 @@ def probe_lost(probe: pa.Table | None) -> tuple[list[int], list[int], list[int],
 
 
 def from_tables(vocab: pa.Table, drift: pa.Table, summary: dict[str, Any], *, coverage: pa.Table | None = None,
-                probe: pa.Table | None = None, threshold: float | None = None, max_tokens: int = MAX_TOKENS,
-                batch_size: int = 4) -> Recommendation:
+                probe: pa.Table | None = None, saymap: pa.Table | None = None, threshold: float | None = None,
+                max_tokens: int = MAX_TOKENS, batch_size: int = 4) -> Recommendation:
     """`recommend` over a run folder's tables: vocab.parquet, drift.parquet and summary.json (diff's threshold and
-    collapsed rows, coverage's sample count), with coverage.parquet and probe.parquet when the folder has them."""
+    collapsed rows, coverage's sample count), with coverage.parquet, probe.parquet and saymap.parquet (with BASE:
+    its LOST tokens, the most confident loss first, and its counts per category) when the folder has them."""
     th = float(threshold if threshold is not None else summary.get("threshold", 0.95))
     ids = np.asarray(vocab["token_id"], dtype=np.int64)
 
@@ -272,6 +298,20 @@ def from_tables(vocab: pa.Table, drift: pa.Table, summary: dict[str, Any], *, co
         samples = (summary.get("coverage") or {}).get("samples")
     asked, lost, controls, control_lost = probe_lost(probe)
     collapsed = [int(t) for t in ((summary.get("collapse") or {}).get("new_ids") or [])]
+    mapped_lost: list[int] = []
+    mapped_categories: dict[str, tuple[int, int]] | None = None
+    if saymap is not None and "status" in saymap.column_names:
+        status = np.asarray(saymap["status"].to_pylist(), dtype=object)
+        mids = np.asarray(saymap["token_id"], dtype=np.int64)
+        mcat = np.asarray(saymap["category"].to_pylist(), dtype=object)
+        gone = np.flatnonzero(status == "lost")
+        order = np.argsort(saymap["post_p"].to_numpy(zero_copy_only=False)[gone], kind="stable")
+        mapped_lost = mids[gone[order]].tolist()
+        could = (status == "kept") | (status == "lost")
+        mapped_categories = {str(c): (int(((mcat == c) & (status == "lost")).sum()), int(((mcat == c) & could).sum()))
+                             for c in sorted(set(mcat.tolist()))}
     return recommend(ids, vocab["category"].cast("string").to_numpy(zero_copy_only=False), cos, reach & ~special,
                      threshold=th, counts=counts, sft_samples=samples, probed=asked, lost=lost, controls=controls,
-                     control_lost=control_lost, collapsed=collapsed, max_tokens=max_tokens, batch_size=batch_size)
+                     control_lost=control_lost, collapsed=collapsed, max_tokens=max_tokens, batch_size=batch_size,
+                     mapped_lost=mapped_lost, mapped=sum(n for _, n in (mapped_categories or {}).values()),
+                     mapped_categories=mapped_categories)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from ..analyses.gate import (
     CheckResult,
     Rule,
+    RuleResult,
     judge,
     judge_lost,
     model_problems,
@@ -46,7 +47,7 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
           categories: Sequence[str] = (), space: str = "lm_head", population: str = "reachable",
           out: PathLike | None = None, tokenizer: PathLike | None = None, device: str | None = None,
           allow_pickle: bool = False, progress: bool = False, write: bool = False,
-          all_tokens: bool = False, max_lost: str | None = DEFAULT_MAX_LOST) -> CheckResult:
+          all_tokens: bool = False, max_lost: str | Sequence[str] | None = DEFAULT_MAX_LOST) -> CheckResult:
     """Judge the drift from BASE to POST against limits; the result has a one-line `verdict`.
 
     Args:
@@ -60,9 +61,12 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         out: also write the run folder (diff's tables, and summary.json's "check" key).
         write: with `run`, record the result in the run folder (summary.json's "check" key); a gate reads
             and judges, so by default it leaves the folder as it was.
-        max_lost: with a run folder holding `probe --base` results, the most probed tokens that may be LOST
-            (sayable in BASE, not in POST): a count ("0", the default) or a share ("2%"); None: not judged.
-            An lm_head cosine is not say-ability: rows can stay put while the tokens are lost.
+        max_lost: with a run folder holding a say-ability map (`saymap --base`) or `probe --base` results, the
+            most tokens that may be LOST (sayable in BASE, not in POST): a count ("0", the default) or a share
+            ("2%": of the tokens BASE could say, in a map; of the probed tokens, in a probe); a category first
+            ("japanese:1%") limits that category of the map. Several specs: each is a rule. None: not judged.
+            The map judges when the folder has one (the whole vocabulary), else the probe. An lm_head cosine
+            is not say-ability: rows can stay put while the tokens are lost.
     Returns:
         A `CheckResult`: `.passed`, `.verdict`, per-rule `.results`.
 
@@ -89,15 +93,9 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
         result = judge(r.read_table(R.DRIFT, ("token_id", f"{space}_cos")),
                        r.read_table(R.VOCAB, ("token_id", "category", "is_special")), rules, space=space,
                        population=population, problems=model_problems(r.read_json(R.SUMMARY, default={}) or {}))
-        if max_lost is not None and r.has(R.PROBE):
-            from ..analyses.recommend import probe_lost
-
-            asked, lost, _, _ = probe_lost(r.read_table(R.PROBE))
-            if asked:
-                vocab = r.read_table(R.VOCAB, ("token_id", "text"))
-                text = dict(zip(vocab["token_id"].to_pylist(), vocab["text"].to_pylist(), strict=True))
-                result = with_rule(result, judge_lost(parse_max_lost(max_lost), len(asked), lost,
-                                                      [text.get(t, "") for t in lost]))
+        lost_rules = [parse_max_lost(s) for s in ([max_lost] if isinstance(max_lost, str) else max_lost or ())]
+        for extra in _lost_results(r, lost_rules):
+            result = with_rule(result, extra)
         if write:
             with open_run(run, create=False) as w:
                 w.update_summary(check=result.to_json())
@@ -116,6 +114,50 @@ def check(base: PathLike | None = None, post: PathLike | None = None, *, run: Pa
 
     m = measure(base, post, tokenizer=tokenizer, device=device, allow_pickle=allow_pickle, progress=progress)
     return judge(m.drift, m.vocab, rules, space=space, population=population, problems=model_problems(m.summary()))
+
+
+def _lost_results(r: R.Run, rules: Sequence[Rule]) -> list[RuleResult]:
+    """The LOST rules over RUN's say-ability map (the whole vocabulary: a share is of the tokens BASE could
+    say, per category when the rule names one), else over its probe with BASE; nothing to judge: no results."""
+    import numpy as np
+
+    if not rules:
+        return []
+    summary = r.read_json(R.SUMMARY, default={}) or {}
+    paired_map = r.has(R.SAYMAP) and "counts" in (summary.get("saymap") or {})
+    if not paired_map:
+        named = [x for x in rules if x.category is not None]
+        if named:
+            raise VocabdriftError(f"--max-lost {named[0].category}:...: a per-category limit needs a say-ability "
+                                  f"map with BASE in {r.path}; run `vocabdrift saymap POST --base BASE --run "
+                                  f"{r.path}` first")
+        if not r.has(R.PROBE):
+            return []
+        from ..analyses.recommend import probe_lost
+
+        asked, lost, _, _ = probe_lost(r.read_table(R.PROBE))
+        if not asked:
+            return []
+        text = _texts(r)
+        return [judge_lost(x, len(asked), lost, [text.get(t, "") for t in lost]) for x in rules]
+    m = r.read_table(R.SAYMAP, ("token_id", "category", "status", "post_p"))
+    ids = m["token_id"].to_numpy()
+    cats = np.asarray(m["category"].to_pylist(), dtype=object)
+    status = np.asarray(m["status"].to_pylist(), dtype=object)
+    order = np.argsort(m["post_p"].to_numpy(zero_copy_only=False), kind="stable")  # the most confident loss first
+    text = _texts(r)
+    out = []
+    for x in rules:
+        sel = np.ones(len(ids), bool) if x.category is None else cats == x.category
+        could = int((sel & np.isin(status, ("kept", "lost"))).sum())
+        lost = [int(ids[i]) for i in order if sel[i] and status[i] == "lost"]
+        out.append(judge_lost(x, could, lost, [text.get(t, "") for t in lost[:1]], noun="tokens BASE could say"))
+    return out
+
+
+def _texts(r: R.Run) -> dict[int, str]:
+    vocab = r.read_table(R.VOCAB, ("token_id", "text"))
+    return dict(zip(vocab["token_id"].to_pylist(), vocab["text"].to_pylist(), strict=True))
 
 
 def _arguments(rules: list[Rule], space: str, population: str) -> dict[str, object]:

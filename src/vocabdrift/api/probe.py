@@ -121,6 +121,60 @@ def _tokens_from_run(run: PathLike, top: int) -> list[int]:
                             top)
 
 
+def _checked_models(model: PathLike, base: PathLike | None, endpoint: str | None, allow_pickle: bool
+                    ) -> dict[str, ModelSpec | None]:
+    """The local spec of MODEL and BASE (None for a hub id or a served name), each checked against the pickle
+    policy now: a refused pickle fails before the tokens are read."""
+    local = {str(m): _local_spec(m) for m in (model, base) if m is not None}
+    for m, ms in local.items():
+        if ms is not None and (m != str(model) or not endpoint):
+            check_weights_policy(ms, allow_pickle=allow_pickle)
+    return local
+
+
+def _model_tokenizer(model: PathLike, local: dict[str, ModelSpec | None], endpoint: str | None,
+                     tokenizer: str | None, trust_remote_code: bool, verb: str) -> tuple[Any, Any]:
+    """(spec, tokenizer) of MODEL: `tokenizer` when given, else the model's own (a served name has none)."""
+    from ..sources.tokenizer import load_tokenizer
+
+    ms = local[str(model)]
+    spec = tokenizer or (ms.tokenizer_source() if ms is not None else None if endpoint else model)
+    if spec is None:
+        raise VocabdriftError(f"{verb} through --endpoint needs the model's tokenizer: pass --tokenizer")
+    return spec, load_tokenizer(spec, trust_remote_code=trust_remote_code)
+
+
+def _resolve_asked(tokens: Sequence[TokenSpec], tok: Any, tok_spec: Any, trust_remote_code: bool) -> list[int]:
+    """Ids of the asked token specs, resolved before any model loads (ids alone need no vocabulary table)."""
+    index = token_index(tok, list(tokens)) if all(map(T.is_id, tokens)) else \
+        token_index(tok_spec, trust_remote_code=trust_remote_code)
+    return T.resolve_tokens(list(tokens), index)
+
+
+def non_special_ids(tok: Any) -> list[int]:
+    """Every id the tokenizer can emit that is not a special token (`--all-tokens`, the map's default)."""
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return [i for i in range(len(tok)) if i not in special]
+
+
+def _encoded(models: Sequence[tuple[str, PathLike, str | None, Sequence[str] | None]],
+             local: dict[str, ModelSpec | None], tokenizer: str | None, tok: Any, trust_remote_code: bool
+             ) -> list[tuple[str, PathLike, str | None, list[P.PromptIds], Any]]:
+    """(name, spec, endpoint, encoded templates, tokenizer) per model: each model's templates under its own
+    tokenizer (a served model without one: MODEL's), resolved before any partial folder exists, so a bad
+    --template leaves nothing behind."""
+    from ..sources.tokenizer import load_tokenizer
+
+    plans = []
+    for name, spec, ep, tmpl in models:
+        ms = local[str(spec)]
+        own = tokenizer or ms is not None or not ep
+        m_tok = load_tokenizer(tokenizer or (ms.tokenizer_source() if ms is not None else spec),
+                               trust_remote_code=trust_remote_code) if own else tok
+        plans.append((name, spec, ep, [P.encode_template(t, m_tok) for t in P.resolve_templates(tmpl, m_tok)], m_tok))
+    return plans
+
+
 # ---- probe ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -309,7 +363,6 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from ..sources.tokenizer import load_tokenizer
 
     if run is not None:
         run = existing_run(run)
@@ -337,25 +390,15 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
 
         best_device(device)  # a device that is not here fails now, not when the first engine loads
     timer = Timer()
-    local = {str(m): _local_spec(m) for m in (model, base) if m is not None}
-    for m, ms in local.items():  # a refused pickle fails now, not after the tokens are read
-        if ms is not None and (m != str(model) or not endpoint):
-            check_weights_policy(ms, allow_pickle=allow_pickle)
+    local = _checked_models(model, base, endpoint, allow_pickle)
     with timer("tokens"):
-        model_spec = local[str(model)]
-        tok_spec = tokenizer or (model_spec.tokenizer_source() if model_spec is not None
-                                 else None if endpoint else model)
-        if tok_spec is None:
-            raise VocabdriftError("probing through --endpoint needs the model's tokenizer: pass --tokenizer")
-        tok = load_tokenizer(tok_spec, trust_remote_code=trust_remote_code)
-        if tokens is not None:  # resolved and validated before any model loads
-            ids = T.resolve_tokens(list(tokens), token_index(tok, list(tokens)) if all(map(T.is_id, tokens))
-                                   else token_index(tok_spec, trust_remote_code=trust_remote_code))
+        tok_spec, tok = _model_tokenizer(model, local, endpoint, tokenizer, trust_remote_code, "probing")
+        if tokens is not None:
+            ids = _resolve_asked(tokens, tok, tok_spec, trust_remote_code)
         elif not all_tokens:
             ids = _tokens_from_run(drift_run, drifted)
         else:
-            special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-            ids = [i for i in range(len(tok)) if i not in special]
+            ids = non_special_ids(tok)
         if not ids:
             raise VocabdriftError("no tokens to probe")
 
@@ -365,16 +408,8 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
         models.append(("post", model, endpoint, templates))
     else:
         models.append((_model_name(model), model, endpoint, templates))
-
-    # templates resolved before the partial folder exists: a bad --template leaves nothing behind
-    plans = []  # (name, spec, endpoint, encoded templates)
     with timer("templates"):
-        for name, spec, ep, tmpl in models:
-            ms = local[str(spec)]
-            own = tokenizer or ms is not None or not ep
-            m_tok = load_tokenizer(tokenizer or (ms.tokenizer_source() if ms is not None else spec),
-                                   trust_remote_code=trust_remote_code) if own else tok
-            plans.append((name, spec, ep, [P.encode_template(t, m_tok) for t in P.resolve_templates(tmpl, m_tok)]))
+        plans = [p[:4] for p in _encoded(models, local, tokenizer, tok, trust_remote_code)]
     inputs = {"model": model, **({"base": base} if base is not None else {})}
     if not force and (out / R.PROBE).is_file():
         done = _probed_before(out, ids, plans, inputs, top_p, base is not None)

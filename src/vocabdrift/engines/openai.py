@@ -180,5 +180,5 @@ class OpenAIEngine:
                 hit = key == want_text
             if hit:
                 above = sum(math.exp(v) for _, v in items[:j] if v > logprob)
-                return Score(float(logprob), j + 1, j == 0 or above < top_p, top_p)
+                return Score(float(logprob), j + 1, j == 0 or above < top_p, top_p, float(above))
         return Score(float(items[-1][1]), len(items) + 1, False, top_p)

@@ -29,8 +29,9 @@ class VLLMEngine:
         self.name = str(model).rstrip("/").split("/")[-1]
         # max_logprobs -1: a prompt whose top-p membership the top 20 do not settle is asked for every token
         # ranked above its target (see score)
+        # prefix caching: a probe's prompts share their template's prefix, computed once and reused
         self.llm = LLM(model=str(model), trust_remote_code=trust_remote_code,
-                       **{"max_logprobs": -1, **llm_kwargs})
+                       **{"max_logprobs": -1, "enable_prefix_caching": True, **llm_kwargs})
         self.tokenizer = self.llm.get_tokenizer()
 
     def close(self) -> None:

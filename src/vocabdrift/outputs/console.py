@@ -338,3 +338,35 @@ def evaluation_table(ev: Any) -> Table:
         t.add_row(m.name, f"{m.probed.sayable:,}/{m.probed.n:,}", back, f"{m.control.sayable:,}/{m.control.n:,}",
                   loss, below, _cos(m.min_cos) if m.min_cos is not None else "", *extra, (m.verdict or m.role) + fails)
     return t
+
+
+def saymap_table(summary: dict[str, Any]) -> Table:
+    """`saymap`: per category, how many tokens each model can say, LOST (share of what BASE could say), GAINED
+    and sayable in neither; the worst categories first."""
+    cats = summary["categories"]
+    if "counts" not in summary:
+        t = _table(f"Say-ability of {summary['tokens']:,} tokens", ("category", "tokens", "sayable"),
+                   left=("category",))
+        for c, v in sorted(cats.items(), key=lambda kv: -kv[1]["tokens"]):
+            t.add_row(c, f"{v['tokens']:,}", _pct(v["sayable"], v["tokens"]))
+        return t
+    t = _table(f"Say-ability of {summary['tokens']:,} tokens, BASE -> POST (LOST: share of what BASE could say)",
+               ("category", "tokens", "BASE", "POST", "LOST", "GAINED", "neither"), left=("category",))
+    rows = sorted(cats.items(), key=lambda kv: (-(kv[1]["lost_share"] or 0), -kv[1]["tokens"]))
+    for c, v in [*rows, ("all", {**summary["counts"], "tokens": summary["tokens"]})]:
+        base, post = v["kept"] + v["lost"], v["kept"] + v["gained"]
+        t.add_row(c, f"{v['tokens']:,}", _pct(base, v["tokens"]), _pct(post, v["tokens"]),
+                  _pct(v["lost"], base) if base else "-", f"{v['gained']:,}", f"{v['never']:,}")
+    return t
+
+
+def saymap_relations_table(relations: dict[str, list[dict[str, Any]]]) -> Table:
+    """`saymap --base`: the LOST share (of what BASE could say) by lm_head cosine, by the SFT data's count and
+    for rows that collapsed in POST."""
+    t = _table("LOST by what else the run knows", ("by", "tokens", "BASE could say", "LOST"), left=("by",))
+    names = {"drift": "lm_head cos", "coverage": "SFT target count", "collapsed": "collapse"}
+    for key, rows in relations.items():
+        for r in rows:
+            t.add_row(f"{names.get(key, key)}: {r['label']}", f"{r['tokens']:,}", f"{r['sayable_base']:,}",
+                      _pct(r["lost"], r["sayable_base"]) if r["sayable_base"] else "-")
+    return t

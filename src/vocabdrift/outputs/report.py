@@ -192,6 +192,7 @@ class Chart:
     region: tuple[float, float, float, float, str] | None = None  # x0, x1, y0, y1, label: a shaded box
     note: str = ""
     kind: str = "chart"
+    stacked: bool = False  # bars on top of each other (parts of a whole), not side by side
 
 
 @dataclass
@@ -220,6 +221,7 @@ class RunData:
     confusion: dict[str, Any] | None = None
     answers: list[dict[str, Any]] | None = None  # confusion.jsonl: every sampled answer
     probe_all: pa.Table | None = None  # probe.parquet with its control rows (`probe` leaves them out)
+    saymap: pa.Table | None = None  # saymap.parquet: the recommendation's LOST tokens (the page draws the summary)
 
 
 def read_run(path: PathLike, *, name: str | None = None) -> RunData:
@@ -243,7 +245,7 @@ def read_run(path: PathLike, *, name: str | None = None) -> RunData:
         raise VocabdriftError(f"{p}: its files do not belong to one BASE/POST pair: {'; '.join(mixed)}; rerun "
                               f"that command for this pair with -o {p}, or delete the file")
     opt: dict[str, Any] = {}
-    for key, file in (("coverage", R.COVERAGE), ("probe", R.PROBE), ("neighbors", R.NEIGHBORS)):
+    for key, file in (("coverage", R.COVERAGE), ("probe", R.PROBE), ("neighbors", R.NEIGHBORS), ("saymap", R.SAYMAP)):
         if run.has(file):
             opt[key] = run.read_contract(file)  # checked against the contract's columns
     if "probe" in opt and "control" in opt["probe"].column_names:
@@ -838,7 +840,7 @@ def advice_items(rd: RunData) -> list[Para | Table]:
     from ..analyses.recommend import from_tables
 
     rec = from_tables(rd.vocab, rd.drift, rd.summary, coverage=rd.coverage,
-                      probe=rd.probe_all if rd.probe_all is not None else rd.probe)
+                      probe=rd.probe_all if rd.probe_all is not None else rd.probe, saymap=rd.saymap)
     return [Para("What to do: " + " ".join(rec.lines), "note", code=True)] if rec.lines else []
 
 
@@ -1082,6 +1084,75 @@ def probe_chart(probe: Probe, vocab: Vocab) -> Chart:
                  note="Sayable: the token is the first answer token inside top-p 0.95 when asked to repeat it.")
 
 
+_STATUS_COLORS = {"kept": "#2ca02c", "lost": "#d62728", "gained": "#1f77b4", "never": "#bbbbbb"}
+
+
+def saymap_chart(summary: dict[str, Any]) -> Chart | None:
+    """The say-ability map per category: the share of each category's tokens sayable in both models, LOST,
+    GAINED and sayable in neither, stacked; the categories with the most LOST first."""
+    from ..analyses.saymap import STATUS_NAMES, STATUSES
+
+    m = summary.get("saymap") or {}
+    if "counts" not in m:
+        return None
+    cats = sorted(m["categories"].items(), key=lambda kv: (-(kv[1]["lost_share"] or 0), -kv[1]["tokens"]))
+    cats = [(c, v) for c, v in cats if v["tokens"]]
+    labels = [f"{_category_label(c)}: {v['tokens']:,}" for c, v in cats]  # how many: 9 Japanese tokens are not 47K
+    series = tuple(Series(STATUS_NAMES[st], labels, [round(v[st] / v["tokens"], 4) for _, v in cats], "bar",
+                          text=[f"{_category_label(c)}: {v[st]:,} of {v['tokens']:,} tokens" for c, v in cats],
+                          color=_STATUS_COLORS[st]) for st in STATUSES)
+    return Chart("saymap", "Say-ability of the whole vocabulary, BASE → POST, per category", "category",
+                 "share of the category's tokens", series, stacked=True,
+                 note=f"Every one of {m['tokens']:,} tokens asked of both models (vocabdrift saymap): sayable when "
+                      f"some template gets it kept by top-p {m.get('top_p', 0.95)}.")
+
+
+def saymap_items(summary: dict[str, Any], vocab: Vocab, top: int) -> list[Para | Table]:
+    """The map's sentences and tables: per category (LOST as a share of what BASE could say), the worst LOST
+    tokens per category, and LOST by drift, coverage and collapse."""
+    from ..analyses.saymap import headline
+
+    m = summary.get("saymap") or {}
+    if not m:
+        return []
+    items: list[Para | Table] = [Para(x, "verdict" if i == 0 else "") for i, x in enumerate(headline(m))]
+    cats = m["categories"]
+    if "counts" not in m:
+        rows = [[_category_label(c), f"{v['tokens']:,}", _of(v["sayable"], v["tokens"])]
+                for c, v in sorted(cats.items(), key=lambda kv: -kv[1]["tokens"])]
+        items.append(Table("saymap", f"Say-ability of {m['tokens']:,} tokens", ("category", "tokens", "sayable"),
+                           rows, numeric=(1, 2)))
+        return items
+    rows = []
+    order = sorted(cats.items(), key=lambda kv: (-(kv[1]["lost_share"] or 0), -kv[1]["tokens"]))
+    for c, v in [*order, ("all", {**m["counts"], "tokens": m["tokens"], "lost_share": m.get("lost_share")})]:
+        base = v["kept"] + v["lost"]
+        rows.append([_category_label(c) if c != "all" else "all", f"{v['tokens']:,}", _of(base, v["tokens"]),
+                     _of(v["kept"] + v["gained"], v["tokens"]),
+                     Cell(_of(v["lost"], base), "bad" if v["lost"] else "") if base else "—",
+                     f"{v['gained']:,}", f"{v['never']:,}"])
+    items.append(Table("saymap", f"Say-ability of {m['tokens']:,} tokens, BASE → POST",
+                       ("category", "tokens", "sayable BASE", "sayable POST", "LOST (of BASE's)", "GAINED",
+                        "neither"), rows, numeric=(1, 2, 3, 4, 5, 6),
+                       caption="LOST: sayable in BASE, not in POST, as a share of the tokens BASE could say."))
+    worst = m.get("worst") or {}
+    if worst:
+        wrows = [[_category_label(c), [Cell(vocab.label(i), "tok") for i in ids[:top]]]
+                 for c, ids in sorted(worst.items(), key=lambda kv: -(cats[kv[0]]["lost_share"] or 0))]
+        items.append(Table("saymap-worst", "LOST tokens per category, the most confident loss first",
+                           ("category", "tokens"), wrows))
+    names = {"drift": "lm_head cos", "coverage": "SFT target count", "collapsed": "collapse"}
+    rel = [[f"{names.get(k, k)}: {r['label']}", f"{r['tokens']:,}", f"{r['sayable_base']:,}",
+            _of(r["lost"], r["sayable_base"]) if r["sayable_base"] else "—"]
+           for k, rs in (m.get("relations") or {}).items() for r in rs]
+    if rel:
+        items.append(Table("saymap-relations", "LOST by what else the run knows",
+                           ("tokens by", "tokens", "BASE could say", "LOST"), rel, numeric=(1, 2, 3),
+                           caption="A LOST share that does not fall with the cosine is say-ability the cosine "
+                                   "does not see."))
+    return items
+
+
 def confusion_chart(conf: dict[str, Any]) -> Chart | None:
     res = conf.get("results") or []
     if not res:
@@ -1166,7 +1237,7 @@ def plotly_spec(c: Chart) -> dict[str, Any]:
                         "automargin": True},
               "yaxis": {"title": {"text": _plotly_text(c.ylabel)}, "type": "log" if c.logy else "-",
                         "automargin": True},
-              "shapes": shapes, "annotations": notes, "barmode": "group", "height": 440,
+              "shapes": shapes, "annotations": notes, "barmode": "stack" if c.stacked else "group", "height": 440,
               "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "hovermode": "closest",
               "legend": {"orientation": "v"}, "paper_bgcolor": "white", "plot_bgcolor": "#fafafa",
               "font": {"family": FONT_SANS}}  # labels and hover text hold tokens of every script too
@@ -1196,7 +1267,8 @@ def png(c: Chart) -> bytes:
         shown = [s for s in c.series if s.visible]
         bars = [s for s in shown if s.kind == "bar"]
         labels = list(dict.fromkeys(x for s in bars for x in s.x))
-        width = 0.8 / max(1, len(bars))
+        width = 0.8 / max(1, len(bars)) if not c.stacked else 0.8
+        bottom = np.zeros(len(labels))
         for s in shown:
             if s.kind == "step":
                 ax.step(s.x, s.y, where="mid", label=esc(s.name), color=s.color, lw=1.2)
@@ -1204,9 +1276,12 @@ def png(c: Chart) -> bytes:
                 ax.scatter(s.x, s.y, s=6, alpha=0.6, label=esc(s.name), color=s.color, linewidths=0)
             else:
                 k = bars.index(s)
-                xs = np.array([labels.index(x) for x in s.x], dtype=float) + (k - (len(bars) - 1) / 2) * width
-                ax.bar(xs, s.y, width=width, label=esc(s.name), color=s.color,
-                       yerr=[list(s.err[0]), list(s.err[1])] if s.err else None, capsize=3)
+                at = np.array([labels.index(x) for x in s.x], dtype=int)
+                xs = at + (0.0 if c.stacked else (k - (len(bars) - 1) / 2) * width)
+                ax.bar(xs, s.y, width=width, label=esc(s.name), color=s.color, bottom=bottom[at] if c.stacked
+                       else None, yerr=[list(s.err[0]), list(s.err[1])] if s.err else None, capsize=3)
+                if c.stacked:
+                    bottom[at] += np.asarray(s.y, dtype=float)
         if bars:
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
             for t in ax.get_xticklabels():
@@ -1389,6 +1464,7 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
                                   read_say_scatter(fr, thr, tied), coverage_scatter(fr)]
     if probe is not None:
         charts.append(probe_chart(probe, vocab))
+    charts.append(saymap_chart(s))
     if rd.confusion:
         charts.append(confusion_chart(rd.confusion))
     plots = Section("plots", "Plots", [c for c in charts if c is not None])
@@ -1412,6 +1488,9 @@ def build_sections(rd: RunData, *, compare: RunData | None = None, names: tuple[
     tables.items += coverage_items(s)
 
     sections = [overview, plots, tables]
+    said = saymap_items(s, vocab, top)
+    if said:
+        sections.insert(1, Section("saymap", "Say-ability of the whole vocabulary (saymap)", said))
     ev = evaluation_items(s)
     if ev:
         sections.insert(1, Section("evaluate", "Did the repair work? (evaluate)", ev))

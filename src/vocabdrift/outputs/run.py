@@ -38,6 +38,7 @@ NEIGHBORS = "neighbors.parquet"
 COVERAGE = "coverage.parquet"
 COVERAGE_DRIFT = "coverage_drift.parquet"
 PROBE = "probe.parquet"
+SAYMAP = "saymap.parquet"  # the whole vocabulary's say-ability, BASE and POST (`saymap`)
 UNDERTRAINED = "undertrained.parquet"
 SUMMARY = "summary.json"
 MANIFEST = "manifest.json"
@@ -72,6 +73,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     COVERAGE: ("token_id", "count"),
     COVERAGE_DRIFT: ("token_id", "count", "lm_head_cos"),
     PROBE: ("token_id", "model", "p_target", "sayable"),
+    SAYMAP: ("token_id", "category", "post_sayable", "post_p"),
     EVALUATE: ("token_id", "model", "template", "p_target", "rank", "sayable", "group"),
     UNDERTRAINED: ("token_id", "embed_norm", "embed_norm_percentile", "verified"),
     # JSON lines, not a table: the keys every line holds ("foreign": script -> letters of it in the answer;
@@ -83,8 +85,8 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 # (coverage joins, probe, cases, confusion, undertrained, the report) was computed on top of a pair and is removed
 # when `diff` writes a different pair into the folder (`Run.set_pair`).
 PAIR_FILES = (VOCAB, DRIFT, NEIGHBORS, SUMMARY, MANIFEST)
-_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, EVALUATE, UNDERTRAINED, CASES, CONFUSION, CONFUSION_ANSWERS, REPORT_HTML,
-              REPORT_MD, REPORT_FILES)
+_DEPENDENT = (COVERAGE, COVERAGE_DRIFT, PROBE, SAYMAP, EVALUATE, UNDERTRAINED, CASES, CONFUSION, CONFUSION_ANSWERS,
+              REPORT_HTML, REPORT_MD, REPORT_FILES)
 _SUMMARY_KEY = "summary.json#"  # manifest["files"] also stamps each summary key a command wrote
 _WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -406,7 +408,7 @@ class Run:
 
 
 # summary keys written by commands other than diff: dropped with the other pair's files
-_NOT_DIFF_KEYS = ("coverage", "probe", "cases", "confusion", "undertrained", "check", "repair", "evaluate")
+_NOT_DIFF_KEYS = ("coverage", "probe", "saymap", "cases", "confusion", "undertrained", "check", "repair", "evaluate")
 
 
 def _digest(inputs: dict[str, Any]) -> str:
