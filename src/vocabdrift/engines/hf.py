@@ -262,20 +262,34 @@ class HFEngine:
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ms.tokenizer_source(),
                                                                                  trust_remote_code=trust_remote_code)
-        self.model = load_model(ms, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code,
-                                allow_pickle=allow_pickle)
         self.batch_size = batch_size
         self.shared_prefix = shared_prefix
+        self._use(load_model(ms, device=self.device, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle))
+
+    def _use(self, model: Any) -> None:
+        """Take `model` as this engine's, with empty caches and its own tail pass."""
+        self.model = model
         self._prefix: tuple[tuple[int, ...], Any] | None = None  # (ids, batch-1 KV cache) of the last prefix
-        # `logprobs`' own decoder pass (None: the generic forward), checked against `score` on first use
+        # `score`'s own decoder pass (None: the generic forward), checked against the generic one on first use
         self._tails: _TailForward | None = None
-        if _TailForward.supports(self.model):
+        if _TailForward.supports(model):
             try:
-                self._tails = _TailForward(self.model)
+                self._tails = _TailForward(model)
             except (AttributeError, TypeError, ValueError) as e:  # a layout it does not know: the generic forward
                 log.debug("%s: no tail pass (%s)", self.name, e)
         self._tails_checked = False
         self._tail_prefixes: dict[tuple[int, ...], Any] = {}  # prefix ids -> per-layer (k, v), a few templates'
+
+    def cast(self, dtype: str) -> HFEngine:
+        """A second engine on a copy of this model in `dtype` (the map's bfloat16 pass beside its float32 one),
+        sharing the tokenizer: the checkpoint is not read, nor a GGUF dequantised, a second time."""
+        import torch
+
+        other = copy.copy(self)
+        other.dtype = getattr(torch, dtype)
+        other._use(copy.deepcopy(self.model).to(other.dtype))
+        return other
 
     @property
     def vocab_size(self) -> int:
